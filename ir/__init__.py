@@ -1,0 +1,10 @@
+"""The pattern language: primitives, composition, head-wise shards and `Spec`.
+
+This package depends on nothing else of patterngen.
+"""
+from .patterns import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Strided,
+                       Union, Window, resolve_heads)
+from .spec import Spec
+
+__all__ = ["Band", "Causal", "Full", "Global", "Heads", "Intersection", "Pattern", "Routed", "Sink",
+           "Strided", "Union", "Window", "Spec", "resolve_heads"]

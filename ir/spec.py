@@ -1,0 +1,137 @@
+"""`Spec`: a pattern bound to shapes, head counts and head dim, validated together."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from .patterns import Global, Pattern, Routed, Sink, Window, resolve_heads
+
+
+def _shape(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, bool):
+        raise TypeError(f"Spec: {name} must be an int or a tuple of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or len(value) == 0:
+        raise TypeError(f"Spec: {name} must be an int or a non-empty tuple of ints, got {value!r}")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"Spec: {name}[{i}] must be an int, got {v!r}")
+        if v < 1:
+            raise ValueError(f"Spec: {name}[{i}] must be >= 1, got {v}")
+    return tuple(value)
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Spec: {name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"Spec: {name} must be >= 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A pattern on a query grid and a key grid (row-major flattening), with head
+    counts (GQA: num_heads % num_kv_heads == 0) and head dim."""
+
+    pattern: Pattern
+    q_shape: tuple[int, ...]
+    kv_shape: tuple[int, ...] | None = None
+    num_heads: int = 1
+    num_kv_heads: int | None = None
+    head_dim: int = 64
+    _heads: tuple[Pattern, ...] = field(default=(), init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, Pattern):
+            raise TypeError(f"Spec: pattern must be a patterngen pattern, got {self.pattern!r}")
+        q_shape = _shape("q_shape", self.q_shape)
+        kv_shape = q_shape if self.kv_shape is None else _shape("kv_shape", self.kv_shape)
+        num_heads = _positive("num_heads", self.num_heads)
+        num_kv_heads = num_heads if self.num_kv_heads is None else _positive("num_kv_heads", self.num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Spec: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads}) for grouped-query attention")
+        _positive("head_dim", self.head_dim)
+        object.__setattr__(self, "q_shape", q_shape)
+        object.__setattr__(self, "kv_shape", kv_shape)
+        object.__setattr__(self, "num_heads", num_heads)
+        object.__setattr__(self, "num_kv_heads", num_kv_heads)
+        heads = tuple(resolve_heads(self.pattern, h, num_heads) for h in range(num_heads))
+        object.__setattr__(self, "_heads", heads)
+        routed = set()
+        for pat in set(heads):
+            for node in pat.walk():
+                self._check_node(node)
+                if isinstance(node, Routed):
+                    routed.add((node.block, node.topk))
+        if len(routed) > 1:
+            raise ValueError(f"Spec: all Routed nodes must share (block, topk), since one index tensor "
+                             f"serves them all; got {sorted(routed)}")
+
+    # -- geometry --------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.q_shape)
+
+    @property
+    def nq(self) -> int:
+        return math.prod(self.q_shape)
+
+    @property
+    def nkv(self) -> int:
+        return math.prod(self.kv_shape)
+
+    @property
+    def head_patterns(self) -> tuple[Pattern, ...]:
+        """The Heads-free pattern of each query head."""
+        return self._heads
+
+    @cached_property
+    def routed(self) -> Routed | None:
+        """The (block, topk) shared by this spec's Routed nodes, or None."""
+        for pat in self._heads:
+            for node in pat.walk():
+                if isinstance(node, Routed):
+                    return node
+        return None
+
+    # -- validation against shapes ---------------------------------------------
+    def _check_node(self, node: Pattern) -> None:
+        if isinstance(node, Window):
+            if self.q_shape != self.kv_shape:
+                raise ValueError(f"Spec: Window needs the same grid for queries and keys; got "
+                                 f"q_shape={self.q_shape} and kv_shape={self.kv_shape}")
+            if node.ndim is not None and node.ndim != self.ndim:
+                raise ValueError(f"Spec: {node!r} has {node.ndim} dimension(s) but q_shape={self.q_shape} "
+                                 f"has {self.ndim}")
+            for k, ((w, s, d, _), n) in enumerate(zip(node.dims(self.ndim), self.q_shape)):
+                if w > n:
+                    raise ValueError(f"Spec: {node!r}: window size {w} in dimension {k} is larger than the "
+                                     f"grid extent {n} (valid sizes: 2..{n})")
+                if w < 2 and w != n:
+                    raise ValueError(f"Spec: {node!r}: window size in dimension {k} must be >= 2 or equal to "
+                                     f"the extent {n}, got {w}")
+                if w * d > n:
+                    raise ValueError(f"Spec: {node!r}: size * dilation in dimension {k} is {w} * {d} = {w * d}, "
+                                     f"larger than the grid extent {n}")
+        elif isinstance(node, (Sink, Global)) and node.n > self.nkv:
+            raise ValueError(f"Spec: {node!r} names {node.n} tokens but there are only {self.nkv} keys "
+                             f"(valid: 1..{self.nkv})")
+        elif isinstance(node, Routed):
+            nkb = -(-self.nkv // node.block)
+            if node.topk > nkb:
+                raise ValueError(f"Spec: {node!r}: topk {node.topk} exceeds the {nkb} key blocks of "
+                                 f"{node.block} tokens (valid: 1..{nkb})")
+
+    def __repr__(self):
+        args = [repr(self.pattern), f"q_shape={self.q_shape!r}"]
+        if self.kv_shape != self.q_shape:
+            args.append(f"kv_shape={self.kv_shape!r}")
+        args.append(f"num_heads={self.num_heads}")
+        if self.num_kv_heads != self.num_heads:
+            args.append(f"num_kv_heads={self.num_kv_heads}")
+        args.append(f"head_dim={self.head_dim}")
+        return f"Spec({', '.join(args)})"
