@@ -2,4 +2,6 @@
 from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 from .oracle import dense_mask
+from .plan import Plan, TilePlan, build_plan
 from .routing import route
+from .tiles import TileGrid, Tiling

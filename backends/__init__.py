@@ -1,0 +1,1 @@
+"""Code generators and runtimes: reference (torch), triton."""

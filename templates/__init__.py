@@ -1,0 +1,1 @@
+"""Jinja sources of generated kernels (package data)."""
