@@ -1,7 +1,10 @@
 """patterngen: a compiler for sparse attention patterns."""
+__version__ = "0.1.0"
+
 from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 from .oracle import dense_mask
 from .plan import Plan, TilePlan, build_plan
 from .routing import route
 from .tiles import TileGrid, Tiling
+from .api import attention, compile

@@ -1,0 +1,193 @@
+"""Render Triton kernels from a plan through the Jinja templates, and cache them on disk.
+
+The Python here decides *what* to emit (mask expressions derived from the
+pattern, tile geometry as constants); the template holds the kernel text.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from ...ir import (Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Strided, Union, Window)
+from ...tiles import TileGrid
+
+
+
+class MaskWriter:
+    """Lowers a Heads-free pattern to Triton statements computing a bool [M, N] mask
+    from q [M, 1] and kv [1, N] flattened indices. Per-query quantities (window
+    centres) stay [M, 1] and per-key ones [1, N] until the final comparison."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.lines: list[str] = []
+        self.n = 0
+        self.coords: dict[tuple[str, int], str] = {}
+
+    def tmp(self, expr: str) -> str:
+        name = f"t{self.n}"
+        self.n += 1
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def coord(self, side: str, dim: int) -> str:
+        """Grid coordinate `dim` of the q or kv index (row-major)."""
+        key = (side, dim)
+        if key not in self.coords:
+            shape = self.spec.q_shape if side == "q" else self.spec.kv_shape
+            stride = math.prod(shape[dim + 1:])
+            expr = side if stride == 1 else f"({side} // {stride})"
+            if dim > 0:
+                expr = f"{expr} % {shape[dim]}"
+            self.coords[key] = self.tmp(expr)
+        return self.coords[key]
+
+    def lower(self, p: Pattern) -> str | None:
+        """Name of a bool expression for `p`, or None when everything is visible."""
+        offset = self.spec.nkv - self.spec.nq
+        shift = f" + {offset}" if offset > 0 else (f" - {-offset}" if offset < 0 else "")
+        if isinstance(p, Full):
+            return None
+        if isinstance(p, Causal):
+            return self.tmp(f"kv <= q{shift}")
+        if isinstance(p, Band):
+            delta = self.tmp(f"kv - (q{shift})")
+            return self.tmp(f"({delta} >= {-p.left}) & ({delta} <= {p.right})")
+        if isinstance(p, Sink):
+            return self.tmp(f"kv < {p.n}")
+        if isinstance(p, Global):
+            return self.tmp(f"(kv < {p.n}) | (q < {p.n})")
+        if isinstance(p, Strided):
+            return self.tmp(f"kv % {p.stride} == {p.offset}")
+        if isinstance(p, Window):
+            terms = [self.window_dim(k, *dims) for k, dims in enumerate(p.dims(self.spec.ndim))]
+            return self.tmp(" & ".join(terms)) if len(terms) > 1 else terms[0]
+        if isinstance(p, (Union, Intersection)):
+            parts = [self.lower(c) for c in p.parts]
+            if isinstance(p, Union):
+                return None if None in parts else self.tmp(" | ".join(parts))
+            parts = [x for x in parts if x is not None]
+            return None if not parts else (parts[0] if len(parts) == 1 else self.tmp(" & ".join(parts)))
+        raise NotImplementedError(f"triton backend: no mask lowering for {p!r}")
+
+    def window_dim(self, k: int, w: int, s: int, d: int, causal: bool) -> str:
+        """NATTEN's rule along dimension k (see patterngen.semantics.window_1d)."""
+        L = self.spec.q_shape[k]
+        i, j = self.coord("q", k), self.coord("kv", k)
+        x, y = (i, j) if d == 1 else (self.tmp(f"{i} // {d}"), self.tmp(f"{j} // {d}"))
+        if d == 1 or L % d == 0:
+            last = f"{L // d - 1}"
+        else:
+            last = self.tmp(f"{L // d - 1} + ({i} % {d} < {L % d}).to(tl.int32)")
+        start = x if s == 1 else f"({x} // {s}) * {s}"
+        if causal:
+            leader = self.tmp(f"tl.minimum({start} + {s - 1}, {last})")
+            vis = f"({y} <= {x}) & ({leader} - {y} < {w})"
+        else:
+            wl, wr = w // 2, w // 2 + w % 2 - 1
+            leader = self.tmp(f"tl.minimum({start} + {s // 2}, {last})")
+            centre = self.tmp(f"tl.maximum(tl.minimum({leader}, {last} - {wr}), {wl})")
+            vis = f"({y} >= {centre} - {wl}) & ({y} <= {centre} + {wr})"
+        if d > 1:
+            vis = f"{vis} & ({i} % {d} == {j} % {d})"
+        return self.tmp(vis)
+
+
+def mask_lines(pattern: Pattern, spec: Spec) -> list[str]:
+    w = MaskWriter(spec)
+    expr = w.lower(pattern)
+    # broadcasting with (q >= 0) & (kv >= 0) gives every group the same [M, N] shape
+    w.lines.append("return (q >= 0) & (kv >= 0)" + (f" & {expr}" if expr else ""))
+    return w.lines
+
+
+@dataclass(frozen=True)
+class TileDims:
+    extent: int
+    stride: int
+    tile: int
+    count: int
+    inner: int
+    tile_stride: int
+    ragged: bool
+
+
+def tile_context(name: str, grid: TileGrid) -> dict:
+    """What the template needs to address a tile's tokens straight from the row-major layout."""
+    ctx = {"name": name, "flat": grid.flat, "n": grid.n, "even": grid.n % grid.volume == 0 if grid.flat else
+           all(s % t == 0 for s, t in zip(grid.shape, grid.tile))}
+    if grid.flat:
+        ctx["describe"] = f"{grid.tile} consecutive tokens"
+        return ctx
+    ctx["describe"] = "x".join(map(str, grid.tile)) + " boxes of a " + "x".join(map(str, grid.shape)) + " grid"
+    ctx["dims"] = [TileDims(extent=s, stride=grid.strides[k], tile=t, count=c,
+                            inner=math.prod(grid.tile[k + 1:]), tile_stride=math.prod(grid.counts[k + 1:]),
+                            ragged=s % t != 0)
+                   for k, (s, t, c) in enumerate(zip(grid.shape, grid.tile, grid.counts))]
+    return ctx
+
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources.files("patterngen.templates"))), trim_blocks=True, lstrip_blocks=True,
+                          keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+
+def render_forward(spec: Spec, patterns: list[Pattern], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+    from ... import __version__
+    groups = [{"index": i, "pattern": repr(p), "mask_lines": mask_lines(p, spec)} for i, p in enumerate(patterns)]
+    return _env.get_template("attention_fwd.jinja").render(
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, nkv=spec.nkv, groups=groups,
+        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
+
+
+def cache_dir() -> Path:
+    """$PATTERNGEN_CACHE, else ~/.cache/patterngen."""
+    root = os.environ.get("PATTERNGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "patterngen")
+    return Path(root)
+
+
+def source_key(source: str) -> str:
+    import torch
+    import triton
+    from ... import __version__
+    h = hashlib.sha256()
+    for part in (source, __version__, torch.__version__, triton.__version__):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def load_source(source: str):
+    """Write `source` to the cache (atomically, keyed by its hash and the versions) and import it.
+
+    An entry whose text differs from `source` (corrupt or truncated) is rewritten.
+    """
+    key = source_key(source)
+    module_name = f"patterngen_kernel_{key}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    directory = cache_dir() / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{module_name}.py"
+    try:
+        intact = path.read_text() == source
+    except (OSError, UnicodeDecodeError):
+        intact = False
+    if not intact:
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

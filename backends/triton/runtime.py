@@ -1,0 +1,135 @@
+"""Build, launch and cross-compile the generated Triton forward kernel of a spec."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...ir import Spec
+from ...plan import Plan, build_plan
+from ...tiles import Tiling
+from .codegen import load_source, render_forward
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters besides the tiles (which the plan fixes)."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(block_m: int, block_d: int) -> KernelConfig:
+    """Deterministic choice used without a GPU to tune on: more warps for bigger accumulators."""
+    return KernelConfig(num_warps=8 if block_m * block_d >= 128 * 128 else 4, num_stages=2)
+
+
+def _check_tiling(spec: Spec, tiling: Tiling) -> None:
+    for name, tile in (("q_tile", tiling.q_tile), ("kv_tile", tiling.kv_tile)):
+        vol = math.prod(tile) if isinstance(tile, tuple) else tile
+        if vol < 16 or vol & (vol - 1):
+            raise ValueError(f"tiling: {name}={tile!r} has {vol} tokens; the Triton backend needs a power of two "
+                             f">= 16 (tl.dot and tl.arange), e.g. 64, 128 or boxes such as (16, 8)")
+
+
+class TritonForward:
+    """The forward kernel of one spec and tiling: plan tables on the device, the
+    generated module, and a launcher returning (out, lse) like the reference."""
+
+    def __init__(self, spec: Spec, tiling: Tiling | None = None, config: KernelConfig | None = None):
+        if spec.routed is not None:
+            raise NotImplementedError("triton backend: Routed patterns are not generated yet; "
+                                      "use backend='reference'")
+        tiling = tiling or Tiling(64, 64)
+        _check_tiling(spec, tiling)
+        self.spec = spec
+        self.plan: Plan = build_plan(spec, tiling)
+        self.block_m, self.block_n = self.plan.q_grid.volume, self.plan.kv_grid.volume
+        self.block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
+        self.config = config or default_config(self.block_m, self.block_d)
+        head_group = self.plan.head_group[0]
+        patterns = [None] * len(self.plan.groups)
+        for h, g in enumerate(head_group.tolist()):
+            patterns[g] = spec.head_patterns[h]
+        self.patterns = patterns
+        self.source = render_forward(spec, patterns, self.plan.q_grid, self.plan.kv_grid)
+        self.module = load_source(self.source)
+        self.rows, self.cols, self.work = self._tables()
+        self.head_group = head_group.to(torch.int32)
+        self._device_tables: dict = {}
+
+    def _tables(self):
+        """ROWS [groups, q tiles, 3] = (first, first partial, end) into COLS, full tiles
+        first; WORK = (head, q tile) pairs, heaviest first so long rows start early."""
+        rows, cols, base = [], [], 0
+        for tp in self.plan.groups:
+            q, kt, full = tp.pairs()
+            order = torch.argsort(q * 2 + (~full).long(), stable=True)  # per q tile: full, then partial
+            cols.append(kt[order])
+            n_full = torch.bincount(q[full], minlength=tp.num_q_tiles)
+            start = tp.q_ptr[:-1] + base
+            rows.append(torch.stack([start, start + n_full, tp.q_ptr[1:] + base], 1))
+            base += tp.visited
+        rows = torch.stack(rows).to(torch.int32)
+        cols = torch.cat(cols).to(torch.int32) if cols else torch.zeros(0, dtype=torch.int32)
+        hg = self.plan.head_group[0]
+        cost = torch.stack([self.plan.groups[g].q_ptr.diff() for g in hg.tolist()])  # [H, q tiles]
+        order = torch.argsort(cost.flatten(), descending=True, stable=True)
+        work = torch.stack([order // cost.shape[1], order % cost.shape[1]], 1).to(torch.int32)
+        return rows, cols, work
+
+    def tables_on(self, device: torch.device):
+        if device not in self._device_tables:
+            self._device_tables[device] = tuple(t.to(device) for t in (self.rows, self.cols, self.work,
+                                                                         self.head_group))
+        return self._device_tables[device]
+
+    def constexprs(self, dtype: torch.dtype) -> dict:
+        return {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
+                "BLOCK_N": self.block_n, "GQA_GROUP": self.spec.num_heads // self.spec.num_kv_heads,
+                "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+    def __call__(self, q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B = q.shape[0]
+        scale = 1.0 / math.sqrt(self.spec.head_dim) if scale is None else float(scale)
+        out = torch.empty_like(q)
+        lse = torch.empty(B, self.spec.num_heads, self.spec.nq, device=q.device, dtype=torch.float32)
+        rows, cols, work, head_group = self.tables_on(q.device)
+        head_group = head_group.repeat(B)
+        grid = (work.shape[0], B)
+        self.module.attention_fwd[grid](
+            q, k, v, out, lse, rows, cols, work, head_group, scale,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            self.spec.num_heads, self.plan.q_grid.count,
+            **self.constexprs(q.dtype), num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        return out, lse
+
+    # -- ahead-of-time compilation for a GPU we may not have -------------------------
+    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16):
+        """Compile for sm_<arch> without a GPU; returns triton's CompiledKernel
+        (`.asm['cubin']`, `.asm['ptx']`, `.metadata.shared`)."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+        fn = self.module.attention_fwd
+        signature = {}
+        consts = self.constexprs(dtype)
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name in ("Q", "K", "V", "O"):
+                signature[name] = f"*{elem}"
+            elif name == "LSE":
+                signature[name] = "*fp32"
+            elif name in ("ROWS", "COLS", "WORK", "HEAD_GROUP"):
+                signature[name] = "*i32"
+            elif name == "sm_scale":
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": self.config.num_warps, "num_stages": self.config.num_stages})
