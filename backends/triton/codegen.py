@@ -165,18 +165,12 @@ def source_key(source: str) -> str:
     return h.hexdigest()[:24]
 
 
-def load_source(source: str):
-    """Write `source` to the cache (atomically, keyed by its hash and the versions) and import it.
-
-    An entry whose text differs from `source` (corrupt or truncated) is rewritten.
-    """
-    key = source_key(source)
-    module_name = f"patterngen_kernel_{key}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
+def write_source(source: str) -> Path:
+    """The cache file holding `source`, keyed by its hash and the versions; written
+    atomically, and rewritten when its text differs (corrupt or truncated)."""
     directory = cache_dir() / "kernels"
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{module_name}.py"
+    path = directory / f"patterngen_kernel_{source_key(source)}.py"
     try:
         intact = path.read_text() == source
     except (OSError, UnicodeDecodeError):
@@ -186,8 +180,18 @@ def load_source(source: str):
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, path)
+    return path
+
+
+def load_source(source: str):
+    """Import the cached module of `source` (interpreted or JIT, as TRITON_INTERPRET says)."""
+    import triton
+    path = write_source(source)
+    module_name = path.stem + ("_interp" if triton.knobs.runtime.interpret else "")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
     spec.loader.exec_module(module)
+    sys.modules[module_name] = module
     return module

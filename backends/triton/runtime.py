@@ -9,7 +9,8 @@ import torch
 from ...ir import Spec
 from ...plan import Plan, build_plan
 from ...tiles import Tiling
-from .codegen import load_source, render_forward
+from .aot import CompiledKernel, compile_kernel
+from .codegen import load_source, render_forward, write_source
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class TritonForward:
 
     def __call__(self, q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B = q.shape[0]
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = 1.0 / math.sqrt(self.spec.head_dim) if scale is None else float(scale)
         out = torch.empty_like(q)
         lse = torch.empty(B, self.spec.num_heads, self.spec.nq, device=q.device, dtype=torch.float32)
@@ -100,24 +102,18 @@ class TritonForward:
         grid = (work.shape[0], B)
         self.module.attention_fwd[grid](
             q, k, v, out, lse, rows, cols, work, head_group, scale,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             self.spec.num_heads, self.plan.q_grid.count,
             **self.constexprs(q.dtype), num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         return out, lse
 
     # -- ahead-of-time compilation for a GPU we may not have -------------------------
-    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16):
-        """Compile for sm_<arch> without a GPU; returns triton's CompiledKernel
-        (`.asm['cubin']`, `.asm['ptx']`, `.metadata.shared`)."""
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
+    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> CompiledKernel:
+        """Compile for sm_<arch> without a GPU: cubin, PTX and shared memory."""
         elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        fn = self.module.attention_fwd
-        signature = {}
         consts = self.constexprs(dtype)
-        for name in fn.arg_names:
+        signature = {}
+        for name in self.module.attention_fwd.arg_names:
             if name in consts:
                 signature[name] = "constexpr"
             elif name in ("Q", "K", "V", "O"):
@@ -126,10 +122,12 @@ class TritonForward:
                 signature[name] = "*fp32"
             elif name in ("ROWS", "COLS", "WORK", "HEAD_GROUP"):
                 signature[name] = "*i32"
-            elif name == "sm_scale":
-                signature[name] = "fp32"
             else:
-                signature[name] = "i32"
-        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": self.config.num_warps, "num_stages": self.config.num_stages})
+                signature[name] = "fp32" if name == "sm_scale" else "i32"
+        # what the JIT specialises at run time: 16-byte aligned pointers, and strides
+        # that are multiples of 16 (contiguous tensors with head_dim % 16 == 0)
+        aligned = [i for i, (n, t) in enumerate(signature.items())
+                   if t.startswith("*") or (n[0] == "s" and n != "sm_scale" and self.spec.head_dim % 16 == 0)]
+        return compile_kernel(path=str(write_source(self.source)), kernel="attention_fwd", signature=signature,
+                              constexprs=consts, aligned=aligned, arch=arch, num_warps=self.config.num_warps,
+                              num_stages=self.config.num_stages)
