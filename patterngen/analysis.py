@@ -100,7 +100,7 @@ def window_interval_status(qa, qb, ka, kb, L, w, s, d, causal) -> tuple[torch.Te
     return any_, all_
 
 
-class _Context:
+class TileAnalysis:
     """One analysis instance: a spec, its two tile grids and (for Routed) one block mask."""
 
     def __init__(self, spec: Spec, qg: TileGrid, kg: TileGrid, block_mask: torch.Tensor | None = None,

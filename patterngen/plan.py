@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import FULL, _Context, has_routed
+from .analysis import FULL, TileAnalysis, has_routed
 from .ir import Spec
 from .routing import block_masks, normalize_block_indices
 from .tiles import TileGrid, Tiling
@@ -100,7 +100,7 @@ def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Te
         raise ValueError(f"tiling: q and kv tiles must both be flat (int) or both boxes (tuples) on an n-D grid, "
                          f"got {tiling.q_tile!r} and {tiling.kv_tile!r}")
     indices = normalize_block_indices(spec, block_indices)
-    static = _Context(spec, qg, kg)
+    static = TileAnalysis(spec, qg, kg)
     groups: list[TilePlan] = []
     index: dict = {}
 
@@ -119,7 +119,7 @@ def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Te
             row = []
             for h, p in enumerate(spec.head_patterns):
                 if has_routed(p):
-                    ctx = _Context(spec, qg, kg, masks[b, h], shared=static.memo)
+                    ctx = TileAnalysis(spec, qg, kg, masks[b, h], shared=static.memo)
                     row.append(group_of((p, b, h), ctx, p))
                 else:
                     row.append(group_of(p, static, p))

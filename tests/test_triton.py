@@ -98,6 +98,27 @@ def test_forward_matches_oracle(case, seed):
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-4, rtol=0)
 
 
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 80), st.sampled_from([None, 20, 100]), st.integers(1, 4), st.booleans(),
+       st.sampled_from(["routed", "routed|band", "heads"]), st.integers(0, 2**16))
+def test_routed_matches_oracle(nq, nkv, topk, causal, form, seed):
+    """Run-time block indices, with duplicates and unused (-1) slots; never a block twice."""
+    nkv = nq if nkv is None else nkv
+    routed = pg.Routed(16, min(topk, -(-nkv // 16)), causal=causal)
+    pattern = {"routed": routed, "routed|band": routed | (pg.Band(9) & pg.Causal()),
+               "heads": pg.Heads([routed | pg.Sink(2), pg.Causal()])}[form]
+    spec = pg.Spec(pattern, nq, nkv, num_heads=2, num_kv_heads=1, head_dim=16)
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(2, 2, nq, 16), torch.randn(2, 1, nkv, 16), torch.randn(2, 1, nkv, 16)
+    idx = torch.randint(-1, -(-nkv // 16), (2, 1, -(-nq // 16), routed.topk))
+    out, lse = TritonForward(spec)(q, k, v, block_indices=idx)
+    mask = pg.dense_mask(spec, idx)
+    s = (q @ k.transpose(-1, -2) / 4).masked_fill(~mask, float("-inf"))
+    ref = torch.softmax(s, -1).nan_to_num(0.0) @ v
+    assert (out - ref).abs().max() < 1e-4
+    assert torch.equal(torch.isinf(lse), torch.isinf(torch.logsumexp(s, -1)))
+
+
 def test_strided_inputs_and_empty_rows():
     """Non-contiguous q/k/v (a transposed layout) and rows that see nothing (Nq > Nkv, causal)."""
     spec = pg.Spec(pg.Causal(), 40, 24, num_heads=2, head_dim=16)
@@ -146,6 +167,8 @@ GPU_CASES = [
     ("head dim 64", pg.Spec(pg.Band(100, 100), 1000, head_dim=64), pg.Tiling(128, 64)),
     ("head dim 96", pg.Spec(pg.Causal(), 1000, head_dim=96), pg.Tiling(64, 64)),
     ("head dim 256", pg.Spec(pg.Causal(), 1000, head_dim=256), pg.Tiling(64, 32)),
+    ("routed top-8 d128", pg.Spec(pg.Routed(64, 8, causal=True) | (pg.Band(63) & pg.Causal()), 4096, num_heads=4,
+                                  num_kv_heads=2, head_dim=128), pg.Tiling(64, 64)),
 ]
 
 

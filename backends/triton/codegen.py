@@ -102,7 +102,10 @@ class MaskWriter:
         return self.tmp(vis)
 
 
-def mask_lines(pattern: Pattern, spec: Spec) -> list[str]:
+def mask_lines(pattern: Pattern | None, spec: Spec) -> list[str]:
+    """Statements of a `visible_<group>` function; None is the empty pattern."""
+    if pattern is None:
+        return ["return (q < 0) & (kv < 0)"]
     w = MaskWriter(spec)
     expr = w.lower(pattern)
     # broadcasting with (q >= 0) & (kv >= 0) gives every group the same [M, N] shape
@@ -140,11 +143,16 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources
                           keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
 
 
-def render_forward(spec: Spec, patterns: list[Pattern], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+    """The forward kernel module: one mask function per group of heads (`patterns`,
+    the static part of each group's pattern), tile addressing, and, for Routed
+    specs, the run-time block loop."""
     from ... import __version__
-    groups = [{"index": i, "pattern": repr(p), "mask_lines": mask_lines(p, spec)} for i, p in enumerate(patterns)]
+    groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
+              for i, p in enumerate(patterns)]
+    routed = None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
     return _env.get_template("attention_fwd.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, nkv=spec.nkv, groups=groups,
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=routed,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ...ir import Spec
-from ...plan import Plan, build_plan
-from ...tiles import Tiling
+from ...analysis import TileAnalysis, has_routed
+from ...ir import Pattern, Routed, Spec, Union
+from ...plan import TilePlan
+from ...routing import normalize_block_indices
+from ...tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
 from .codegen import load_source, render_forward, write_source
 
@@ -34,37 +36,64 @@ def _check_tiling(spec: Spec, tiling: Tiling) -> None:
                              f">= 16 (tl.dot and tl.arange), e.g. 64, 128 or boxes such as (16, 8)")
 
 
+def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
+    """(Routed part, static part) of a head pattern of the form Routed, Routed | static, or static."""
+    if isinstance(pattern, Routed):
+        return pattern, None
+    if isinstance(pattern, Union):
+        routed = [p for p in pattern.parts if isinstance(p, Routed)]
+        rest = [p for p in pattern.parts if not isinstance(p, Routed)]
+        if len(routed) == 1 and not any(has_routed(p) for p in rest):
+            return routed[0], Union.of(*rest)
+    if has_routed(pattern):
+        raise NotImplementedError(f"triton backend: {pattern!r}: Routed blocks are generated only as "
+                                  f"`Routed(...)` or `Routed(...) | static`; use backend='reference'")
+    return None, pattern
+
+
 class TritonForward:
     """The forward kernel of one spec and tiling: plan tables on the device, the
-    generated module, and a launcher returning (out, lse) like the reference."""
+    generated module, and a launcher returning (out, lse) like the reference.
+
+    Routed specs need q and kv tiles equal to the routing block, so that a
+    selected block is one kv tile; the static part is planned ahead of time.
+    """
 
     def __init__(self, spec: Spec, tiling: Tiling | None = None, config: KernelConfig | None = None):
-        if spec.routed is not None:
-            raise NotImplementedError("triton backend: Routed patterns are not generated yet; "
-                                      "use backend='reference'")
-        tiling = tiling or Tiling(64, 64)
+        tiling = tiling or (Tiling(spec.routed.block, spec.routed.block) if spec.routed else Tiling(64, 64))
         _check_tiling(spec, tiling)
+        if spec.routed is not None and not (tiling.q_tile == tiling.kv_tile == spec.routed.block):
+            raise ValueError(f"tiling: {spec.routed!r} needs q and kv tiles equal to its block "
+                             f"({spec.routed.block}), got {tiling!r}")
         self.spec = spec
-        self.plan: Plan = build_plan(spec, tiling)
-        self.block_m, self.block_n = self.plan.q_grid.volume, self.plan.kv_grid.volume
+        self.q_grid = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
+        self.kv_grid = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
+        if spec.ndim > 1 and self.q_grid.flat != self.kv_grid.flat:
+            raise ValueError(f"tiling: q and kv tiles must both be flat or both boxes, got {tiling!r}")
+        self.block_m, self.block_n = self.q_grid.volume, self.kv_grid.volume
         self.block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
         self.config = config or default_config(self.block_m, self.block_d)
-        head_group = self.plan.head_group[0]
-        patterns = [None] * len(self.plan.groups)
-        for h, g in enumerate(head_group.tolist()):
-            patterns[g] = spec.head_patterns[h]
-        self.patterns = patterns
-        self.source = render_forward(spec, patterns, self.plan.q_grid, self.plan.kv_grid)
+        parts = [split_routed(p) for p in spec.head_patterns]
+        self.routed_heads = torch.tensor([r is not None for r, _ in parts])
+        statics = list(dict.fromkeys(s for _, s in parts))
+        ctx = TileAnalysis(spec, self.q_grid, self.kv_grid)
+        empty = TilePlan.from_pairs(self.q_grid.count, *(torch.zeros(0, dtype=torch.long),) * 2,
+                                    torch.zeros(0, dtype=torch.int8))
+        self.groups = [empty if p is None else TilePlan.from_pairs(self.q_grid.count, *ctx.classify(p))
+                       for p in statics]
+        self.head_group = torch.tensor([statics.index(s) for _, s in parts], dtype=torch.int32)
+        self.source = render_forward(spec, statics, self.q_grid, self.kv_grid)
         self.module = load_source(self.source)
         self.rows, self.cols, self.work = self._tables()
-        self.head_group = head_group.to(torch.int32)
+        longest = max(int(g.q_ptr.diff().max()) for g in self.groups)  # static kv tiles of a q tile
+        self.max_static = 1 << max(0, longest - 1).bit_length()
         self._device_tables: dict = {}
 
     def _tables(self):
         """ROWS [groups, q tiles, 3] = (first, first partial, end) into COLS, full tiles
         first; WORK = (head, q tile) pairs, heaviest first so long rows start early."""
         rows, cols, base = [], [], 0
-        for tp in self.plan.groups:
+        for tp in self.groups:
             q, kt, full = tp.pairs()
             order = torch.argsort(q * 2 + (~full).long(), stable=True)  # per q tile: full, then partial
             cols.append(kt[order])
@@ -73,9 +102,10 @@ class TritonForward:
             rows.append(torch.stack([start, start + n_full, tp.q_ptr[1:] + base], 1))
             base += tp.visited
         rows = torch.stack(rows).to(torch.int32)
-        cols = torch.cat(cols).to(torch.int32) if cols else torch.zeros(0, dtype=torch.int32)
-        hg = self.plan.head_group[0]
-        cost = torch.stack([self.plan.groups[g].q_ptr.diff() for g in hg.tolist()])  # [H, q tiles]
+        cols = torch.cat(cols).to(torch.int32)
+        cost = torch.stack([self.groups[g].q_ptr.diff() for g in self.head_group.tolist()])  # [H, q tiles]
+        if self.spec.routed is not None:
+            cost = cost + self.routed_heads[:, None] * self.spec.routed.topk
         order = torch.argsort(cost.flatten(), descending=True, stable=True)
         work = torch.stack([order // cost.shape[1], order % cost.shape[1]], 1).to(torch.int32)
         return rows, cols, work
@@ -86,25 +116,37 @@ class TritonForward:
                                                                          self.head_group))
         return self._device_tables[device]
 
-    def constexprs(self, dtype: torch.dtype) -> dict:
-        return {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
-                "BLOCK_N": self.block_n, "GQA_GROUP": self.spec.num_heads // self.spec.num_kv_heads,
-                "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    def constexprs(self, dtype: torch.dtype, topk: int | None = None) -> dict:
+        out = {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
+               "BLOCK_N": self.block_n, "GQA_GROUP": self.spec.num_heads // self.spec.num_kv_heads,
+               "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+        if self.spec.routed is not None:
+            topk = self.spec.routed.topk if topk is None else topk
+            out.update(TOPK=topk, TOPK_P2=max(2, 1 << (topk - 1).bit_length()), MAX_STATIC=self.max_static)
+        return out
 
-    def __call__(self, q, k, v, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, q, k, v, scale: float | None = None,
+                 block_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B = q.shape[0]
+        routed = []
+        if self.spec.routed is not None:
+            idx = normalize_block_indices(self.spec, block_indices).expand(B, -1, -1, -1)
+            idx = torch.where(self.routed_heads.to(idx.device)[None, :, None, None], idx, -1)
+            idx = idx.to(device=q.device, dtype=torch.int32).contiguous()
+            routed = [idx]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = 1.0 / math.sqrt(self.spec.head_dim) if scale is None else float(scale)
         out = torch.empty_like(q)
         lse = torch.empty(B, self.spec.num_heads, self.spec.nq, device=q.device, dtype=torch.float32)
         rows, cols, work, head_group = self.tables_on(q.device)
-        head_group = head_group.repeat(B)
+        head_group = head_group.repeat(B)  # [B, H]: static groups are the same for every batch entry
         grid = (work.shape[0], B)
         self.module.attention_fwd[grid](
-            q, k, v, out, lse, rows, cols, work, head_group, scale,
+            q, k, v, out, lse, rows, cols, work, head_group, *routed, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            self.spec.num_heads, self.plan.q_grid.count,
-            **self.constexprs(q.dtype), num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+            *(routed[0].stride()[:2] if routed else ()), self.spec.num_heads, self.q_grid.count,
+            **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None),
+            num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         return out, lse
 
     # -- ahead-of-time compilation for a GPU we may not have -------------------------
@@ -120,7 +162,7 @@ class TritonForward:
                 signature[name] = f"*{elem}"
             elif name == "LSE":
                 signature[name] = "*fp32"
-            elif name in ("ROWS", "COLS", "WORK", "HEAD_GROUP"):
+            elif name in ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX"):
                 signature[name] = "*i32"
             else:
                 signature[name] = "fp32" if name == "sm_scale" else "i32"
