@@ -146,8 +146,9 @@ class TileGrid:
 
     @cached_property
     def contiguous(self) -> bool:
-        """Whether every tile is a single run of flattened indices."""
-        return bool((self.runs[2].sum(1) == 1).all())
+        """Whether every tile's tokens are consecutive flattened indices."""
+        lo, hi = self.span
+        return bool((hi - lo + 1 == self.sizes).all())
 
     @cached_property
     def sizes(self) -> torch.Tensor:

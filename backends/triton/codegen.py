@@ -143,16 +143,18 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources
                           keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
 
 
-def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+                   segments: list[dict] | None = None) -> str:
     """The forward kernel module: one mask function per group of heads (`patterns`,
     the static part of each group's pattern), tile addressing, and, for Routed
-    specs, the run-time block loop."""
+    specs, the run-time block loop. `segments` replaces the index table by closed-form
+    kv-tile ranges (see ranges.py)."""
     from ... import __version__
     groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
               for i, p in enumerate(patterns)]
     routed = None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
     return _env.get_template("attention_fwd.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=routed,
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=routed, segments=segments,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
 

@@ -12,6 +12,7 @@ from ...plan import TilePlan
 from ...routing import normalize_block_indices
 from ...tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
+from .ranges import closed_form
 from .codegen import load_source, render_forward, write_source
 
 
@@ -82,7 +83,10 @@ class TritonForward:
         self.groups = [empty if p is None else TilePlan.from_pairs(self.q_grid.count, *ctx.classify(p))
                        for p in statics]
         self.head_group = torch.tensor([statics.index(s) for _, s in parts], dtype=torch.int32)
-        self.source = render_forward(spec, statics, self.q_grid, self.kv_grid)
+        self.segments = None
+        if len(statics) == 1 and spec.routed is None and self.q_grid.flat and self.kv_grid.flat:
+            self.segments = closed_form(statics[0], spec, self.block_m, self.block_n, self.groups[0])
+        self.source = render_forward(spec, statics, self.q_grid, self.kv_grid, self.segments)
         self.module = load_source(self.source)
         self.rows, self.cols, self.work = self._tables()
         longest = max(int(g.q_ptr.diff().max()) for g in self.groups)  # static kv tiles of a q tile
