@@ -1,0 +1,198 @@
+"""Exact reference attention that follows a tile plan.
+
+This is the ground truth the generated kernels are tested against, and the
+path taken where no kernel runs (CPU tensors, unusual dtypes). It uses the
+same plan as the kernels: for each query tile it gathers only the tokens of
+the key tiles the plan visits, evaluates the element-wise semantics only on
+partial tiles, and never forms the Nq x Nkv score matrix. It is written in
+plain torch ops, so autograd differentiates it and it runs on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...ir import Routed, Spec
+from ...plan import Plan, TilePlan, build_plan
+from ...routing import block_masks, normalize_block_indices
+from ...semantics import visible
+from ...tiles import TileGrid, Tiling
+from ..inputs import check_inputs, check_scale
+
+DEFAULT_MAX_SCORES = 1 << 22
+"""Default bound on the elements of one chunk's score block ([pairs, q tiles, q tile, visited kv tokens])."""
+
+def _check_plan(plan, spec: Spec, index_batch: int | None) -> None:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan: expected a patterngen Plan (pg.build_plan), got {type(plan).__name__}")
+    if plan.spec != spec:
+        raise ValueError(f"plan: built for {plan.spec!r}, not for the given {spec!r}")
+    rows = plan.head_group.shape[0]
+    if index_batch is not None and rows != index_batch:
+        raise ValueError(f"plan: built for block indices with batch size {rows}, but block_indices has batch "
+                         f"size {index_batch}; build the plan from the same block_indices")
+
+
+# -- the computation ------------------------------------------------------------------
+@dataclass
+class _Job:
+    """Query heads (as (batch, head) pairs) that share one tile plan, pattern and block mask."""
+
+    plan: TilePlan
+    pattern: object
+    block_mask: torch.Tensor | None
+    batches: list
+    heads: list
+
+
+def _jobs(plan: Plan, spec: Spec, B: int, masks: torch.Tensor | None) -> list[_Job]:
+    jobs: dict = {}
+    routed_rows = plan.head_group.shape[0]
+    for b in range(B):
+        bi = b if routed_rows > 1 else 0
+        for h in range(spec.num_heads):
+            g = int(plan.head_group[bi, h])
+            pattern = spec.head_patterns[h]
+            routed = masks is not None and any(isinstance(n, Routed) for n in pattern.walk())
+            key = (g, pattern, (bi, h) if routed else None)
+            if key not in jobs:
+                bm = masks[bi if masks.shape[0] > 1 else 0, h] if routed else None
+                jobs[key] = _Job(plan.groups[g], pattern, bm, [], [])
+            jobs[key].batches.append(b)
+            jobs[key].heads.append(h)
+    return list(jobs.values())
+
+
+def _chunks(counts: list[int], per_tile: int, max_scores: int):
+    """Split q tiles into runs whose padded score block (per_tile * run length * longest
+    kv-tile list in the run) stays within max_scores; a single tile may exceed it."""
+    start, widest = 0, 1
+    for i, c in enumerate(counts):
+        w = max(widest, c)
+        if i > start and per_tile * (i - start + 1) * w > max_scores:
+            yield start, i, widest
+            start, w = i, max(1, c)
+        widest = w
+    if start < len(counts):
+        yield start, len(counts), widest
+
+
+def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: float, acc: torch.dtype,
+             max_scores: int, stats: dict | None):
+    device = q.device
+    rep = spec.num_heads // spec.num_kv_heads
+    bidx = torch.tensor(job.batches, device=device)[:, None, None]
+    hidx = torch.tensor(job.heads, device=device)[:, None, None]
+    P = len(job.batches)
+    tp = job.plan
+    counts = tp.q_ptr.diff()
+    outs, lses = [], []
+    for t0, t1, width in _chunks(counts.tolist(), P * qg.volume * kg.volume, max_scores):
+        C = t1 - t0
+        qtok = qg.tokens(torch.arange(t0, t1))  # [C, vq]
+        slot = torch.arange(width)
+        used = slot < counts[t0:t1, None]  # [C, width]
+        pos = (tp.q_ptr[t0:t1, None] + slot).clamp(max=max(tp.visited - 1, 0))
+        if tp.visited:
+            kt = torch.where(used, tp.kv_tiles[pos], -1)
+            full = used & tp.full[pos]
+        else:
+            kt = torch.full((C, width), -1, dtype=torch.long)
+            full = torch.zeros((C, width), dtype=torch.bool)
+        ktok = torch.where(used[..., None], kg.tokens(kt.clamp_min(0).flatten()).view(C, width, -1), -1)
+        qtok, ktok, full, used = qtok.to(device), ktok.to(device), full.to(device), used.to(device)
+
+        # Mask [C, width, vq, vkv]: full tiles are visible as a whole (minus padding); the
+        # pattern is evaluated element-wise on partial tiles only.
+        mask = full[:, :, None, None].expand(C, width, qg.volume, kg.volume).clone()
+        pc, pj = torch.nonzero(used & ~full, as_tuple=True)
+        if len(pc):
+            mask[pc, pj] = visible(job.pattern, qtok[pc].clamp_min(0)[:, :, None],
+                                   ktok[pc, pj].clamp_min(0)[:, None, :], spec, job.block_mask)
+        mask &= (qtok >= 0)[:, None, :, None] & (ktok >= 0)[:, :, None, :]
+        mask = mask.transpose(1, 2).reshape(C, qg.volume, width * kg.volume)  # [C, vq, T]
+
+        kflat = ktok.clamp_min(0).view(C, -1)[None]  # [1, C, T]
+        Q = q[bidx, hidx, qtok.clamp_min(0)[None]].to(acc)  # [P, C, vq, D]
+        K = k[bidx, hidx // rep, kflat].to(acc)  # [P, C, T, D]
+        V = v[bidx, hidx // rep, kflat].to(acc)
+        s = torch.matmul(Q, K.transpose(-1, -2)) * scale  # [P, C, vq, T]
+        s = s.masked_fill(~mask, float("-inf"))
+        m = s.amax(-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing visible
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        empty = l == 0
+        l_safe = torch.where(empty, torch.ones_like(l), l)
+        outs.append((torch.matmul(p, V) / l_safe).flatten(1, 2))  # [P, C*vq, D]
+        lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe))
+        lses.append(lse.flatten(1))  # [P, C*vq]
+        if stats is not None:
+            stats["chunks"] = stats.get("chunks", 0) + 1
+            stats["max_scores"] = max(stats.get("max_scores", 0), s.numel())
+            stats["scores"] = stats.get("scores", 0) + s.numel()
+            stats["partial_tiles"] = stats.get("partial_tiles", 0) + len(pc)
+            stats["full_tiles"] = stats.get("full_tiles", 0) + int(full.sum())
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, plan: Plan | None = None,
+                        scale: float | None = None, block_indices: torch.Tensor | None = None, *,
+                        tiling: Tiling | None = None, max_scores: int | None = None,
+                        stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention computed exactly along `plan` (built from `spec`, `tiling` and
+    `block_indices` when not given).
+
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] as in scaled_dot_product_attention (GQA:
+    query head h reads kv head h // (Hq // Hkv)). Returns out [B, Hq, Nq, D] in q's
+    dtype and the natural-log log-sum-exp [B, Hq, Nq] (float32; float64 for float64
+    inputs); a row with no visible key gives zeros and -inf, and no NaN in gradients.
+
+    Scores are accumulated in float32 (float64 for float64 inputs). Query tiles are
+    processed in chunks whose score block holds at most `max_scores` elements (a
+    single tile may exceed it), so memory follows the visited tiles. Routed specs
+    need `block_indices` even with a prebuilt plan: partial tiles read the block
+    mask. `stats`, if a dict, receives counters (chunks, max_scores, scores,
+    partial_tiles, full_tiles) for tests and debugging.
+    """
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
+    check_inputs(q, k, v, spec)
+    scale = check_scale(scale, spec.head_dim)
+    if max_scores is None:
+        max_scores = DEFAULT_MAX_SCORES
+    elif isinstance(max_scores, bool) or not isinstance(max_scores, int) or max_scores < 1:
+        raise ValueError(f"max_scores: expected a positive int or None, got {max_scores!r}")
+    B = q.shape[0]
+    indices = normalize_block_indices(spec, block_indices)
+    if indices is not None and indices.shape[0] not in (1, B):
+        raise ValueError(f"block_indices: batch size {indices.shape[0]} must be 1 or q's batch size {B}")
+    if plan is None:
+        plan = build_plan(spec, tiling, None if indices is None else indices.cpu())
+    else:
+        if tiling is not None:
+            raise ValueError("tiling: give either a plan or a tiling, not both (the plan fixes the tiling)")
+        _check_plan(plan, spec, None if indices is None else indices.shape[0])
+    masks = None if indices is None else block_masks(spec, indices.to(q.device))
+
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if B == 0:
+        return q.new_zeros(q.shape), torch.zeros(q.shape[:3], dtype=acc, device=q.device)
+    qg, kg = plan.q_grid, plan.kv_grid
+    # Each query token lies in exactly one q tile: these rows of the tile-major
+    # output, in this order, are tokens 0..Nq-1.
+    qtok_all = qg.tokens(torch.arange(qg.count)).flatten()
+    valid = torch.nonzero(qtok_all >= 0).flatten()
+    rows = valid[torch.argsort(qtok_all[valid])].to(q.device)
+
+    outs, lses, order = [], [], []
+    for job in _jobs(plan, spec, B, masks):
+        o, lse = _run_job(job, q, k, v, spec, qg, kg, scale, acc, max_scores, stats)
+        outs.append(o[:, rows])
+        lses.append(lse[:, rows])
+        order += [b * spec.num_heads + h for b, h in zip(job.batches, job.heads)]
+    inverse = torch.argsort(torch.tensor(order, device=q.device))
+    out = torch.cat(outs)[inverse].view(q.shape).to(q.dtype)
+    lse = torch.cat(lses)[inverse].view(q.shape[:3])
+    return out, lse

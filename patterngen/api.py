@@ -1,0 +1,116 @@
+"""Public entry points: `pg.attention` and `pg.compile`.
+
+`pg.attention` runs the exact, differentiable reference backend. `pg.compile`
+can also hold a generated Triton forward kernel: "triton" always uses it,
+"auto" uses it for CUDA tensors when no gradient is needed (the backward
+kernels are not generated yet) and the reference path otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .backends.inputs import check_inputs, check_scale
+from .backends.reference import reference_attention
+from .ir import Spec
+from .plan import Plan, build_plan
+from .routing import block_counts
+from .tiles import Tiling
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=64)
+def _static_plan(spec: Spec, tiling: Tiling | None) -> Plan:
+    """Plans of specs without Routed nodes depend only on (spec, tiling): build them once."""
+    return build_plan(spec, tiling)
+
+
+def _check_spec(spec) -> Spec:
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
+    return spec
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
+              block_indices: torch.Tensor | None = None, return_lse: bool = False):
+    """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
+    (and the float32 log-sum-exp [B, Hq, Nq] when `return_lse`).
+
+    `scale` defaults to 1/sqrt(D); `block_indices` are the run-time blocks of a Routed
+    spec (see `pg.route`). Differentiable; a row with no visible key gives zeros.
+    """
+    _check_spec(spec)
+    plan = _static_plan(spec, None) if spec.routed is None else None
+    out, lse = reference_attention(q, k, v, spec, plan=plan, scale=scale, block_indices=block_indices)
+    return (out, lse) if return_lse else out
+
+
+class CompiledAttention:
+    """A kernel for one spec with its tile plan built ahead of the first call
+    (Routed specs build theirs per call, from the run-time block indices)."""
+
+    def __init__(self, spec: Spec, backend: str, tiling: Tiling | None):
+        self.spec, self.backend, self.tiling = spec, backend, tiling
+        self._triton = None
+        if backend == "triton":
+            self._triton = self._triton_kernel()
+        if spec.routed is None:
+            self.plan: Plan | None = build_plan(spec, tiling)
+        else:
+            self.plan = None
+            nqb, _ = block_counts(spec)  # validate the tiling now, with no block selected
+            build_plan(spec, tiling, torch.full((spec.num_kv_heads, nqb, 1), -1, dtype=torch.long))
+
+    def _triton_kernel(self):
+        from .backends.triton import TritonForward
+        return TritonForward(self.spec, self.tiling)
+
+    def _use_triton(self, q, k, v) -> bool:
+        if self.backend == "triton":
+            return True
+        return (self.backend == "auto" and q.is_cuda and q.dtype != torch.float64
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                 block_indices: torch.Tensor | None = None, return_lse: bool = False):
+        if self._use_triton(q, k, v):
+            check_inputs(q, k, v, self.spec)
+            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"q: the triton backend runs on CUDA tensors (or on CPU under "
+                                 f"TRITON_INTERPRET=1), got device {q.device}")
+            if q.dtype == torch.float64:
+                raise TypeError("q: the triton backend takes float16, bfloat16 or float32, got float64")
+            self._triton = self._triton or self._triton_kernel()
+            out, lse = self._triton(q, k, v, scale=check_scale(scale, self.spec.head_dim),
+                                    block_indices=block_indices)
+        elif self.plan is not None:
+            out, lse = reference_attention(q, k, v, self.spec, plan=self.plan, scale=scale,
+                                           block_indices=block_indices)
+        else:
+            out, lse = reference_attention(q, k, v, self.spec, scale=scale, block_indices=block_indices,
+                                           tiling=self.tiling)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self):
+        return f"CompiledAttention({self.spec!r}, backend={self.backend!r}, tiling={self.tiling!r})"
+
+
+def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
+    """A callable `kernel(q, k, v, scale=None, block_indices=None) -> out` for `spec`.
+
+    `backend` is "auto" (the Triton kernel for CUDA tensors without gradients, the
+    reference backend otherwise), "reference" or "triton" (forward only); `tiling`
+    fixes the tile shapes (default: the plan's default).
+    """
+    _check_spec(spec)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r} (valid: {', '.join(map(repr, BACKENDS))})")
+    if tiling is not None and not isinstance(tiling, Tiling):
+        raise TypeError(f"tiling: expected a patterngen Tiling or None, got {type(tiling).__name__}")
+    return CompiledAttention(spec, backend, tiling)
+
+
+__all__ = ["attention", "compile", "CompiledAttention", "BACKENDS"]
