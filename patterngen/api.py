@@ -54,9 +54,7 @@ class CompiledAttention:
 
     def __init__(self, spec: Spec, backend: str, tiling: Tiling | None):
         self.spec, self.backend, self.tiling = spec, backend, tiling
-        self._triton = None
-        if backend == "triton":
-            self._triton = self._triton_kernel()
+        self._kernels: dict = {}  # Triton kernels per (device, dtype, batch bucket)
         if spec.routed is None:
             self.plan: Plan | None = build_plan(spec, tiling)
         else:
@@ -64,9 +62,15 @@ class CompiledAttention:
             nqb, _ = block_counts(spec)  # validate the tiling now, with no block selected
             build_plan(spec, tiling, torch.full((spec.num_kv_heads, nqb, 1), -1, dtype=torch.long))
 
-    def _triton_kernel(self):
-        from .backends.triton import TritonForward
-        return TritonForward(self.spec, self.tiling)
+    def triton_kernel(self, q, k, v, block_indices=None):
+        """The Triton forward kernel for these inputs: the given tiling, else the autotuned
+        choice (timed once per device, dtype and batch bucket, then read from the cache)."""
+        key = (q.device, q.dtype, 1 << max(0, q.shape[0] - 1).bit_length())
+        if key not in self._kernels:
+            from .backends.triton import TritonForward, tuned_kernel
+            self._kernels[key] = (TritonForward(self.spec, self.tiling) if self.tiling is not None
+                                  else tuned_kernel(self.spec, q, k, v, block_indices))
+        return self._kernels[key]
 
     def _use_triton(self, q, k, v) -> bool:
         if self.backend == "triton":
@@ -83,9 +87,8 @@ class CompiledAttention:
                                  f"TRITON_INTERPRET=1), got device {q.device}")
             if q.dtype == torch.float64:
                 raise TypeError("q: the triton backend takes float16, bfloat16 or float32, got float64")
-            self._triton = self._triton or self._triton_kernel()
-            out, lse = self._triton(q, k, v, scale=check_scale(scale, self.spec.head_dim),
-                                    block_indices=block_indices)
+            out, lse = self.triton_kernel(q, k, v, block_indices)(
+                q, k, v, scale=check_scale(scale, self.spec.head_dim), block_indices=block_indices)
         elif self.plan is not None:
             out, lse = reference_attention(q, k, v, self.spec, plan=self.plan, scale=scale,
                                            block_indices=block_indices)

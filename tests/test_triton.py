@@ -189,9 +189,30 @@ def test_compile_triton_backend_matches_attention():
     spec = pg.Spec((pg.Sink(4) | pg.Band(20)) & pg.Causal(), 70, num_heads=2, num_kv_heads=1, head_dim=16)
     q, k, v = torch.randn(1, 2, 70, 16), torch.randn(1, 1, 70, 16), torch.randn(1, 1, 70, 16)
     kernel = pg.compile(spec, backend="triton", tiling=pg.Tiling(16, 16))
-    assert kernel._triton.segments is not None  # sinks + window iterate in closed form, no table
     out, lse = kernel(q, k, v, return_lse=True)
+    assert kernel.triton_kernel(q, k, v).segments is not None  # sinks + window: closed form, no table
     ref, ref_lse = pg.attention(q, k, v, spec, return_lse=True)
     assert (out - ref).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
     with pytest.raises(ValueError, match="head_dim"):
         kernel(q[..., :8], k[..., :8], v[..., :8])
+
+
+def test_autotune_candidates_and_cache(tmp_path, monkeypatch):
+    """Candidates fit shared memory and are ranked by the plan; a stored winner is reused
+    (on a GPU machine the first call times the candidates and writes it)."""
+    from patterngen.backends.triton import autotune
+    spec = pg.Spec(pg.Window((9, 9), stride=(8, 8)), (32, 32), head_dim=128)
+    cands = autotune.candidates(spec, shared_limit=100 * 1024)
+    assert cands and all(autotune.shared_bytes(math.prod(c.tiling.q_tile) if isinstance(c.tiling.q_tile, tuple)
+                                               else c.tiling.q_tile, 64, 128, c.config.num_stages) <= 100 * 1024
+                         for c in cands if c.tiling.kv_tile in (64, (8, 8)))
+    best = cands[0].tiling
+    assert isinstance(best.q_tile, tuple)  # boxes beat flat rows for a 2-D neighbourhood
+    cpu = autotune.tuned_kernel(spec, torch.zeros(1), None, None)
+    assert cpu.q_grid.tile == best.q_tile  # deterministic without a GPU
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
+    path = tmp_path / "tuning" / "x.json"
+    autotune._store(path, {"q_tile": [8, 8], "kv_tile": [8, 8], "config": {"num_warps": 8, "num_stages": 3}})
+    assert autotune._load(path) == autotune.Candidate(pg.Tiling((8, 8), (8, 8)), KernelConfig(8, 3))
+    path.write_text("{corrupt")
+    assert autotune._load(path) is None

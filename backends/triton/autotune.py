@@ -1,0 +1,132 @@
+"""Choosing tiles, warps and stages: pruned candidates, timed on the GPU, the winner cached.
+
+A winner is stored per (spec, device, dtype, batch bucket) as a JSON file
+under the cache directory, so a second process never re-tunes. Without a GPU
+the choice is deterministic: the first candidate, which the plan ranks best.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ...ir import Spec
+from ...plan import build_plan
+from ...tiles import Tiling
+from .codegen import cache_dir
+from .runtime import KernelConfig, TritonForward
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tiling: Tiling
+    config: KernelConfig
+
+
+def _volumes(spec: Spec) -> list[tuple[int, int]]:
+    if spec.routed is not None:
+        b = spec.routed.block
+        return [(b, b)] if b >= 16 and not b & (b - 1) else []
+    return [(128, 64), (64, 64), (128, 128), (64, 128)]
+
+
+def _boxes(shape: tuple[int, ...], volume: int) -> list[tuple[int, ...]]:
+    """Power-of-two boxes of `volume` tokens that fit the grid, most even first."""
+    out = [()]
+    for n in shape:
+        out = [b + (1 << e,) for b in out for e in range(0, (min(n, volume)).bit_length()) if (1 << e) <= n]
+    boxes = [b for b in out if math.prod(b) == volume]
+    return sorted(boxes, key=lambda b: (max(b) / min(b), b))[:4]
+
+
+def shared_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int = 2) -> int:
+    """Shared memory of the kernel's pipelined K/V tiles plus the Q tile."""
+    return (block_m * block_d + 2 * stages * block_n * block_d) * elem
+
+
+def candidates(spec: Spec, shared_limit: int = 227 * 1024) -> list[Candidate]:
+    """Tilings (flat and, on grids, boxes of the same volumes) x warps x stages that fit in
+    shared memory, ranked by the plan: fewest visited tile pairs weighted by tile volume, full
+    tiles counted cheaper than partial ones."""
+    block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
+    tilings = []
+    for vm, vn in _volumes(spec):
+        tilings.append(Tiling(vm, vn))
+        if spec.ndim > 1 and spec.routed is None:
+            for bq in _boxes(spec.q_shape, vm):
+                for bk in _boxes(spec.kv_shape, vn)[:2]:
+                    tilings.append(Tiling(bq, bk))
+
+    def cost(t: Tiling) -> float:
+        counts = build_plan(spec, t).counts() if spec.routed is None else {"full": 0, "partial": 0}
+        vm = math.prod(t.q_tile) if isinstance(t.q_tile, tuple) else t.q_tile
+        vn = math.prod(t.kv_tile) if isinstance(t.kv_tile, tuple) else t.kv_tile
+        return (counts["full"] + 1.3 * counts["partial"]) * vm * vn
+
+    ranked = sorted(dict.fromkeys(tilings), key=cost)[:4]
+    out = []
+    for t in ranked:
+        vm = math.prod(t.q_tile) if isinstance(t.q_tile, tuple) else t.q_tile
+        vn = math.prod(t.kv_tile) if isinstance(t.kv_tile, tuple) else t.kv_tile
+        for warps in (8, 4) if vm * block_d >= 128 * 128 else (4, 8):
+            for stages in (2, 3):
+                if shared_bytes(vm, vn, block_d, stages) <= shared_limit:
+                    out.append(Candidate(t, KernelConfig(warps, stages)))
+    return out
+
+
+def _key(spec: Spec, device: str, dtype: torch.dtype, batch: int) -> str:
+    bucket = 1 << max(0, batch - 1).bit_length()
+    text = f"{spec!r}|{device}|{dtype}|{bucket}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _store(path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+def _load(path) -> Candidate | None:
+    try:
+        r = json.loads(path.read_text())
+        to_tile = (lambda x: tuple(x) if isinstance(x, list) else x)
+        return Candidate(Tiling(to_tile(r["q_tile"]), to_tile(r["kv_tile"])), KernelConfig(**r["config"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or corrupt: tune again
+
+
+def tuned_kernel(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 block_indices: torch.Tensor | None = None) -> TritonForward:
+    """The fastest candidate for these inputs' device, dtype and batch bucket (cached on disk);
+    the top-ranked candidate without a CUDA device."""
+    if not q.is_cuda:
+        first = candidates(spec)[0]
+        return TritonForward(spec, first.tiling, first.config)
+    device = torch.cuda.get_device_name(q.device)
+    path = cache_dir() / "tuning" / f"{_key(spec, device, q.dtype, q.shape[0])}.json"
+    best = _load(path)
+    if best is None:
+        import triton.testing
+        limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        timed = []
+        for c in candidates(spec, limit):
+            try:
+                kern = TritonForward(spec, c.tiling, c.config)
+                ms = triton.testing.do_bench(lambda: kern(q, k, v, block_indices=block_indices))
+            except Exception:  # a config the compiler rejects (resources) is skipped, not fatal
+                continue
+            timed.append((ms, c))
+        if not timed:
+            raise RuntimeError(f"autotune: no candidate configuration compiled for {spec!r}")
+        best = min(timed, key=lambda x: x[0])[1]
+        _store(path, {"q_tile": best.tiling.q_tile, "kv_tile": best.tiling.kv_tile, "config": asdict(best.config),
+                      "device": device, "timings_ms": [[m, repr(c)] for m, c in timed]})
+    return TritonForward(spec, best.tiling, best.config)
