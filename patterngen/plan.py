@@ -83,8 +83,13 @@ class Plan:
 
 
 def default_tiling(spec: Spec) -> Tiling:
-    """64 x 64 flat tiles: the reference backend's choice; the simulator picks tiles for kernels."""
-    return Tiling(64, 64)
+    """64-token tiles: flat on sequences and for Routed blocks, boxes of 8 x 8 over the last
+    two dimensions on grids (a neighbourhood then meets few tiles, and the analysis stays on
+    its fast per-dimension path). Kernels get their tiles from the simulator or the tuner."""
+    if spec.ndim == 1 or spec.routed is not None or spec.q_shape[-2:] != spec.kv_shape[-2:]:
+        return Tiling(64, 64)
+    box = tuple([1] * (spec.ndim - 2) + [min(8, n) for n in spec.q_shape[-2:]])
+    return Tiling(box, box)
 
 
 def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Tensor | None = None) -> Plan:
