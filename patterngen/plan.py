@@ -101,9 +101,6 @@ def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Te
         raise TypeError(f"tiling must be a patterngen Tiling, got {type(tiling).__name__}")
     qg = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
     kg = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
-    if spec.ndim > 1 and qg.flat != kg.flat:
-        raise ValueError(f"tiling: q and kv tiles must both be flat (int) or both boxes (tuples) on an n-D grid, "
-                         f"got {tiling.q_tile!r} and {tiling.kv_tile!r}")
     indices = normalize_block_indices(spec, block_indices)
     static = TileAnalysis(spec, qg, kg)
     groups: list[TilePlan] = []

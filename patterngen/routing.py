@@ -32,6 +32,8 @@ def normalize_block_indices(spec: Spec, block_indices: torch.Tensor | None) -> t
         raise TypeError(f"block_indices: expected an integer tensor, got {block_indices.dtype}")
     nqb, nkb = block_counts(spec)
     idx = block_indices if block_indices.dim() == 4 else block_indices.unsqueeze(0)
+    if idx.dim() == 4 and idx.shape[0] == 0:
+        raise ValueError("block_indices: batch size is 0; give at least one batch entry")
     if idx.dim() != 4 or idx.shape[1] not in (spec.num_heads, spec.num_kv_heads) or idx.shape[2] != nqb:
         raise ValueError(f"block_indices: expected shape [B, {spec.num_heads} or {spec.num_kv_heads}, {nqb}, k] "
                          f"or without B, got {tuple(block_indices.shape)}")

@@ -69,8 +69,6 @@ class TritonForward:
         self.spec = spec
         self.q_grid = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
         self.kv_grid = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
-        if spec.ndim > 1 and self.q_grid.flat != self.kv_grid.flat:
-            raise ValueError(f"tiling: q and kv tiles must both be flat or both boxes, got {tiling!r}")
         self.block_m, self.block_n = self.q_grid.volume, self.kv_grid.volume
         self.block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
         self.config = config or default_config(self.block_m, self.block_d)
