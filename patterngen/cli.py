@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .ir import Band, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union, Window
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, default_tiling
 from .routing import block_masks, normalize_block_indices
 from .semantics import unravel, visible
 from .tiles import TileGrid, Tiling
@@ -109,29 +109,12 @@ def parse_tile(text: str):
     return parts[0] if len(parts) == 1 and not any(c in text for c in ",x") else tuple(parts)
 
 
-def default_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...]:
-    """A box of about `volume` tokens, filled from the last dimension (8 per dimension
-    where the extent allows), so that a tile is a small square patch of the grid."""
-    tile = [1] * len(shape)
-    left = volume
-    for k in reversed(range(len(shape))):
-        t = min(shape[k], 8 if k > 0 else left, left)
-        tile[k] = max(1, t)
-        left = max(1, left // tile[k])
-    return tuple(tile)
-
-
 def choose_tiling(spec: Spec, tile: list | None) -> Tiling:
-    """The tiling given on the command line, else flat 64 x 64 for sequences (and
-    Routed specs, whose blocks are flat) and 64-token boxes for n-D grids."""
+    """The tiling given on the command line, else the plan's default (flat 64 on sequences,
+    64-token boxes on grids)."""
     if tile:
-        q = tile[0]
-        kv = tile[1] if len(tile) > 1 else tile[0]
-        return Tiling(q, kv)
-    if spec.ndim == 1 or spec.routed is not None:
-        return Tiling(64, 64)
-    box = default_box(spec.q_shape)
-    return Tiling(box, default_box(spec.kv_shape))
+        return Tiling(tile[0], tile[1] if len(tile) > 1 else tile[0])
+    return default_tiling(spec)
 
 
 def describe_tiling(t: Tiling) -> str:
@@ -462,6 +445,25 @@ def _run_one(spec: Spec, args) -> bool:
     return ok_plan and ok_attn
 
 
+def cmd_plan(args) -> int:
+    """Time the tile analysis: the median of --repeat builds of each spec's plan."""
+    for path in spec_files(args.spec):
+        for name, spec in _select(load_specs(path), args.name, path):
+            tiling = choose_tiling(spec, args.tile)
+            times = []
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                plan = build_plan(spec, tiling, demo_block_indices(spec, args.seed))
+                times.append(time.perf_counter() - start)
+            first = times[0]
+            times.sort()
+            print(f"{path.name}:{name}  {spec.nq:,} x {spec.nkv:,} tokens, {spec.num_heads} heads, "
+                  f"{describe_tiling(tiling)}")
+            print(f"  plan built in {times[len(times) // 2]:.3f} s (median of {args.repeat}; first build "
+                  f"{first:.3f} s); {plan_summary(plan)}")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     try:
         simulate = _simulator()
@@ -501,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=int, default=2048, help="token budget of the scaled attention check")
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs and routing")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="time the tile analysis of each spec (median of repeated builds)")
+    plan.add_argument("spec", metavar="SPEC", nargs="+", help="spec files or directories")
+    plan.add_argument("--tile", nargs="+", type=parse_tile, metavar="T", help=tile_help)
+    plan.add_argument("--name", default=None, help="only specs with this variable name")
+    plan.add_argument("--repeat", type=int, default=5, help="builds per spec (default 5)")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the random routing of Routed specs")
+    plan.set_defaults(func=cmd_plan)
 
     sim = sub.add_parser("simulate", help="cost model: the best possible speedup over dense attention")
     try:

@@ -82,14 +82,24 @@ class Plan:
                 "empty": total - visited}
 
 
+def default_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...]:
+    """A box of about `volume` tokens filled from the last dimension (at most 8 per dimension
+    but the first), so that a tile is a small square patch of the grid."""
+    tile = [1] * len(shape)
+    left = volume
+    for k in reversed(range(len(shape))):
+        tile[k] = max(1, min(shape[k], 8 if k > 0 else left, left))
+        left = max(1, left // tile[k])
+    return tuple(tile)
+
+
 def default_tiling(spec: Spec) -> Tiling:
-    """64-token tiles: flat on sequences and for Routed blocks, boxes of 8 x 8 over the last
-    two dimensions on grids (a neighbourhood then meets few tiles, and the analysis stays on
-    its fast per-dimension path). Kernels get their tiles from the simulator or the tuner."""
-    if spec.ndim == 1 or spec.routed is not None or spec.q_shape[-2:] != spec.kv_shape[-2:]:
+    """64-token tiles: flat on sequences and for Routed blocks, boxes on grids (a
+    neighbourhood then meets few tiles, and the analysis stays on its fast per-dimension
+    path). Kernels get their tiles from the simulator or the tuner."""
+    if spec.ndim == 1 or spec.routed is not None:
         return Tiling(64, 64)
-    box = tuple([1] * (spec.ndim - 2) + [min(8, n) for n in spec.q_shape[-2:]])
-    return Tiling(box, box)
+    return Tiling(default_box(spec.q_shape), default_box(spec.kv_shape))
 
 
 def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Tensor | None = None) -> Plan:

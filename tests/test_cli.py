@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
+from patterngen.plan import default_box
 from patterngen import cli
 from patterngen.cli import check_plan_rows, load_specs, main, parse_tile, shrink_spec
 from patterngen.draw import EMPTY_CH, FULL_CH, MIXED_CH, PARTIAL_CH
@@ -259,9 +260,17 @@ def test_scaled_copy_keeps_the_pattern_in_proportion():
 
 
 def test_default_box_tiles():
-    assert cli.default_box((256, 256)) == (8, 8)
-    assert cli.default_box((30, 48, 80)) == (1, 8, 8)
-    assert cli.default_box((3, 5)) == (3, 5)
+    assert default_box((256, 256)) == (8, 8)
+    assert default_box((30, 48, 80)) == (1, 8, 8)
+    assert default_box((3, 5)) == (3, 5)
     spec = pg.Spec(pg.Window(3), q_shape=(6, 6))
     assert cli.choose_tiling(spec, None) == pg.Tiling((6, 6), (6, 6))
     assert cli.choose_tiling(spec, [(2, 3)]) == pg.Tiling((2, 3), (2, 3))
+
+
+def test_plan_command_times_builds(tmp_path, capsys):
+    f = tmp_path / "s.py"
+    f.write_text("import patterngen as pg\nspec = pg.Spec(pg.Window((5, 5)), (16, 16))\n")
+    assert cli.main(["plan", str(f), "--repeat", "2", "--tile", "4,4"]) == 0
+    out = capsys.readouterr().out
+    assert "plan built in" in out and "median of 2" in out and "4x4 box" in out
