@@ -8,3 +8,4 @@ from .plan import Plan, TilePlan, build_plan
 from .routing import route
 from .tiles import TileGrid, Tiling
 from .api import attention, compile
+from .simulate import simulate

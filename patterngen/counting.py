@@ -1,0 +1,536 @@
+"""Exact counts for the simulator: visible (q, kv) pairs and per-dimension tile pairs.
+
+The FLOP bound needs the number of visible pairs, which does not depend on the
+tiling, so it is counted at the pattern level, never on an Nq x Nkv mask:
+
+* A Heads-free pattern is expanded into a signed sum of conjunctions of atoms
+  (inclusion-exclusion: `a | b` = a + b - a*b, `a & b` = a*b, on indicator
+  functions, which are idempotent). `Global(n)` is the union of two atoms,
+  `kv < n` and `q < n`; `Sink(n)` is `kv < n`; `Routed(causal=True)` is the
+  routed block mask times `Causal()`.
+* A conjunction without n-D windows is counted row by row on the flattened
+  index: for each query the keys form one interval (bands, causal, prefixes,
+  1-D windows, routed blocks: one interval per selected block) intersected with
+  one residue class (window dilations and `Strided` combine into a single
+  congruence), so each row costs O(1) and a million rows a few milliseconds.
+* A conjunction of windows alone factors over dimensions: the count is the
+  product of per-dimension counts, each a sum over the L coordinates of one
+  dimension.
+* Anything else (n-D windows mixed with flattened-index atoms) falls back to
+  the tile analysis of the conjunction and element-wise evaluation of the
+  semantics on its partial tiles, chunked; its cost is bounded by the partial
+  tile pairs times the tile volume squared.
+
+Tile pairs of a `Window` on box tiles also factor over dimensions (a box pair is
+visited, or full, iff it is in every dimension), which `window_dim_tiles`
+exploits so that the tiling search can score many box shapes without plans.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import torch
+
+from .analysis import window_hull, window_interval_status
+from .ir import (Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
+                 Window)
+from .plan import build_plan
+from .routing import normalize_block_indices
+from .semantics import group_length, unravel, visible, window_1d, window_bounds
+from .tiles import Tiling
+
+_ROWS = 1 << 21          # rows per chunk of the row counter
+_CHUNK = 1 << 22         # token pairs per chunk of element-wise evaluation
+_MAX_TERMS = 4096        # inclusion-exclusion terms before falling back to tiles
+_MAX_MODULUS = 1 << 22   # largest combined congruence modulus handled in closed form
+_MASK_EXTENT = 1024      # window_dim_tiles reduces a 1-D mask up to this extent, else uses intervals
+_QUERY_ROWS = 1 << 25    # n-D windows mixed with other atoms: enumerate window boxes up to this many pairs
+
+
+# -- atoms ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KvBelow:
+    """Atom kv < n (Sink, and the key half of Global)."""
+    n: int
+
+
+@dataclass(frozen=True)
+class QBelow:
+    """Atom q < n (the query half of Global)."""
+    n: int
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Atom: the run-time routed block mask (without Routed's causal part)."""
+    block: int
+
+
+class Routes:
+    """The routed kv blocks of one (batch, head), per q block, without duplicates: a CSR
+    (`ptr`, `kb`) built from the index rows, so that nothing of size q blocks x kv blocks is
+    made unless an element-wise fallback asks for `mask`."""
+
+    def __init__(self, rows: torch.Tensor, num_kv_blocks: int):
+        self.rows = rows
+        self.num_kv_blocks = num_kv_blocks
+        srt = rows.sort(1).values
+        keep = srt >= 0
+        keep[:, 1:] &= srt[:, 1:] != srt[:, :-1]
+        self.kb = srt[keep]
+        self.counts = keep.sum(1)
+        self.ptr = torch.zeros(len(rows) + 1, dtype=torch.long)
+        self.ptr[1:] = torch.cumsum(self.counts, 0)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "Routes":
+        k = max(1, int(mask.sum(1).max())) if mask.numel() else 1
+        order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True)
+        return cls(torch.where(order.values[:, :k] > 0, order.indices[:, :k], -1), mask.shape[1])
+
+    @property
+    def max_per_row(self) -> int:
+        return max(1, int(self.counts.max())) if len(self.counts) else 1
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q block, kv block) of every selected pair."""
+        return torch.repeat_interleave(torch.arange(len(self.counts)), self.counts), self.kb
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        m = torch.zeros(len(self.counts), self.num_kv_blocks, dtype=torch.bool)
+        qb, kb = self.pairs()
+        m[qb, kb] = True
+        return m
+
+
+def _routes(block_mask) -> "Routes | None":
+    if block_mask is None or isinstance(block_mask, Routes):
+        return block_mask
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 2:
+        raise TypeError(f"block_mask: expected a bool tensor [q_blocks, kv_blocks] or Routes, got {block_mask!r}")
+    return Routes.from_mask(block_mask)
+
+
+Poly = dict  # frozenset of atoms -> integer coefficient
+
+
+def _mul(a: Poly, b: Poly) -> Poly:
+    out: Poly = {}
+    for ka, ca in a.items():
+        for kb, cb in b.items():
+            k = ka | kb
+            out[k] = out.get(k, 0) + ca * cb
+            if len(out) > _MAX_TERMS:
+                raise _TooManyTerms
+    return {k: c for k, c in out.items() if c}
+
+
+def _add(*polys: tuple[int, Poly]) -> Poly:
+    out: Poly = {}
+    for sign, p in polys:
+        for k, c in p.items():
+            out[k] = out.get(k, 0) + sign * c
+    return {k: c for k, c in out.items() if c}
+
+
+class _TooManyTerms(Exception):
+    pass
+
+
+def expand(pattern: Pattern) -> Poly:
+    """The indicator of a Heads-free pattern as a signed sum of products of atoms."""
+    one = frozenset()
+    if isinstance(pattern, Full):
+        return {one: 1}
+    if isinstance(pattern, Sink):
+        return {frozenset({KvBelow(pattern.n)}): 1}
+    if isinstance(pattern, Global):
+        kv, q = {frozenset({KvBelow(pattern.n)}): 1}, {frozenset({QBelow(pattern.n)}): 1}
+        return _add((1, kv), (1, q), (-1, _mul(kv, q)))
+    if isinstance(pattern, Routed):
+        atoms = {Blocks(pattern.block)} | ({Causal()} if pattern.causal else set())
+        return {frozenset(atoms): 1}
+    if isinstance(pattern, (Causal, Band, Window, Strided)):
+        return {frozenset({pattern}): 1}
+    if isinstance(pattern, Intersection):
+        out = {one: 1}
+        for p in pattern.parts:
+            out = _mul(out, expand(p))
+        return out
+    if isinstance(pattern, Union):  # 1 - prod(1 - p)
+        rest = {one: 1}
+        for p in pattern.parts:
+            rest = _mul(rest, _add((1, {one: 1}), (-1, expand(p))))
+        return _add((1, {one: 1}), (-1, rest))
+    raise TypeError(f"pattern: unsupported node {pattern!r} (resolve Heads per head first)")
+
+
+# -- integer helpers ----------------------------------------------------------------
+def _floordiv(a: torch.Tensor, m) -> torch.Tensor:
+    return torch.div(a, m, rounding_mode="floor")
+
+
+def _count_congruent(A: torch.Tensor, B: torch.Tensor, c: torch.Tensor, m: int) -> torch.Tensor:
+    """Number of x in [A, B] with x = c (mod m), elementwise (0 for empty intervals)."""
+    n = _floordiv(B - c, m) - _floordiv(A - 1 - c, m)
+    return torch.where(B >= A, n, torch.zeros_like(n))
+
+
+def _congruence(stridings: list[tuple[int, int]], base: int):
+    """Combine x = q (mod base) with x = o_i (mod s_i): for each class c mod base, the
+    smallest solution in [0, M) (or -1 if none) and the combined modulus M."""
+    M = base
+    for s, _ in stridings:
+        M = math.lcm(M, s)
+    if M > _MAX_MODULUS:
+        return None, M
+    xs = torch.arange(M)
+    ok = torch.ones(M, dtype=torch.bool)
+    for s, o in stridings:
+        ok &= xs % s == o
+    first = torch.full((base,), -1, dtype=torch.long)
+    sol = xs[ok]
+    if len(sol):  # each class mod base holds at most one class mod M: keep its smallest member
+        cls = sol % base
+        first.scatter_reduce_(0, cls, sol, reduce="amin", include_self=False)
+    return first, M
+
+
+# -- the per-conjunction counters ---------------------------------------------------
+class _Conj:
+    """A conjunction of atoms, normalised: delta bounds, prefixes, congruences, windows."""
+
+    def __init__(self, atoms: frozenset, spec: Spec):
+        off = spec.nkv - spec.nq
+        self.q_end, self.kv_end = spec.nq, spec.nkv
+        self.dlo, self.dhi = -(spec.nq + spec.nkv), spec.nq + spec.nkv  # bounds on kv - q
+        self.strides: list[tuple[int, int]] = []
+        self.windows: list[Window] = []
+        self.blocks: int | None = None
+        for a in atoms:
+            if isinstance(a, KvBelow):
+                self.kv_end = min(self.kv_end, a.n)
+            elif isinstance(a, QBelow):
+                self.q_end = min(self.q_end, a.n)
+            elif isinstance(a, Causal):
+                self.dhi = min(self.dhi, off)
+            elif isinstance(a, Band):
+                self.dlo, self.dhi = max(self.dlo, off - a.left), min(self.dhi, off + a.right)
+            elif isinstance(a, Strided):
+                self.strides.append((a.stride, a.offset))
+            elif isinstance(a, Window):
+                self.windows.append(a)
+            elif isinstance(a, Blocks):
+                self.blocks = a.block
+            else:  # pragma: no cover - atoms come from `expand`
+                raise TypeError(f"unknown atom {a!r}")
+        self.atoms = atoms
+
+
+def _window_dims(windows: list[Window], ndim: int):
+    """Per dimension: the (w, s, d, causal) of every window."""
+    return list(zip(*[w.dims(ndim) for w in windows])) if windows else [()] * ndim
+
+
+def _window_rows(i: torch.Tensor, L: int, dims, A: torch.Tensor, B: torch.Tensor):
+    """Intersect [A, B] with the window intervals of coordinate i along one dimension;
+    return the new bounds and the lcm of the dilations."""
+    D = 1
+    for (w, s, d, c) in dims:
+        r = i % d
+        lo, hi = window_bounds(i // d, group_length(L, d, r), w, s, c)
+        A = torch.maximum(A, lo * d + r)
+        B = torch.minimum(B, hi * d + r)
+        D = math.lcm(D, d)
+    return A, B, D
+
+
+def _count_rows(conj: _Conj, spec: Spec, routes: Routes | None) -> int | None:
+    """Row-by-row count on the flattened index (1-D windows allowed); None if the
+    congruences are too large for the closed form."""
+    total = 0
+    dims = _window_dims(conj.windows, 1)[0] if conj.windows else ()
+    D0 = 1
+    for (_, _, d, _) in dims:
+        D0 = math.lcm(D0, d)
+    first, M = _congruence(conj.strides, D0)
+    if first is None:
+        return None
+    if conj.blocks is not None:
+        blk = conj.blocks
+        ptr, kbs = routes.ptr, routes.kb
+    per_row = routes.max_per_row if conj.blocks is not None else 1
+    step = max(1, _ROWS // per_row)
+    for start in range(0, conj.q_end, step):
+        q = torch.arange(start, min(conj.q_end, start + step))
+        if conj.blocks is not None:  # one row per (query, selected kv block)
+            qb = q // blk
+            cnt = ptr[qb + 1] - ptr[qb]
+            rep = torch.repeat_interleave(torch.arange(len(q)), cnt)
+            pos = ptr[qb][rep] + torch.arange(len(rep)) - (torch.cumsum(cnt, 0) - cnt)[rep]
+            q = q[rep]
+            kb = kbs[pos]
+            A, B = kb * blk, kb * blk + blk - 1
+        else:
+            A, B = torch.zeros_like(q), torch.full_like(q, conj.kv_end - 1)
+        A = torch.maximum(A, q + conj.dlo)
+        B = torch.minimum(torch.minimum(B, q + conj.dhi), torch.full_like(B, conj.kv_end - 1))
+        if dims:
+            A, B, _ = _window_rows(q, spec.q_shape[0], dims, A, B)
+        x0 = first[q % D0]
+        n = _count_congruent(A, B, x0, M)
+        total += int(torch.where(x0 >= 0, n, torch.zeros_like(n)).sum())
+    return total
+
+
+def _count_window_product(conj: _Conj, spec: Spec) -> int:
+    """Conjunction of windows only: the product of per-dimension counts."""
+    total = 1
+    for dims, L in zip(_window_dims(conj.windows, spec.ndim), spec.q_shape):
+        i = torch.arange(L)
+        A, B, D = _window_rows(i, L, dims, torch.zeros_like(i), torch.full_like(i, L - 1))
+        total *= int(_count_congruent(A, B, i % D, D).sum())
+        if total == 0:
+            break
+    return total
+
+
+def _count_window_query_rows(conj: _Conj, spec: Spec) -> int:
+    """Few queries (q < n) with n-D windows: enumerate each query's window box of keys and
+    evaluate the other atoms on it."""
+    dims = _window_dims(conj.windows, spec.ndim)
+    total = 0
+    per = max(1, _CHUNK // max(1, _box_volume(conj, spec)))
+    for start in range(0, conj.q_end, per):
+        q = torch.arange(start, min(conj.q_end, start + per))
+        A, B = [], []
+        for dd, L, c in zip(dims, spec.q_shape, unravel(q, spec.q_shape)):
+            a, b, _ = _window_rows(c, L, dd, torch.zeros_like(c), torch.full_like(c, L - 1))
+            A.append(a)
+            B.append(b)
+        sizes = torch.stack([(b - a + 1).clamp_min(0) for a, b in zip(A, B)], 1)  # [q, ndim]
+        cnt = sizes.prod(1)
+        rep = torch.repeat_interleave(torch.arange(len(q)), cnt)
+        off = torch.arange(len(rep)) - (torch.cumsum(cnt, 0) - cnt)[rep]
+        kv = torch.zeros_like(off)
+        for k in range(spec.ndim):  # mixed-radix digits of the offset inside the box
+            inner = sizes[rep, k + 1:].prod(1) if k + 1 < spec.ndim else torch.ones_like(off)
+            coord = A[k][rep] + (off // inner) % sizes[rep, k]
+            kv = kv * spec.kv_shape[k] + coord
+        m = torch.ones(len(rep), dtype=torch.bool)
+        for a in conj.atoms:
+            m &= _atom_visible(a, q[rep], kv, spec, None)
+        total += int(m.sum())
+    return total
+
+
+def _box_volume(conj: _Conj, spec: Spec) -> int:
+    """An upper bound of the keys in one query's window box."""
+    vol = 1
+    for dd, L in zip(_window_dims(conj.windows, spec.ndim), spec.q_shape):
+        vol *= min([L] + [w * d for (w, _, d, _) in dd])
+    return vol
+
+
+def _atom_visible(atom, q: torch.Tensor, kv: torch.Tensor, spec: Spec, routes) -> torch.Tensor:
+    if isinstance(atom, KvBelow):
+        return kv < atom.n
+    if isinstance(atom, QBelow):
+        return q < atom.n
+    if isinstance(atom, Blocks):
+        return routes.mask[q // atom.block, kv // atom.block]
+    return visible(atom, q, kv, spec)
+
+
+def _elementwise(atoms, spec, routes, qtok: torch.Tensor, ktok: torch.Tensor) -> int:
+    """Visible pairs of the conjunction over tile pairs given as token lists (-1 = padding)."""
+    total = 0
+    per = max(1, _CHUNK // (qtok.shape[1] * ktok.shape[1]))
+    for i in range(0, len(qtok), per):
+        q = qtok[i:i + per, :, None]
+        k = ktok[i:i + per, None, :]
+        m = (q >= 0) & (k >= 0)
+        qc, kc = q.clamp_min(0), k.clamp_min(0)
+        for a in atoms:
+            m = m & _atom_visible(a, qc, kc, spec, routes)
+        total += int(m.sum())
+    return total
+
+
+def _count_tiles_fallback(conj: _Conj, spec: Spec, routes: Routes | None) -> int:
+    """n-D windows mixed with flattened-index atoms: analyse the conjunction on small box
+    tiles (or walk routed block pairs), then evaluate element-wise where needed."""
+    if conj.blocks is not None:  # every selected (q block, kv block) pair, token by token
+        blk = conj.blocks
+        nz = torch.stack(routes.pairs(), 1)
+        ar = torch.arange(blk)
+        total = 0
+        per = max(1, _CHUNK // (blk * blk))
+        for i in range(0, len(nz), per):
+            qb, kb = nz[i:i + per, 0], nz[i:i + per, 1]
+            qt = qb[:, None] * blk + ar
+            kt = kb[:, None] * blk + ar
+            qt = torch.where(qt < spec.nq, qt, -1)
+            kt = torch.where(kt < spec.nkv, kt, -1)
+            total += _elementwise(conj.atoms - {Blocks(blk)}, spec, None, qt, kt)
+        return total
+    ir_atoms = [a if not isinstance(a, KvBelow) else Sink(a.n) for a in conj.atoms if not isinstance(a, QBelow)]
+    pattern = Intersection.of(*ir_atoms) if ir_atoms else Full()
+    tile = _counting_box(spec.q_shape) if conj.windows else 64  # flattened-index atoms: flat tiles
+    sub = Spec(pattern, spec.q_shape, spec.kv_shape)
+    plan = build_plan(sub, Tiling(tile, tile))
+    qt, kt, full = plan.groups[0].pairs()
+    qg, kg = plan.q_grid, plan.kv_grid
+    if conj.q_end < spec.nq:  # q < n: drop q tiles wholly past it, evaluate those that straddle it
+        qmin, qmax = qg.span
+        keep = qmin[qt] < conj.q_end
+        qt, kt, full = qt[keep], kt[keep], full[keep] & (qmax[qt[keep]] < conj.q_end)
+    total = int((qg.sizes[qt[full]] * kg.sizes[kt[full]]).sum())
+    rest = ~full
+    return total + _elementwise(conj.atoms, spec, None, qg.tokens(qt[rest]), kg.tokens(kt[rest]))
+
+
+def _counting_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...] | int:
+    """A small box tile (volume <= 64) spread over the dimensions, last dimensions first."""
+    if len(shape) == 1:
+        return volume
+    tile = [1] * len(shape)
+    changed = True
+    while changed and math.prod(tile) * 2 <= volume:
+        changed = False
+        for k in reversed(range(len(shape))):
+            if tile[k] < shape[k] and math.prod(tile) * 2 <= volume:
+                tile[k] *= 2
+                changed = True
+    return tuple(tile)
+
+
+def count_conjunction(atoms: frozenset, spec: Spec, block_mask=None) -> int:
+    """Exact number of (q, kv) pairs that satisfy every atom (`block_mask`: see count_pattern)."""
+    routes = _routes(block_mask)
+    conj = _Conj(atoms, spec)
+    if conj.q_end <= 0 or conj.kv_end <= 0 or conj.dlo > conj.dhi:
+        return 0
+    if conj.windows and spec.ndim > 1:
+        if conj.blocks is None and not conj.strides and conj.q_end == spec.nq and conj.kv_end == spec.nkv \
+                and conj.dlo <= -spec.nq and conj.dhi >= spec.nkv:
+            return _count_window_product(conj, spec)
+        if conj.blocks is None and conj.q_end * _box_volume(conj, spec) <= _QUERY_ROWS:
+            return _count_window_query_rows(conj, spec)
+        return _count_tiles_fallback(conj, spec, routes)
+    n = _count_rows(conj, spec, routes)
+    return _count_tiles_fallback(conj, spec, routes) if n is None else n
+
+
+def count_pattern(pattern: Pattern, spec: Spec, block_mask=None) -> int:
+    """Exact number of visible (q, kv) pairs of a Heads-free pattern on `spec`'s grids
+    (`block_mask`: the routed blocks of one batch and head, as a bool [q_blocks, kv_blocks]
+    tensor or `Routes`)."""
+    routes = _routes(block_mask)
+    try:
+        poly = expand(pattern)
+    except _TooManyTerms:
+        return _count_pattern_tiles(pattern, spec, routes)
+    return sum(c * count_conjunction(atoms, spec, routes) for atoms, c in poly.items())
+
+
+def _count_pattern_tiles(pattern: Pattern, spec: Spec, routes: Routes | None) -> int:
+    """Whole-pattern fallback: tile analysis, then element-wise on partial tiles."""
+    routed = any(isinstance(n, Routed) for n in pattern.walk())
+    tile = 64 if routed or not any(isinstance(n, Window) for n in pattern.walk()) else _counting_box(spec.q_shape)
+    sub = Spec(pattern, spec.q_shape, spec.kv_shape)
+    indices = None
+    if routed:  # the routes of one (batch, head) as indices of a one-head spec
+        indices = routes.rows[None, None]
+    plan = build_plan(sub, Tiling(tile, tile), indices)
+    qt, kt, full = plan.groups[0].pairs()
+    qg, kg = plan.q_grid, plan.kv_grid
+    total = int((qg.sizes[qt[full]] * kg.sizes[kt[full]]).sum())
+    qtok, ktok = qg.tokens(qt[~full]), kg.tokens(kt[~full])
+    per = max(1, _CHUNK // (qg.volume * kg.volume))
+    for i in range(0, len(qtok), per):
+        q, k = qtok[i:i + per, :, None], ktok[i:i + per, None, :]
+        m = visible(pattern, q.clamp_min(0), k.clamp_min(0), spec, routes.mask if routed else None) \
+            & (q >= 0) & (k >= 0)
+        total += int(m.sum())
+    return total
+
+
+def visible_pairs(spec: Spec, block_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact visible (q, kv) pairs per head: int64 [num_heads], or [B, num_heads] when
+    the spec is routed (one count per batch and head of the block indices)."""
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec must be a patterngen.Spec, got {type(spec).__name__}")
+    indices = normalize_block_indices(spec, block_indices)
+    if indices is None:
+        memo: dict = {}
+        for p in spec.head_patterns:
+            if p not in memo:
+                memo[p] = count_pattern(p, spec)
+        return torch.tensor([memo[p] for p in spec.head_patterns], dtype=torch.long)
+    nkb = -(-spec.nkv // spec.routed.block)
+    out = torch.zeros(indices.shape[0], spec.num_heads, dtype=torch.long)
+    memo = {}
+    for b in range(indices.shape[0]):
+        for h, p in enumerate(spec.head_patterns):
+            routed = any(isinstance(n, Routed) for n in p.walk())
+            key = (p, b, h) if routed else p
+            if key not in memo:
+                memo[key] = count_pattern(p, spec, Routes(indices[b, h], nkb) if routed else None)
+            out[b, h] = memo[key]
+    return out
+
+
+# -- tile pairs of a Window along one dimension ---------------------------------------
+@lru_cache(maxsize=4096)
+def window_dim_tiles(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For q tiles of `tq` and kv tiles of `tk` consecutive coordinates along one dimension
+    of extent L: the number of visited and of full kv tiles of each q tile (int64 [Tq]).
+
+    A box tile pair of an n-D Window is visited (full) iff it is visited (full) along
+    every dimension, so the n-D numbers of a q tile are the products over dimensions.
+    """
+    Tq, Tk = -(-L // tq), -(-L // tk)
+    if L <= _MASK_EXTENT:  # small extents: reduce the 1-D mask over tiles
+        i = torch.arange(L)
+        m = window_1d(i[:, None], i[None, :], L, w, s, d, causal)
+        pad_q, pad_k = Tq * tq - L, Tk * tk - L
+        any_ = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
+        all_ = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
+        any_ = any_.view(Tq, tq, Tk, tk).any(3).any(1)
+        all_ = all_.view(Tq, tq, Tk, tk).all(3).all(1) & any_
+        return any_.sum(1), all_.sum(1)
+    qa = torch.arange(Tq) * tq
+    qb = (qa + tq - 1).clamp(max=L - 1)
+    jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
+    first, last = jmin // tk, jmax // tk
+    cnt = (last - first + 1).clamp_min(0)
+    rows = torch.repeat_interleave(torch.arange(Tq), cnt)
+    kt = first[rows] + torch.arange(len(rows)) - (torch.cumsum(cnt, 0) - cnt)[rows]
+    ka = kt * tk
+    kb = (ka + tk - 1).clamp(max=L - 1)
+    if d == 1:  # consecutive windows overlap or touch, so the hull is exactly the union
+        lo_last, _ = window_bounds(qb[rows], torch.tensor(L), w, s, causal)
+        _, hi_first = window_bounds(qa[rows], torch.tensor(L), w, s, causal)
+        any_ = torch.ones(len(rows), dtype=torch.bool)
+        all_ = (lo_last <= ka) & (hi_first >= kb)
+    else:
+        any_, all_ = window_interval_status(qa[rows], qb[rows], ka, kb, L, w, s, d, causal)
+    visited = torch.bincount(rows[any_], minlength=Tq)
+    full = torch.bincount(rows[any_ & all_], minlength=Tq)
+    return visited, full
+
+
+def window_dim_visible(L: int, w: int, s: int, d: int, causal: bool) -> int:
+    """Visible (i, j) coordinate pairs of one window dimension of extent L."""
+    i = torch.arange(L)
+    A, B, D = _window_rows(i, L, [(w, s, d, causal)], torch.zeros_like(i), torch.full_like(i, L - 1))
+    return int(_count_congruent(A, B, i % D, D).sum())
+
+
+__all__ = ["visible_pairs", "count_pattern", "count_conjunction", "expand", "window_dim_tiles",
+           "window_dim_visible", "KvBelow", "QBelow", "Blocks", "Routes"]
