@@ -106,7 +106,7 @@ def test_routed_matches_oracle(nq, nkv, topk, causal, form, seed):
     nkv = nq if nkv is None else nkv
     routed = pg.Routed(16, min(topk, -(-nkv // 16)), causal=causal)
     pattern = {"routed": routed, "routed|band": routed | (pg.Band(9) & pg.Causal()),
-               "heads": pg.Heads([routed | pg.Sink(2), pg.Causal()])}[form]
+               "heads": pg.Heads([routed | pg.Sink(min(2, nkv)), pg.Causal()])}[form]
     spec = pg.Spec(pattern, nq, nkv, num_heads=2, num_kv_heads=1, head_dim=16)
     torch.manual_seed(seed)
     q, k, v = torch.randn(2, 2, nq, 16), torch.randn(2, 1, nkv, 16), torch.randn(2, 1, nkv, 16)
