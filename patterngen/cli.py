@@ -512,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=int, default=0, help="seed of the random routing of Routed specs")
     plan.set_defaults(func=cmd_plan)
 
+    bench = sub.add_parser("bench", help="time patterngen vs FlexAttention vs dense SDPA on the current GPU")
+    from . import bench as bench_module
+    bench_module.add_cli_arguments(bench)
+    bench.set_defaults(func=bench_module.cli_main)
+
     sim = sub.add_parser("simulate", help="cost model: the best possible speedup over dense attention")
     try:
         simulate = _simulator()

@@ -2,7 +2,7 @@
 
 A winner is stored per (spec, device, dtype, batch bucket) as a JSON file
 under the cache directory, so a second process never re-tunes. Without a GPU
-the choice is deterministic: the first candidate, which the plan ranks best.
+the choice is deterministic: the tiling the simulator predicts fastest (on an H100 model).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ...ir import Spec
-from ...plan import build_plan
+from ...simulate import simulate
 from ...tiles import Tiling
 from .codegen import cache_dir
 from .runtime import KernelConfig, TritonForward
@@ -28,51 +28,29 @@ class Candidate:
     config: KernelConfig
 
 
-def _volumes(spec: Spec) -> list[tuple[int, int]]:
-    if spec.routed is not None:
-        b = spec.routed.block
-        return [(b, b)] if b >= 16 and not b & (b - 1) else []
-    return [(128, 64), (64, 64), (128, 128), (64, 128)]
-
-
-def _boxes(shape: tuple[int, ...], volume: int) -> list[tuple[int, ...]]:
-    """Power-of-two boxes of `volume` tokens that fit the grid, most even first."""
-    out = [()]
-    for n in shape:
-        out = [b + (1 << e,) for b in out for e in range(0, (min(n, volume)).bit_length()) if (1 << e) <= n]
-    boxes = [b for b in out if math.prod(b) == volume]
-    return sorted(boxes, key=lambda b: (max(b) / min(b), b))[:4]
-
-
 def shared_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int = 2) -> int:
     """Shared memory of the kernel's pipelined K/V tiles plus the Q tile."""
     return (block_m * block_d + 2 * stages * block_n * block_d) * elem
 
 
-def candidates(spec: Spec, shared_limit: int = 227 * 1024) -> list[Candidate]:
-    """Tilings (flat and, on grids, boxes of the same volumes) x warps x stages that fit in
-    shared memory, ranked by the plan: fewest visited tile pairs weighted by tile volume, full
-    tiles counted cheaper than partial ones."""
+def _volume(tile) -> int:
+    return math.prod(tile) if isinstance(tile, tuple) else tile
+
+
+def candidates(spec: Spec, shared_limit: int = 227 * 1024, device: str = "h100") -> list[Candidate]:
+    """The simulator's best tilings (power-of-two volumes >= 16, as tl.dot and tl.arange need)
+    x warps x stages that fit in shared memory, best predicted first."""
     block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
-    tilings = []
-    for vm, vn in _volumes(spec):
-        tilings.append(Tiling(vm, vn))
-        if spec.ndim > 1 and spec.routed is None:
-            for bq in _boxes(spec.q_shape, vm):
-                for bk in _boxes(spec.kv_shape, vn)[:2]:
-                    tilings.append(Tiling(bq, bk))
-
-    def cost(t: Tiling) -> float:
-        counts = build_plan(spec, t).counts() if spec.routed is None else {"full": 0, "partial": 0}
-        vm = math.prod(t.q_tile) if isinstance(t.q_tile, tuple) else t.q_tile
-        vn = math.prod(t.kv_tile) if isinstance(t.kv_tile, tuple) else t.kv_tile
-        return (counts["full"] + 1.3 * counts["partial"]) * vm * vn
-
-    ranked = sorted(dict.fromkeys(tilings), key=cost)[:4]
+    if spec.routed is not None:  # a selected block is one kv tile
+        tilings = [Tiling(spec.routed.block, spec.routed.block)]
+    else:
+        ranked = simulate(spec, device=device).candidates
+        ok = [Tiling(c.q_tile, c.kv_tile) for c in ranked
+              if all(v >= 16 and not v & (v - 1) for v in (_volume(c.q_tile), _volume(c.kv_tile)))]
+        tilings = list(dict.fromkeys(ok))[:4] or [Tiling(64, 64)]
     out = []
-    for t in ranked:
-        vm = math.prod(t.q_tile) if isinstance(t.q_tile, tuple) else t.q_tile
-        vn = math.prod(t.kv_tile) if isinstance(t.kv_tile, tuple) else t.kv_tile
+    for t in tilings:
+        vm, vn = _volume(t.q_tile), _volume(t.kv_tile)
         for warps in (8, 4) if vm * block_d >= 128 * 128 else (4, 8):
             for stages in (2, 3):
                 if shared_bytes(vm, vn, block_d, stages) <= shared_limit:
@@ -116,8 +94,9 @@ def tuned_kernel(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if best is None:
         import triton.testing
         limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        model = next((m for m in ("h200", "h100", "b200", "a100") if m in device.lower()), "h100")
         timed = []
-        for c in candidates(spec, limit):
+        for c in candidates(spec, limit, model):
             try:
                 kern = TritonForward(spec, c.tiling, c.config)
                 ms = triton.testing.do_bench(lambda: kern(q, k, v, block_indices=block_indices))

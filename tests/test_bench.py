@@ -1,0 +1,151 @@
+"""`patterngen bench`: the suite is the issue's, and the CPU smoke path runs end to end.
+No timing is asserted: on this machine the numbers mean nothing."""
+import json
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import patterngen as pg
+from patterngen import bench
+from strategies import routed_specs, scaled, specs
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+NAMES = ["causal-sliding-window", "sinks-window", "neighborhood-2d", "gna-3d", "gna-3d-strided", "s2-shards",
+         "routed-topk", "dense-causal"]
+
+
+def by_name(scale):
+    return {c.name: c for c in bench.suite(scale)}
+
+
+def test_full_suite_matches_issue():
+    """Issue 3 item 8: bf16, head dim 128, batch 1, and these sizes, windows and heads."""
+    cases = by_name("full")
+    assert list(cases) == NAMES
+    assert all(c.spec.head_dim == 128 for c in cases.values())
+
+    swa = cases["causal-sliding-window"].spec
+    assert (swa.q_shape, swa.num_heads) == ((32768,), 32)
+    mask = pg.dense_mask(pg.Spec(swa.pattern, 8192))  # 4096 keys per query once the window is full
+    assert int(mask[0, -1].sum()) == 4096 and not mask[0].triu(1).any()
+
+    sinks = cases["sinks-window"].spec
+    assert sinks.q_shape == (32768,)
+    m = pg.dense_mask(pg.Spec(sinks.pattern, 4096))[0]
+    assert int(m[-1].sum()) == 4 + 1024 and m[-1, :4].all() and not m.triu(1).any()
+
+    na = cases["neighborhood-2d"].spec
+    assert (na.q_shape, na.pattern, na.num_heads) == ((128, 128), pg.Window((31, 31)), 24)
+
+    gna, strided = cases["gna-3d"].spec, cases["gna-3d-strided"].spec
+    for s in (gna, strided):
+        assert (s.q_shape, s.num_heads) == ((30, 48, 80), 24)
+    assert gna.pattern == pg.Window((18, 24, 24))
+    assert strided.pattern == pg.Window((18, 24, 24), stride=(16, 8, 8))
+    assert cases["gna-3d-strided"].block_sparse_target
+
+    s2 = cases["s2-shards"].spec
+    assert (s2.q_shape, s2.num_heads) == ((32768,), 32) and len(set(s2.head_patterns)) > 1  # per-head shards
+
+    routed = cases["routed-topk"].spec
+    assert routed.q_shape == (32768,) and (routed.routed.block, routed.routed.topk) == (128, 16)
+
+    dense = cases["dense-causal"].spec
+    assert (dense.q_shape, dense.pattern) == ((8192,), pg.Causal())
+
+
+@pytest.mark.parametrize("scale", ["quick", "smoke"])
+def test_smaller_suites_have_the_same_cases(scale):
+    full, small = by_name("full"), by_name(scale)
+    assert list(small) == NAMES
+    for name, case in small.items():
+        assert case.spec.nq < full[name].spec.nq
+        assert type(case.spec.pattern) is type(full[name].spec.pattern)
+        assert case.causal == full[name].causal
+
+
+def test_causal_flag_is_true_exactly_for_causal_patterns():
+    """SDPA is_causal=True is only a fair floor when the pattern never looks ahead."""
+    for case in bench.suite("smoke"):
+        spec = case.spec
+        idx = None
+        if spec.routed is not None:
+            q = torch.randn(1, spec.num_heads, spec.nq, 8)
+            idx = pg.route(q, q, spec.routed.block, spec.routed.topk, causal=True)
+        mask = pg.dense_mask(spec, idx)
+        mask = mask[0] if mask.dim() == 4 else mask
+        assert case.causal == (not mask.triu(1).any()), case.name
+
+
+@settings(max_examples=scaled(15))
+@given(specs())
+def test_chunked_dense_mask_is_the_oracle(spec):
+    got = bench.dense_mask_on(spec, torch.device("cpu"), max_chunk=50)
+    want = pg.dense_mask(spec)
+    assert torch.equal(got.expand_as(want), want)
+
+
+@settings(max_examples=scaled(8))
+@given(routed_specs())
+def test_chunked_dense_mask_is_the_oracle_routed(spec_and_indices):
+    spec, idx = spec_and_indices
+    want = pg.dense_mask(spec, idx)
+    want = want[0] if want.dim() == 4 else want
+    assert torch.equal(bench.dense_mask_on(spec, torch.device("cpu"), idx, max_chunk=50), want)
+
+
+def test_default_tiling_is_runnable():
+    for case in bench.suite("full"):
+        t = bench.default_tiling(case.spec)
+        for tile in (t.q_tile, t.kv_tile):
+            vol = math.prod(tile) if isinstance(tile, tuple) else tile
+            assert vol >= 16 and vol & (vol - 1) == 0
+            if isinstance(tile, tuple):
+                assert all(b <= n for b, n in zip(tile, case.spec.q_shape))
+
+
+def test_device_model_names():
+    assert bench.device_model_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.device_model_name("NVIDIA H200") == "h200"
+    assert bench.device_model_name("Tesla T4") is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_no_gpu_says_so(capsys):
+    assert bench.main([]) == 1
+    out = capsys.readouterr().out
+    assert "no CUDA device" in out and "no timing" in out
+
+
+def test_cpu_smoke_runs(tmp_path, capsys):
+    """Two small cases end to end: a table with finite numbers, patterngen matching FlexAttention."""
+    out = tmp_path / "smoke"
+    rc = bench.main(["--quick", "--cpu-smoke", "--case", "sinks-window", "--case", "gna-3d-strided",
+                     "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert bench.SMOKE_NOTE in text
+    assert "sinks-window" in text and "gna-3d-strided" in text
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert (tmp_path / "smoke.md").read_text().count(bench.SMOKE_NOTE) >= 1
+    assert doc["note"] == bench.SMOKE_NOTE and doc["environment"]["torch"] == torch.__version__
+    assert [c["case"] for c in doc["cases"]] == ["sinks-window", "gna-3d-strided"]
+    for c in doc["cases"]:
+        assert c["status"] == "ok"
+        for key in ("patterngen_ms", "flex_ms", "sdpa_ms", "speedup_vs_flex", "speedup_vs_sdpa"):
+            assert c[key] is not None and math.isfinite(c[key]) and c[key] > 0, (c["case"], key)
+        assert c["err_vs_flex"] < 2e-2 and c["err_vs_sdpa_mask"] < 2e-2
+        assert c["flex"]["block_mask_s"] >= 0
+        if c["simulator"] is not None:
+            assert c["simulator"]["tile_speedup"] >= 1
+    # the records calibrate.py reads: patterngen kernels and the dense baselines
+    kinds = [r.get("kind") for r in doc["results"]]
+    assert kinds.count("dense") == 2 and len(kinds) == 4
+    assert all(r["time_ms"] > 0 for r in doc["results"])
