@@ -143,18 +143,37 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources
                           keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
 
 
+def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_grid: TileGrid) -> dict | None:
+    """Per-dimension constants for table-free neighbourhood loops: a single undilated Window on
+    box tiles (or 1-D tiles) of one grid; None otherwise."""
+    if not isinstance(pattern, Window) or spec.q_shape != spec.kv_shape or spec.routed is not None:
+        return None
+    if len(spec.q_shape) > 1 and (q_grid.flat or kv_grid.flat):
+        return None
+    dims = pattern.dims(spec.ndim)
+    if any(d != 1 for _, _, d, _ in dims):
+        return None
+    qt = (q_grid.tile,) if q_grid.flat else q_grid.tile
+    kt = (kv_grid.tile,) if kv_grid.flat else kv_grid.tile
+    return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "wl": w // 2, "wr": w // 2 + w % 2 - 1,
+                      "tq": tq, "tk": tk, "q_count": q_grid.counts[k], "k_count": kv_grid.counts[k],
+                      "q_tile_stride": math.prod(q_grid.counts[k + 1:])}
+                     for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
+
+
 def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
                    segments: list[dict] | None = None) -> str:
     """The forward kernel module: one mask function per group of heads (`patterns`,
     the static part of each group's pattern), tile addressing, and, for Routed
-    specs, the run-time block loop. `segments` replaces the index table by closed-form
-    kv-tile ranges (see ranges.py)."""
+    specs, the run-time block loop. `segments` (see ranges.py) and undilated windows
+    replace the index table by closed-form kv-tile ranges."""
     from ... import __version__
     groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
               for i, p in enumerate(patterns)]
     routed = None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
     return _env.get_template("attention_fwd.jinja").render(
         version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=routed, segments=segments,
+        window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
 

@@ -26,7 +26,7 @@ class KernelConfig:
 
 def default_config(block_m: int, block_d: int) -> KernelConfig:
     """Deterministic choice used without a GPU to tune on: more warps for bigger accumulators."""
-    return KernelConfig(num_warps=8 if block_m * block_d >= 128 * 128 else 4, num_stages=2)
+    return KernelConfig(num_warps=8 if block_m * block_d >= 64 * 128 else 4, num_stages=2)
 
 
 def _check_tiling(spec: Spec, tiling: Tiling) -> None:
