@@ -177,6 +177,17 @@ def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
 
+def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+    """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
+    same mask functions and tile addressing as the forward."""
+    from ... import __version__
+    groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
+              for i, p in enumerate(patterns)]
+    return _env.get_template("attention_bwd.jinja").render(
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups,
+        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
+
+
 def cache_dir() -> Path:
     """$PATTERNGEN_CACHE, else ~/.cache/patterngen."""
     root = os.environ.get("PATTERNGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "patterngen")

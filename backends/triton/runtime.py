@@ -13,7 +13,7 @@ from ...routing import normalize_block_indices
 from ...tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
 from .ranges import closed_form
-from .codegen import load_source, render_forward, write_source
+from .codegen import load_source, render_backward, render_forward, write_source
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,33 @@ def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
     return None, pattern
 
 
+_INT_TABLES = ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX", "ROWS_T", "COLS_T")
+
+
+def cross_compile(source: str, kernel: str, arg_names: list[str], consts: dict, dtype: torch.dtype, arch: int,
+                  config: KernelConfig, head_dim: int) -> CompiledKernel:
+    """Compile `kernel` of a generated module for sm_<arch> without a GPU."""
+    elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    signature = {}
+    for name in arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name in _INT_TABLES:
+            signature[name] = "*i32"
+        elif name.isupper():
+            signature[name] = f"*{elem}"  # Q, K, V, O and their gradients
+        else:
+            signature[name] = "fp32" if name == "sm_scale" else "i32"
+    # what the JIT specialises at run time: 16-byte aligned pointers, and strides that are
+    # multiples of 16 (contiguous tensors with head_dim % 16 == 0)
+    aligned = [i for i, (n, t) in enumerate(signature.items())
+               if t.startswith("*") or (n[0] == "s" and n != "sm_scale" and head_dim % 16 == 0)]
+    return compile_kernel(path=str(write_source(source)), kernel=kernel, signature=signature, constexprs=consts,
+                          aligned=aligned, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 class TritonForward:
     """The forward kernel of one spec and tiling: plan tables on the device, the
     generated module, and a launcher returning (out, lse) like the reference.
@@ -84,6 +111,7 @@ class TritonForward:
         self.segments = None
         if len(statics) == 1 and spec.routed is None and self.q_grid.flat and self.kv_grid.flat:
             self.segments = closed_form(statics[0], spec, self.block_m, self.block_n, self.groups[0])
+        self.statics = statics
         self.source = render_forward(spec, statics, self.q_grid, self.kv_grid, self.segments)
         self.module = load_source(self.source)
         self.rows, self.cols, self.work = self._tables()
@@ -154,24 +182,86 @@ class TritonForward:
     # -- ahead-of-time compilation for a GPU we may not have -------------------------
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> CompiledKernel:
         """Compile for sm_<arch> without a GPU: cubin, PTX and shared memory."""
-        elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-        consts = self.constexprs(dtype)
-        signature = {}
-        for name in self.module.attention_fwd.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name in ("Q", "K", "V", "O"):
-                signature[name] = f"*{elem}"
-            elif name == "LSE":
-                signature[name] = "*fp32"
-            elif name in ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX"):
-                signature[name] = "*i32"
-            else:
-                signature[name] = "fp32" if name == "sm_scale" else "i32"
-        # what the JIT specialises at run time: 16-byte aligned pointers, and strides
-        # that are multiples of 16 (contiguous tensors with head_dim % 16 == 0)
-        aligned = [i for i, (n, t) in enumerate(signature.items())
-                   if t.startswith("*") or (n[0] == "s" and n != "sm_scale" and self.spec.head_dim % 16 == 0)]
-        return compile_kernel(path=str(write_source(self.source)), kernel="attention_fwd", signature=signature,
-                              constexprs=consts, aligned=aligned, arch=arch, num_warps=self.config.num_warps,
-                              num_stages=self.config.num_stages)
+        return cross_compile(self.source, "attention_fwd", self.module.attention_fwd.arg_names,
+                             self.constexprs(dtype), dtype, arch, self.config, self.spec.head_dim)
+
+
+LOG2E = 1.4426950408889634
+
+
+def backward_tiling(tiling: Tiling, head_dim: int) -> Tiling:
+    """The dK/dV kernel holds two accumulators per kv tile; for head dims >= 128 it walks q
+    tiles of at most 32 tokens (halving the forward's) to stay within registers: no spills
+    on sm_80/sm_90."""
+    q = tiling.q_tile
+    while head_dim >= 128 and (q if isinstance(q, int) else math.prod(q)) > 32:
+        if isinstance(q, int):
+            q //= 2
+        else:
+            k = next(i for i, t in enumerate(q) if t > 1)
+            q = q[:k] + (q[k] // 2,) + q[k + 1:]
+    return Tiling(q, tiling.kv_tile)
+
+
+class TritonBackward:
+    """dQ, dK, dV of a forward kernel's spec and tiling, from the same plan: dK/dV walk the
+    transposed plan (per kv tile, the q tiles that see it), dQ the forward plan; full tiles
+    run without mask code. Deterministic (no atomics). Routed specs are not generated."""
+
+    def __init__(self, forward: TritonForward, config: KernelConfig | None = None):
+        if forward.spec.routed is not None:
+            raise NotImplementedError("triton backend: no backward kernels for Routed patterns yet; "
+                                      "use the reference backend for gradients")
+        self.fwd = forward
+        self.config = config or KernelConfig(num_warps=8 if forward.block_d >= 128 else 4, num_stages=2)
+        self.source = render_backward(forward.spec, forward.statics, forward.q_grid, forward.kv_grid)
+        self.module = load_source(self.source)
+        rows, cols, base = [], [], 0
+        for tp in forward.groups:  # transposed tables: per kv tile, full q tiles first
+            q, kt, full = tp.pairs()
+            order = torch.argsort(kt * 2 * tp.num_q_tiles + (~full).long() * tp.num_q_tiles + q, stable=True)
+            cols.append(q[order])
+            count = torch.bincount(kt, minlength=forward.kv_grid.count)
+            n_full = torch.bincount(kt[full], minlength=forward.kv_grid.count)
+            ptr = torch.cumsum(count, 0) - count + base
+            rows.append(torch.stack([ptr, ptr + n_full, ptr + count], 1))
+            base += tp.visited
+        self.rows_t = torch.stack(rows).to(torch.int32)
+        self.cols_t = torch.cat(cols).to(torch.int32)
+        self._device_tables: dict = {}
+
+    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> list[CompiledKernel]:
+        """The dK/dV and dQ kernels compiled for sm_<arch> (the preprocessing kernel is trivial)."""
+        consts = self.fwd.constexprs(dtype)
+        return [cross_compile(self.source, name, getattr(self.module, name).arg_names, consts, dtype, arch,
+                              self.config, self.fwd.spec.head_dim)
+                for name in ("attention_bwd_dkdv", "attention_bwd_dq")]
+
+    def __call__(self, q, k, v, out, lse, dout, scale: float | None = None):
+        """(dq, dk, dv) for the forward's (out, lse)."""
+        spec, fwd = self.fwd.spec, self.fwd
+        B = q.shape[0]
+        scale = 1.0 / math.sqrt(spec.head_dim) if scale is None else float(scale)
+        q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
+        if q.device not in self._device_tables:
+            self._device_tables[q.device] = (self.rows_t.to(q.device), self.cols_t.to(q.device))
+        rows_t, cols_t = self._device_tables[q.device]
+        rows, cols, _, head_group = fwd.tables_on(q.device)
+        head_group = head_group.repeat(B)
+        # log2-domain lse; rows that saw nothing get +inf so that their probabilities are 0
+        lse2 = torch.where(torch.isinf(lse), float("inf"), lse.float() * LOG2E).contiguous()
+        delta = torch.empty(B, spec.num_heads, spec.nq, device=q.device, dtype=torch.float32)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        consts = fwd.constexprs(q.dtype)
+        common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        self.module.bwd_preprocess[(-(-spec.nq // 64), spec.num_heads, B)](
+            out, dout, delta, *out.stride()[:3], spec.num_heads, HEAD_DIM=spec.head_dim,
+            BLOCK_D=fwd.block_d, BLOCK_M=64)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+        self.module.attention_bwd_dkdv[(fwd.kv_grid.count, spec.num_kv_heads, B)](
+            q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, scale, *strides,
+            *dk.stride()[:3], *dv.stride()[:3], spec.num_heads, fwd.kv_grid.count, **consts, **common)
+        self.module.attention_bwd_dq[(fwd.q_grid.count, spec.num_heads, B)](
+            q, k, v, dout, lse2, delta, dq, rows, cols, head_group, scale, *strides, *dq.stride()[:3],
+            spec.num_heads, fwd.q_grid.count, **consts, **common)
+        return dq, dk, dv

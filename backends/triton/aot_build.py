@@ -1,0 +1,513 @@
+"""Ahead-of-time builds: render and cross-compile a spec file's kernels into a directory
+with a manifest, and load such a directory back as ready-to-run kernels.
+
+Layout of a build directory (every name relative, no machine path or user name):
+
+    manifest.json                  format, versions, one record per (spec, arch, dtype)
+    <spec>_fwd.py                  the generated Triton module (shared by every arch/dtype)
+    <spec>_fwd_tables.pt           the plan tables the kernel walks (rows, cols, work, head groups)
+    <spec>_fwd_sm90_bf16.cubin     the compiled kernel for one arch and dtype, and its .ptx
+
+Only forward kernels exist so far; the manifest's `kernels_built` says so and
+`not_built` says why, so a reader does not assume training kernels are inside.
+
+Loading imports the saved module (no rendering, no tuning, no plan analysis:
+the tables are saved too). On CUDA the kernel is launched through that module
+and Triton's JIT, after checking that the device's architecture and the
+tensors' dtype are among the built ones; the cubins are shipped, hashed and
+checked but not loaded into the driver (Triton 3.9 has no stable public API to
+launch a foreign cubin). On CPU the kernel runs under the Triton interpreter when
+TRITON_INTERPRET=1 and through the exact reference backend otherwise.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from ...ir import (Band, Causal, Full, Global, Heads, Intersection, Routed, Sink, Spec, Strided, Union, Window)
+from ...plan import build_plan
+from ...tiles import TileGrid, Tiling
+from ..inputs import check_inputs, check_scale
+from ..reference import reference_attention
+from .runtime import KernelConfig, TritonForward
+
+FORMAT = "patterngen-aot"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ARCHS = (80, 90)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ENTRY = "attention_fwd"
+
+
+class AOTError(ValueError):
+    """A build directory that cannot be used here; the message says what differs."""
+
+
+# -- argument parsing -----------------------------------------------------------------
+def parse_arch(arch) -> int:
+    """'sm_90', 'sm90', '90' or 90 -> 90 (one of ARCHS)."""
+    text = str(arch).strip().lower()
+    digits = text[3:] if text.startswith("sm_") else text[2:] if text.startswith("sm") else text
+    if not digits.isdigit() or int(digits) not in ARCHS:
+        raise ValueError(f"arch: {arch!r} is not a supported architecture (valid: "
+                         f"{', '.join(f'sm_{a}' for a in ARCHS)})")
+    return int(digits)
+
+
+def parse_dtype(dtype) -> str:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> 'bf16'."""
+    if isinstance(dtype, torch.dtype):
+        for name, d in DTYPES.items():
+            if d == dtype:
+                return name
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    text = aliases.get(str(dtype).strip().lower(), str(dtype).strip().lower())
+    if text not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not supported (valid: {', '.join(DTYPES)})")
+    return text
+
+
+def with_head_dim(spec: Spec, head_dim: int | None) -> Spec:
+    if head_dim is None:
+        return spec
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
+        raise ValueError(f"head_dim: must be a positive int, got {head_dim!r}")
+    return Spec(spec.pattern, spec.q_shape, spec.kv_shape, spec.num_heads, spec.num_kv_heads, head_dim)
+
+
+def spec_sha256(spec_or_repr) -> str:
+    text = spec_or_repr if isinstance(spec_or_repr, str) else repr(spec_or_repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _pow2_volume(tile) -> bool:
+    vol = math.prod(tile) if isinstance(tile, tuple) else tile
+    return vol >= 16 and not vol & (vol - 1)
+
+
+def forward_tiling(spec: Spec) -> Tiling:
+    """The simulator's tiling when the kernel can run it (power-of-two volumes >= 16), else 64/64;
+    Routed specs need tiles equal to their block."""
+    if spec.routed is not None:
+        return Tiling(spec.routed.block, spec.routed.block)
+    from ...simulate import simulate
+    report = simulate(spec)
+    if _pow2_volume(report.q_tile) and _pow2_volume(report.kv_tile):
+        return Tiling(report.q_tile, report.kv_tile)
+    return Tiling(64, 64)
+
+
+# -- files ------------------------------------------------------------------------------
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(directory: Path, name: str, data: bytes) -> str:
+    """Write `data` to directory/name through a temporary file and os.replace; returns its sha256."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the build from other users
+        os.replace(tmp, directory / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return _sha256(data)
+
+
+def _tables_bytes(kern: TritonForward) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"rows": kern.rows, "cols": kern.cols, "work": kern.work, "head_group": kern.head_group,
+                "routed_heads": kern.routed_heads, "max_static": torch.tensor(kern.max_static)}, buf)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _no_line_info():
+    """Compile without debug line info: it would embed the generated file's absolute path
+    (and Triton's install path) in the PTX and cubin."""
+    old = os.environ.get("TRITON_DISABLE_LINE_INFO")
+    os.environ["TRITON_DISABLE_LINE_INFO"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_DISABLE_LINE_INFO", None)
+        else:
+            os.environ["TRITON_DISABLE_LINE_INFO"] = old
+
+
+def versions() -> dict:
+    import triton
+    from ... import __version__
+    return {"patterngen": __version__, "torch": torch.__version__.split("+")[0], "triton": triton.__version__}
+
+
+def _tile_json(tile):
+    return list(tile) if isinstance(tile, tuple) else tile
+
+
+def _tile_from_json(tile):
+    return tuple(tile) if isinstance(tile, list) else tile
+
+
+# -- build ------------------------------------------------------------------------------
+def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",), head_dim: int | None = None,
+          log=None) -> dict:
+    """Render each spec's forward kernel once and cross-compile it for every arch x dtype
+    into `out`; returns the manifest (also written, last, as out/manifest.json)."""
+    arch_list = list(dict.fromkeys(parse_arch(a) for a in archs))
+    dtype_list = list(dict.fromkeys(parse_dtype(d) for d in dtypes))
+    if not arch_list or not dtype_list:
+        raise ValueError(f"archs/dtypes: need at least one of each, got archs={archs!r}, dtypes={dtypes!r}")
+    if not specs:
+        raise ValueError("specs: nothing to build (the spec file defined no spec)")
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    records, seen = [], set()
+    for name, spec in specs:
+        if not isinstance(spec, Spec):
+            raise TypeError(f"specs: {name!r} is a {type(spec).__name__}, expected a patterngen.Spec")
+        spec = with_head_dim(spec, head_dim)
+        text = repr(spec)
+        digest = spec_sha256(text)
+        if digest in seen:
+            continue
+        seen.add(digest)
+        tiling = forward_tiling(spec)
+        kern = TritonForward(spec, tiling)
+        stem = f"{_safe(name)}_{digest[:12]}_fwd"
+        files = {f"{stem}.py": kern.source.encode(), f"{stem}_tables.pt": _tables_bytes(kern)}
+        hashes = {n: _write_atomic(directory, n, data) for n, data in files.items()}
+        for arch in arch_list:
+            for dt in dtype_list:
+                if log:
+                    log(f"  {name}: forward, sm_{arch}, {dt} ...")
+                with _no_line_info():
+                    compiled = kern.cross_compile(arch, DTYPES[dt])
+                kfiles = {f"{stem}_sm{arch}_{dt}.cubin": compiled.cubin,
+                          f"{stem}_sm{arch}_{dt}.ptx": compiled.ptx.encode()}
+                khashes = {n: _write_atomic(directory, n, data) for n, data in kfiles.items()}
+                records.append({
+                    "kind": "forward", "name": name, "spec": text, "spec_sha256": digest,
+                    "tiling": {"q_tile": _tile_json(tiling.q_tile), "kv_tile": _tile_json(tiling.kv_tile)},
+                    "config": {"num_warps": compiled.num_warps, "num_stages": compiled.num_stages},
+                    "arch": arch, "dtype": dt, "head_dim": spec.head_dim, "shared_bytes": compiled.shared,
+                    "entry": ENTRY,
+                    "files": {"source": f"{stem}.py", "tables": f"{stem}_tables.pt",
+                              "cubin": f"{stem}_sm{arch}_{dt}.cubin", "ptx": f"{stem}_sm{arch}_{dt}.ptx"},
+                    "sha256": {**hashes, **khashes},
+                })
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
+        "kernels_built": ["forward"],
+        "not_built": {"backward": "patterngen does not generate backward kernels yet; gradients need the "
+                                  "reference backend (pg.attention)"},
+        "runtime": "CUDA: the saved source through Triton's JIT (cubins are verified, not driver-loaded); "
+                   "CPU: the reference backend, or the Triton interpreter when TRITON_INTERPRET=1",
+        "kernels": records,
+    }
+    _write_atomic(directory, MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
+    return manifest
+
+
+def _safe(name: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")
+    return out or "spec"
+
+
+# -- reading specs back, without eval ---------------------------------------------------
+_NODES = {c.__name__: c for c in (Band, Causal, Full, Global, Heads, Intersection, Routed, Sink, Spec, Strided,
+                                  Union, Window)}
+
+
+def parse_spec(text: str) -> Spec:
+    """Rebuild a Spec from its repr, accepting only pattern constructors, literals, `range`,
+    `|` and `&` (a manifest is data: nothing in it is executed)."""
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str, type(None))):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.Tuple):
+            return tuple(ev(e) for e in node.elts)
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            return {ev(k): ev(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
+            a, b = ev(node.left), ev(node.right)
+            return a | b if isinstance(node.op, ast.BitOr) else a & b
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            fn = range if node.func.id == "range" else _NODES.get(node.func.id)
+            if fn is not None:
+                return fn(*(ev(a) for a in node.args), **{k.arg: ev(k.value) for k in node.keywords})
+        raise ValueError(f"unexpected {ast.dump(node)[:80]}")
+    try:
+        spec = ev(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, RecursionError) as exc:
+        raise AOTError(f"manifest: cannot read the spec {text[:200]!r}: {exc}") from None
+    if not isinstance(spec, Spec) or repr(spec) != text:
+        raise AOTError(f"manifest: {text[:200]!r} does not describe a patterngen Spec of this version")
+    return spec
+
+
+# -- load -------------------------------------------------------------------------------
+def _major_minor(version: str) -> str:
+    return ".".join(str(version).split("+")[0].split(".")[:2])
+
+
+class LoadedForward(TritonForward):
+    """A TritonForward assembled from a build directory: the saved module and tables, so
+    nothing is rendered, analysed or tuned; launching is TritonForward's."""
+
+    def __init__(self, spec: Spec, tiling: Tiling, config: KernelConfig, module, tables: dict):
+        self.spec = spec
+        self.q_grid = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
+        self.kv_grid = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
+        self.block_m, self.block_n = self.q_grid.volume, self.kv_grid.volume
+        self.block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
+        self.config = config
+        self.module = module
+        self.source = None  # never rendered here; the module was imported from the build
+        self.rows, self.cols, self.work = tables["rows"], tables["cols"], tables["work"]
+        self.head_group, self.routed_heads = tables["head_group"], tables["routed_heads"]
+        self.max_static = int(tables["max_static"])
+        self._device_tables = {}
+
+
+@dataclass
+class KernelRecord:
+    spec: Spec
+    arch: int
+    dtype: str
+    tiling: Tiling
+    config: KernelConfig
+    shared_bytes: int
+    files: dict
+
+
+class AOTKernel:
+    """The built forward kernel(s) of one spec: call like pg.compile's kernel,
+    `kern(q, k, v, scale=None, block_indices=None, return_lse=False)`."""
+
+    def __init__(self, build: "AOTBuild", spec: Spec, records: list[KernelRecord]):
+        self._build, self.spec, self.records = build, spec, records
+        self._forward: dict[bool, LoadedForward] = {}
+        self._plan = None
+
+    @property
+    def archs(self) -> list[int]:
+        return sorted({r.arch for r in self.records})
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({r.dtype for r in self.records})
+
+    def record_for(self, arch: int, dtype: str | None = None) -> KernelRecord:
+        for r in self.records:
+            if r.arch == arch and (dtype is None or r.dtype == dtype):
+                return r
+        held = ", ".join(f"sm_{r.arch}/{r.dtype}" for r in self.records)
+        want = f"sm_{arch}" + (f"/{dtype}" if dtype else "")
+        raise AOTError(f"{self._build.name}: no kernel for {want} for {self.spec!r}; this build holds {held}. "
+                       f"Rebuild with `patterngen build SPEC --arch sm_{arch}" + (f" --dtype {dtype}`" if dtype
+                                                                                  else "`"))
+
+    def _triton(self, record: KernelRecord) -> LoadedForward:
+        import triton
+        interp = bool(triton.knobs.runtime.interpret)
+        if interp not in self._forward:
+            module = self._build.import_source(record.files["source"], interp)
+            tables = self._build.read_tables(record.files["tables"])
+            self._forward[interp] = LoadedForward(self.spec, record.tiling, record.config, module, tables)
+        return self._forward[interp]
+
+    def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
+                 return_lse: bool = False):
+        check_inputs(q, k, v, self.spec)
+        scale = check_scale(scale, self.spec.head_dim)
+        if q.is_cuda:
+            major, minor = torch.cuda.get_device_capability(q.device)
+            record = self.record_for(major * 10 + minor, parse_dtype(q.dtype) if q.dtype in DTYPES.values()
+                                     else str(q.dtype))
+            out, lse = self._triton(record)(q, k, v, scale=scale, block_indices=block_indices)
+        elif os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float64:
+            out, lse = self._triton(self.records[0])(q, k, v, scale=scale, block_indices=block_indices)
+        else:
+            if self.spec.routed is None and self._plan is None:
+                self._plan = build_plan(self.spec)  # the plan pg.attention follows: same numbers
+            out, lse = reference_attention(q, k, v, self.spec, plan=self._plan, scale=scale,
+                                           block_indices=block_indices)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self):
+        return (f"AOTKernel({self.spec!r}, archs={['sm_%d' % a for a in self.archs]}, dtypes={self.dtypes}, "
+                f"kinds=['forward'])")
+
+
+class AOTBuild(Mapping):
+    """A verified build directory: maps spec reprs to AOTKernel; `build[spec]` also takes a Spec."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.directory = directory
+        self.name = directory.name or str(directory)
+        self.manifest = manifest
+        self.kernels_built = list(manifest["kernels_built"])
+        grouped: dict[str, list[KernelRecord]] = {}
+        specs: dict[str, Spec] = {}
+        for r in manifest["kernels"]:
+            if r["spec"] not in specs:
+                specs[r["spec"]] = parse_spec(r["spec"])
+            tiling = Tiling(_tile_from_json(r["tiling"]["q_tile"]), _tile_from_json(r["tiling"]["kv_tile"]))
+            grouped.setdefault(r["spec"], []).append(KernelRecord(
+                specs[r["spec"]], int(r["arch"]), r["dtype"], tiling, KernelConfig(**r["config"]),
+                int(r["shared_bytes"]), dict(r["files"])))
+        self._kernels = {text: AOTKernel(self, specs[text], recs) for text, recs in grouped.items()}
+
+    def _key(self, spec) -> str:
+        if isinstance(spec, Spec):
+            return repr(spec)
+        if isinstance(spec, str):
+            return spec
+        raise TypeError(f"spec: expected a patterngen.Spec or its repr, got {type(spec).__name__}")
+
+    def __getitem__(self, spec) -> AOTKernel:
+        key = self._key(spec)
+        if key not in self._kernels:
+            raise KeyError(f"{self.name}: no kernel for {key}; this build holds: {self.describe()}")
+        return self._kernels[key]
+
+    def __contains__(self, spec) -> bool:
+        return isinstance(spec, (Spec, str)) and self._key(spec) in self._kernels
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._kernels)
+
+    def __len__(self) -> int:
+        return len(self._kernels)
+
+    @property
+    def specs(self) -> list[Spec]:
+        return [k.spec for k in self._kernels.values()]
+
+    @property
+    def archs(self) -> list[int]:
+        return sorted({a for k in self._kernels.values() for a in k.archs})
+
+    def describe(self) -> str:
+        return "; ".join(f"{text} [{', '.join(f'sm_{r.arch}/{r.dtype}' for r in k.records)}]"
+                         for text, k in self._kernels.items()) or "nothing"
+
+    def import_source(self, name: str, interp: bool):
+        """Import a saved module (checked against its hash again: it may have changed since load)."""
+        path = self.directory / name
+        data = path.read_bytes()
+        if _sha256(data) != self._hash_of(name):
+            raise AOTError(f"{self.name}: {name} changed since the build was loaded (sha256 mismatch)")
+        module_name = f"patterngen_aot_{_sha256(data)[:24]}" + ("_interp" if interp else "")
+        if module_name in sys.modules:
+            return sys.modules[module_name]
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[module_name] = module
+        return module
+
+    def read_tables(self, name: str) -> dict:
+        data = (self.directory / name).read_bytes()
+        if _sha256(data) != self._hash_of(name):
+            raise AOTError(f"{self.name}: {name} changed since the build was loaded (sha256 mismatch)")
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+    def _hash_of(self, name: str) -> str:
+        for r in self.manifest["kernels"]:
+            if name in r["sha256"]:
+                return r["sha256"][name]
+        raise AOTError(f"{self.name}: {name} is not listed in the manifest")
+
+    def __repr__(self):
+        return f"AOTBuild({self.name!r}, {len(self)} spec(s), archs={['sm_%d' % a for a in self.archs]})"
+
+
+def _check_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise AOTError(f"directory {str(directory)!r} does not exist (expected the --out of `patterngen build`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AOTError(f"{directory.name}: no {MANIFEST}; not a `patterngen build` directory") from None
+    except (OSError, ValueError) as exc:
+        raise AOTError(f"{directory.name}: {MANIFEST} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise AOTError(f"{directory.name}: {MANIFEST} is not a patterngen build manifest "
+                       f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise AOTError(f"{directory.name}: manifest format version {manifest.get('format_version')!r}, this "
+                       f"patterngen reads version {FORMAT_VERSION}; rebuild with this patterngen")
+    for key in ("versions", "kernels", "kernels_built"):
+        if key not in manifest:
+            raise AOTError(f"{directory.name}: {MANIFEST} lacks {key!r}")
+    built, here = manifest["versions"], versions()
+    diffs = []
+    for lib in ("torch", "triton"):
+        if _major_minor(built.get(lib, "?")) != _major_minor(here[lib]):
+            diffs.append(f"{lib} {built.get(lib)!r} at build time, {here[lib]!r} here")
+    if built.get("patterngen") != here["patterngen"]:  # the kernels' calling convention is patterngen's
+        diffs.append(f"patterngen {built.get('patterngen')!r} at build time, {here['patterngen']!r} here")
+    if diffs:
+        raise AOTError(f"{directory.name}: built for other versions: {'; '.join(diffs)}. Rebuild with "
+                       f"`patterngen build` in this environment")
+    return manifest
+
+
+def _check_files(directory: Path, manifest: dict) -> None:
+    for r in manifest["kernels"]:
+        for name, want in r["sha256"].items():
+            if Path(name).name != name or name.startswith("."):
+                raise AOTError(f"{directory.name}: manifest names a file outside the directory: {name!r}")
+            try:
+                got = _sha256((directory / name).read_bytes())
+            except OSError:
+                raise AOTError(f"{directory.name}: {name} is missing (listed in the manifest)") from None
+            if got != want:
+                raise AOTError(f"{directory.name}: {name} is corrupt: sha256 {got[:16]}... does not match the "
+                               f"manifest's {want[:16]}...; rebuild the directory")
+
+
+def load(directory, spec: Spec | str | None = None, arch=None) -> AOTBuild:
+    """Verify a build directory (format, torch/triton/patterngen versions, every file's sha256
+    and, when given, that a kernel exists for exactly `spec` and/or `arch`) and return its kernels."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path, got {type(directory).__name__}")
+    directory = Path(directory)
+    manifest = _check_manifest(directory)
+    _check_files(directory, manifest)
+    build_ = AOTBuild(directory, manifest)
+    want_arch = None if arch is None else parse_arch(arch)
+    if spec is not None:
+        kern = build_[spec] if build_._key(spec) in build_ else None
+        if kern is None:
+            raise AOTError(f"{directory.name}: no kernel for {build_._key(spec)}; this build holds: "
+                           f"{build_.describe()}")
+        if want_arch is not None:
+            kern.record_for(want_arch)
+    elif want_arch is not None and want_arch not in build_.archs:
+        raise AOTError(f"{directory.name}: no kernel for sm_{want_arch}; this build holds: {build_.describe()}")
+    return build_
