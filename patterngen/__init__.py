@@ -9,3 +9,4 @@ from .routing import route
 from .tiles import TileGrid, Tiling
 from .api import attention, compile
 from .simulate import simulate
+from .aot import load

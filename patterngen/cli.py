@@ -464,6 +464,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    """Forward kernels only, for now: the manifest records which kinds were built."""
+    from .aot import build
+    split = (lambda values, default: [x for v in (values or [default]) for x in v.split(",") if x.strip()])
+    specs = load_specs(args.spec)
+    print(f"patterngen build: {len(specs)} spec(s) from {args.spec} -> {args.out}")
+    manifest = build(specs, args.out, split(args.arch, "sm_90"), split(args.dtype, "bf16"), args.head_dim, log=print)
+    print(f"wrote {len(manifest['kernels'])} kernel(s) ({', '.join(manifest['kernels_built'])} only) and "
+          f"manifest.json to {args.out}")
+    return 0
+
+
 def cmd_simulate(args) -> int:
     try:
         simulate = _simulator()
@@ -516,6 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
     from . import bench as bench_module
     bench_module.add_cli_arguments(bench)
     bench.set_defaults(func=bench_module.cli_main)
+
+    build = sub.add_parser("build", help="render and cross-compile a spec file's kernels into a directory "
+                                         "(load it with pg.load)")
+    build.add_argument("spec", metavar="SPEC", help="Python file defining `spec` (or `specs`)")
+    build.add_argument("--out", required=True, metavar="DIR", help="output directory (created if needed)")
+    build.add_argument("--arch", action="append", metavar="ARCH",
+                       help="target GPU, sm_80 or sm_90; repeat or comma-separate for several (default sm_90)")
+    build.add_argument("--dtype", action="append", metavar="DTYPE",
+                       help="bf16, fp16 or fp32; repeat or comma-separate for several (default bf16)")
+    build.add_argument("--head-dim", type=int, default=None, help="override every spec's head_dim")
+    build.set_defaults(func=cmd_build)
 
     sim = sub.add_parser("simulate", help="cost model: the best possible speedup over dense attention")
     try:

@@ -8,8 +8,9 @@ Layout of a build directory (every name relative, no machine path or user name):
     <spec>_fwd_tables.pt           the plan tables the kernel walks (rows, cols, work, head groups)
     <spec>_fwd_sm90_bf16.cubin     the compiled kernel for one arch and dtype, and its .ptx
 
-Only forward kernels exist so far; the manifest's `kernels_built` says so and
-`not_built` says why, so a reader does not assume training kernels are inside.
+Only forward kernels are built so far (the backward kernels are not yet part of an
+AOT build); the manifest's `kernels_built` says so and `not_built` says why, so a
+reader does not assume training kernels are inside.
 
 Loading imports the saved module (no rendering, no tuning, no plan analysis:
 the tables are saved too). On CUDA the kernel is launched through that module
@@ -216,8 +217,8 @@ def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
         "kernels_built": ["forward"],
-        "not_built": {"backward": "patterngen does not generate backward kernels yet; gradients need the "
-                                  "reference backend (pg.attention)"},
+        "not_built": {"backward": "backward kernels (TritonBackward) are generated at run time but not yet "
+                                  "built ahead of time; gradients of a loaded kernel need pg.attention"},
         "runtime": "CUDA: the saved source through Triton's JIT (cubins are verified, not driver-loaded); "
                    "CPU: the reference backend, or the Triton interpreter when TRITON_INTERPRET=1",
         "kernels": records,

@@ -1,0 +1,187 @@
+"""Ahead-of-time builds: `patterngen build` cross-compiles sm_90 cubins on this CPU machine,
+`pg.load` verifies and runs them (reference backend, or the interpreter), and refuses
+builds made for another arch, spec, version, or with a corrupted file."""
+import getpass
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/test_triton.py: before triton is imported
+
+import pytest
+import torch
+
+import patterngen as pg
+from patterngen.cli import main
+
+pytest.importorskip("triton")
+from patterngen.aot import AOTError  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SMALL = '''
+import patterngen as pg
+stream = pg.Spec((pg.Sink(4) | pg.Band(63)) & pg.Causal(), q_shape=256, num_heads=4, num_kv_heads=2, head_dim=32)
+window = pg.Spec(pg.Window((5, 7)), q_shape=(16, 24), num_heads=2, head_dim=32)
+specs = [stream, window]
+'''
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aot")
+    (root / "small.py").write_text(SMALL)
+    small, example = root / "small_build", root / "example_build"
+    assert main(["build", str(root / "small.py"), "--out", str(small), "--arch", "sm_90"]) == 0
+    assert main(["build", str(EXAMPLES / "streaming_llm.py"), "--out", str(example), "--arch", "sm_80,sm_90",
+                 "--head-dim", "64"]) == 0
+    return root, small, example
+
+
+def manifest(d):
+    return json.loads((d / "manifest.json").read_text())
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_build_writes_cubins_ptx_sources_and_a_manifest(builds):
+    _, small, example = builds
+    m = manifest(example)
+    assert m["format"] == "patterngen-aot" and m["kernels_built"] == ["forward"] and "backward" in m["not_built"]
+    assert {"torch", "triton", "patterngen"} <= set(m["versions"])
+    spec = pg.Spec((pg.Sink(4) | pg.Band(1023)) & pg.Causal(), q_shape=32768, num_heads=32, head_dim=64)
+    assert sorted(r["arch"] for r in m["kernels"]) == [80, 90]
+    for r in m["kernels"]:
+        assert r["spec"] == repr(spec) and r["head_dim"] == 64 and r["dtype"] == "bf16" and r["kind"] == "forward"
+        assert r["tiling"] == {"q_tile": pg.simulate(spec).q_tile, "kv_tile": pg.simulate(spec).kv_tile}
+        assert r["shared_bytes"] > 0 and r["config"]["num_warps"] in (4, 8)
+        cubin = (example / r["files"]["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF"  # a real device binary
+        ptx = (example / r["files"]["ptx"]).read_text()
+        assert f".target sm_{r['arch']}" in ptx and ".entry attention_fwd" in ptx
+        assert set(r["sha256"]) == set(r["files"].values())
+    small_m = manifest(small)
+    assert len(small_m["kernels"]) == 2 and {r["arch"] for r in small_m["kernels"]} == {90}
+    assert any(isinstance(r["tiling"]["q_tile"], list) for r in small_m["kernels"])  # the 2-D spec: box tiles
+
+
+def test_no_machine_path_or_user_name_in_any_artifact(builds):
+    root, small, example = builds
+    needles = {str(root), str(Path.home()), str(Path.cwd()), "/tmp/", "/root/", "site-packages"}
+    try:
+        user = getpass.getuser()
+        needles |= {f"/{user}/"} if len(user) > 2 else set()
+    except Exception:
+        pass
+    for d in (small, example):
+        for f in d.iterdir():
+            data = f.read_bytes()
+            for needle in needles:
+                assert needle.encode() not in data, f"{f.name} holds {needle!r}"
+        assert not [f.name for f in d.iterdir() if f.suffix == ".tmp"]  # atomic writes leave nothing behind
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_loaded_kernels_run_on_cpu_and_match_pg_attention(builds, interpret, monkeypatch):
+    if interpret == "1" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter must be on before triton is imported")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    _, small, _ = builds
+    build = pg.load(small)
+    assert len(build) == 2
+    g = torch.Generator().manual_seed(0)
+    for spec in build.specs:
+        kern = build[spec]
+        assert build[repr(spec)] is kern
+        q = torch.randn(2, spec.num_heads, spec.nq, spec.head_dim, generator=g)
+        k, v = (torch.randn(2, spec.num_kv_heads, spec.nkv, spec.head_dim, generator=g) for _ in range(2))
+        out, lse = kern(q, k, v, return_lse=True)
+        want, want_lse = pg.attention(q, k, v, spec, return_lse=True)
+        if interpret == "0":  # the reference backend, along the same plan: the same numbers
+            assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        else:
+            assert (out - want).abs().max() < 1e-4
+            assert (lse - want_lse).abs().max() < 1e-4
+
+
+def test_load_refuses_another_arch_or_spec(builds):
+    _, small, example = builds
+    stream = pg.Spec((pg.Sink(4) | pg.Band(63)) & pg.Causal(), q_shape=256, num_heads=4, num_kv_heads=2,
+                     head_dim=32)
+    assert stream in pg.load(small, spec=stream, arch="sm_90")
+    with pytest.raises(AOTError, match=r"no kernel for sm_80.*holds.*sm_90"):
+        pg.load(small, arch="sm_80")
+    with pytest.raises(AOTError, match=r"sm_80.*sm_90/bf16"):
+        pg.load(small, spec=stream, arch="sm_80")
+    other = pg.Spec((pg.Sink(4) | pg.Band(63)) & pg.Causal(), q_shape=256, num_heads=4, num_kv_heads=2,
+                    head_dim=64)  # the same pattern, another head_dim: another kernel
+    with pytest.raises(AOTError, match=r"no kernel for Spec\(.*head_dim=64\).*holds: Spec\(.*head_dim=32\)"):
+        pg.load(small, spec=other)
+    with pytest.raises(KeyError, match="holds"):
+        pg.load(small)[other]
+    with pytest.raises(ValueError, match="arch"):
+        pg.load(example, arch="sm_75")
+    assert len(pg.load(example, arch=90)) == 1
+
+
+@pytest.mark.parametrize("lib", ["torch", "triton", "patterngen"])
+def test_load_refuses_a_build_for_other_versions(builds, tmp_path, lib):
+    d = copy(builds[1], tmp_path / "b")
+    m = manifest(d)
+    m["versions"][lib] = "0.0.1"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(AOTError, match=rf"{lib} '0.0.1' at build time.*here"):
+        pg.load(d)
+
+
+def test_load_accepts_another_patch_release(builds, tmp_path):
+    d = copy(builds[1], tmp_path / "b")
+    m = manifest(d)
+    major, minor = m["versions"]["torch"].split(".")[:2]
+    m["versions"]["torch"] = f"{major}.{minor}.99"
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert len(pg.load(d)) == 2
+
+
+def test_load_refuses_corrupt_or_missing_files_and_bad_manifests(builds, tmp_path):
+    d = copy(builds[1], tmp_path / "b")
+    rec = manifest(d)["kernels"][0]
+    cubin = d / rec["files"]["cubin"]
+    data = bytearray(cubin.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cubin.write_bytes(bytes(data))
+    with pytest.raises(AOTError, match=rf"{rec['files']['cubin']} is corrupt"):
+        pg.load(d)
+    cubin.unlink()
+    with pytest.raises(AOTError, match="missing"):
+        pg.load(d)
+    m = manifest(d)
+    m["format_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(AOTError, match="format version 99"):
+        pg.load(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(AOTError, match="no manifest.json"):
+        pg.load(d)
+    with pytest.raises(AOTError, match="does not exist"):
+        pg.load(tmp_path / "nowhere")
+
+
+def test_manifest_specs_are_parsed_not_executed(builds, tmp_path):
+    d = copy(builds[1], tmp_path / "b")
+    m = manifest(d)
+    m["kernels"][0]["spec"] = "__import__('os').system('true')"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(AOTError, match="cannot read the spec"):
+        pg.load(d)
+
+
+def test_build_cli_errors(builds, tmp_path, capsys):
+    root = builds[0]
+    assert main(["build", str(root / "small.py"), "--out", str(tmp_path / "x"), "--arch", "sm_75"]) == 2
+    assert "sm_75" in capsys.readouterr().err
+    assert main(["build", str(root / "small.py"), "--out", str(tmp_path / "x"), "--dtype", "int8"]) == 2
+    assert "int8" in capsys.readouterr().err
