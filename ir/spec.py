@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from .patterns import Global, Pattern, Routed, Sink, Window, resolve_heads
 
@@ -43,6 +42,8 @@ class Spec:
     num_kv_heads: int | None = None
     head_dim: int = 64
     _heads: tuple[Pattern, ...] = field(default=(), init=False, repr=False, compare=False, hash=False)
+    routed: Routed | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    """The Routed node of this spec (all share block and topk), or None."""
 
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
@@ -70,6 +71,8 @@ class Spec:
         if len(routed) > 1:
             raise ValueError(f"Spec: all Routed nodes must share (block, topk), since one index tensor "
                              f"serves them all; got {sorted(routed)}")
+        # a plain attribute, not a cached property: torch.compile traces reads of it
+        object.__setattr__(self, "routed", next((n for p in heads for n in p.walk() if isinstance(n, Routed)), None))
 
     # -- geometry --------------------------------------------------------------
     @property
@@ -88,15 +91,6 @@ class Spec:
     def head_patterns(self) -> tuple[Pattern, ...]:
         """The Heads-free pattern of each query head."""
         return self._heads
-
-    @cached_property
-    def routed(self) -> Routed | None:
-        """The (block, topk) shared by this spec's Routed nodes, or None."""
-        for pat in self._heads:
-            for node in pat.walk():
-                if isinstance(node, Routed):
-                    return node
-        return None
 
     # -- validation against shapes ---------------------------------------------
     def _check_node(self, node: Pattern) -> None:

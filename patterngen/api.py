@@ -1,13 +1,14 @@
 """Public entry points: `pg.attention` and `pg.compile`.
 
-`pg.attention` runs the exact, differentiable reference backend. `pg.compile`
-can also hold a generated Triton forward kernel: "triton" always uses it,
-"auto" uses it for CUDA tensors when no gradient is needed (the backward
-kernels are not generated yet) and the reference path otherwise.
+`pg.attention` calls the `patterngen::attention` custom op (patterngen/op.py):
+the exact, differentiable reference backend on CPU, the generated Triton
+forward kernel on CUDA, traced by `torch.compile` as one opaque node.
+`pg.compile` can also hold a generated Triton forward kernel: "triton" always
+uses it, "auto" uses it for CUDA tensors when no gradient is needed (the
+backward kernels are not generated yet) and the reference path otherwise.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -15,17 +16,12 @@ import torch
 from .backends.inputs import check_inputs, check_scale
 from .backends.reference import reference_attention
 from .ir import Spec
+from .op import attention_op, spec_key
 from .plan import Plan, build_plan
 from .routing import block_counts
 from .tiles import Tiling
 
 BACKENDS = ("auto", "reference", "triton")
-
-
-@functools.lru_cache(maxsize=64)
-def _static_plan(spec: Spec, tiling: Tiling | None) -> Plan:
-    """Plans of specs without Routed nodes depend only on (spec, tiling): build them once."""
-    return build_plan(spec, tiling)
 
 
 def _check_spec(spec) -> Spec:
@@ -34,17 +30,42 @@ def _check_spec(spec) -> Spec:
     return spec
 
 
+def _op_key(spec: Spec, has_indices: bool) -> str:
+    """The op's key for `spec`, after checking that block indices come exactly with Routed specs.
+
+    Run eagerly even under torch.compile (its result is a constant of the graph): Dynamo
+    cannot trace the first, lock-guarded evaluation of the cached `spec.routed`."""
+    if spec.routed is None and has_indices:
+        raise ValueError("block_indices: given, but the spec has no Routed pattern")
+    if spec.routed is not None and not has_indices:
+        raise ValueError(f"block_indices: the spec contains {spec.routed!r}, so block indices "
+                         f"[B, heads, q_blocks, topk] are needed (see patterngen.route)")
+    return spec_key(spec)
+
+
+# What torch.compiler.assume_constant_result sets; the decorator itself would import
+# torch._dynamo, and with it triton, at `import patterngen`, before a user can set
+# TRITON_INTERPRET.
+_op_key._dynamo_marked_constant = True
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
               block_indices: torch.Tensor | None = None, return_lse: bool = False):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
-    (and the float32 log-sum-exp [B, Hq, Nq] when `return_lse`).
+    (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
     `scale` defaults to 1/sqrt(D); `block_indices` are the run-time blocks of a Routed
-    spec (see `pg.route`). Differentiable; a row with no visible key gives zeros.
+    spec (see `pg.route`). Differentiable in q, k and v; a row with no visible key gives
+    zeros. Runs the `patterngen::attention` op: the reference backend on CPU, the Triton
+    forward kernel on CUDA (backward: the reference, recomputed), and `torch.compile`
+    traces it without graph breaks.
     """
     _check_spec(spec)
-    plan = _static_plan(spec, None) if spec.routed is None else None
-    out, lse = reference_attention(q, k, v, spec, plan=plan, scale=scale, block_indices=block_indices)
+    check_inputs(q, k, v, spec)
+    scale = check_scale(scale, spec.head_dim)
+    if block_indices is not None and not isinstance(block_indices, torch.Tensor):
+        raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
+    out, lse = attention_op(q, k, v, _op_key(spec, block_indices is not None), scale, block_indices)
     return (out, lse) if return_lse else out
 
 

@@ -1,0 +1,234 @@
+"""`patterngen::attention`: sparse attention as a torch.library custom op.
+
+Why an op: `torch.compile` traces a module that calls `pg.attention` without
+graph breaks only if the attention is one opaque node with a fake (meta)
+implementation and a registered backward. The op's CPU body (and the body on
+any device without a generated kernel) is the exact reference backend; on
+CUDA it launches the generated Triton forward kernel, built once per spec and
+cached. The backward is a second op, so compiled backward graphs stay opaque
+too; it recomputes the reference under autograd until the Triton backward
+kernels plug into `BACKWARD_KERNELS`.
+
+A Spec is not a tensor, so the op receives it as a string key into a
+process-wide registry (`spec_key`). The key is derived from the spec's repr,
+stable across calls and processes, so a compiled graph holds a constant
+string and never recompiles because of the spec.
+
+Why `custom_op` and not `triton_op`: `torch.compile` decomposes a
+`triton_op` into its body, which it cannot trace on a machine without a GPU
+driver, and the reference body is data dependent (tile plans, masks).
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from .backends.reference import reference_attention
+from .ir import Spec
+from .plan import Plan, build_plan
+
+_LOCK = threading.Lock()
+_SPECS: dict[str, Spec] = {}
+_KEYS: dict[Spec, str] = {}
+
+
+def spec_key(spec: Spec) -> str:
+    """The registry key of `spec` (registering it on first use): equal specs share a key."""
+    key = _KEYS.get(spec)
+    if key is not None:
+        return key
+    with _LOCK:
+        if spec in _KEYS:
+            return _KEYS[spec]
+        base = "pg-" + hashlib.sha256(repr(spec).encode()).hexdigest()[:20]
+        key, n = base, 0
+        while key in _SPECS:  # two unequal specs with one repr: keep them apart
+            n += 1
+            key = f"{base}-{n}"
+        _SPECS[key] = spec
+        _KEYS[spec] = key
+        return key
+
+
+def lookup_spec(key: str) -> Spec:
+    """The spec registered under `key` (by `spec_key` in this process)."""
+    try:
+        return _SPECS[key]
+    except KeyError:
+        raise ValueError(f"spec_key: {key!r} names no registered spec; register it with "
+                         f"patterngen.op.spec_key(spec) in this process first") from None
+
+
+_PLANS: dict[str, Plan] = {}
+
+
+def _plan(key: str, spec: Spec) -> Plan | None:
+    """The default-tiling plan of a static spec, built once (Routed plans depend on the indices)."""
+    if spec.routed is not None:
+        return None
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.setdefault(key, build_plan(spec))
+    return plan
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reference(q, k, v, key, scale, block_indices):
+    spec = lookup_spec(key)
+    return reference_attention(q, k, v, spec, plan=_plan(key, spec), scale=scale, block_indices=block_indices)
+
+
+# -- forward ------------------------------------------------------------------------
+@torch.library.custom_op("patterngen::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: str, scale: Optional[float] = None,
+                 block_indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec registered under `spec_key`; reference backend."""
+    out, lse = _reference(q, k, v, spec_key, scale, block_indices)
+    return out.contiguous(), lse.contiguous()
+
+
+# Triton forward kernels per spec key: a TritonForward, or None where the spec has no
+# generated kernel (unsupported Routed form or tile shape), which then runs the reference.
+_FORWARD: dict[str, object] = {}
+
+
+def triton_forward(key: str):
+    """The cached Triton forward kernel of a spec (default tiling), or None if it has none."""
+    if key not in _FORWARD:
+        from .backends.triton import TritonForward
+        try:
+            kern = TritonForward(lookup_spec(key))
+        except (NotImplementedError, ValueError):
+            kern = None
+        with _LOCK:
+            _FORWARD.setdefault(key, kern)
+    return _FORWARD[key]
+
+
+@attention_op.register_kernel("cuda")
+def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None):
+    kern = None
+    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[0] > 0:
+        kern = triton_forward(spec_key)
+    if kern is None:
+        out, lse = _reference(q, k, v, spec_key, scale, block_indices)
+    else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
+        out, lse = kern(q, k, v, scale=scale, block_indices=block_indices)
+    # the fake kernel promises contiguous results whatever the input strides
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, spec_key, scale=None, block_indices=None):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+# -- backward -----------------------------------------------------------------------
+BACKWARD_KERNELS: dict[str, Callable] = {}
+"""Override hook: spec key -> callable `(dout, dlse, q, k, v, out, lse, scale, block_indices)
+-> (dq, dk, dv)` on CUDA tensors. Without an entry, CUDA uses the generated Triton backward
+(`triton_backward`) when no lse gradient flows, and otherwise recomputes the reference under
+autograd."""
+
+
+def _autograd_inside_op():
+    """Re-enable autograd inside an op body: the dispatcher excludes the autograd keys
+    below the op's own autograd node, so `enable_grad` alone would record nothing."""
+    keys = torch._C.DispatchKey
+    exclude = (torch._C._dispatch_tls_local_exclude_set()
+               .remove(keys.AutogradFunctionality).remove(keys.ADInplaceOrView))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices):
+    """Exact gradients: differentiate the reference forward again (dlse may be None)."""
+    with _autograd_inside_op(), torch.enable_grad():
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out, lse = _reference(qg, kg, vg, key, scale, block_indices)
+        outs, grads = [out], [dout]
+        if dlse is not None:
+            outs.append(lse)
+            grads.append(dlse)
+        dq, dk, dv = torch.autograd.grad(outs, (qg, kg, vg), grads, allow_unused=True)
+    return tuple((torch.zeros_like(t) if g is None else g).contiguous() for g, t in zip((dq, dk, dv), (q, k, v)))
+
+
+@torch.library.custom_op("patterngen::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec_key: str,
+                          scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
+    kept for the kernels that use them (rowsum(dO * O), softmax from lse)."""
+    return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices)
+
+
+_BACKWARD: dict[str, object] = {}
+
+
+def triton_backward(key: str):
+    """The cached generated backward (dQ, dK/dV kernels) of a spec, or None where the spec has
+    no Triton forward or its pattern has no generated backward (Routed)."""
+    if key not in _BACKWARD:
+        from .backends.triton import TritonBackward, TritonForward, backward_tiling
+        from .tiles import Tiling
+        fwd, kern = triton_forward(key), None
+        if fwd is not None:
+            spec = lookup_spec(key)
+            tiling = backward_tiling(Tiling(fwd.q_grid.tile, fwd.kv_grid.tile), spec.head_dim)
+            try:
+                kern = TritonBackward(TritonForward(spec, tiling))
+            except (NotImplementedError, ValueError):
+                kern = None
+        with _LOCK:
+            _BACKWARD.setdefault(key, kern)
+    return _BACKWARD[key]
+
+
+@attention_backward_op.register_kernel("cuda")
+def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None):
+    kern = BACKWARD_KERNELS.get(spec_key)
+    if kern is None and dlse is None and q.dtype != torch.float64 and q.shape[0] > 0:
+        generated = triton_backward(spec_key)  # the lse gradient is not in the kernels: reference then
+        if generated is not None:
+            dq, dk, dv = generated(q, k, v, out, lse, dout, scale=scale)
+            return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    if kern is None or q.dtype == torch.float64:
+        return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices)
+    dq, dk, dv = kern(dout, dlse, q, k, v, out, lse, scale, block_indices)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key, scale, block_indices = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, block_indices)
+    ctx.key, ctx.scale = key, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, block_indices = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_backward_op(dout.contiguous(), dlse, q, k, v, out, lse, ctx.key, ctx.scale,
+                                       block_indices)
+    return dq, dk, dv, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_key",
+           "triton_forward"]
