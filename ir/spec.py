@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .patterns import Global, Pattern, Routed, Sink, Window, resolve_heads
+from .patterns import Pattern, Routed, Window, resolve_heads
 
 
 def _shape(name: str, value) -> tuple[int, ...]:
@@ -111,9 +111,6 @@ class Spec:
                 if w * d > n:
                     raise ValueError(f"Spec: {node!r}: size * dilation in dimension {k} is {w} * {d} = {w * d}, "
                                      f"larger than the grid extent {n}")
-        elif isinstance(node, (Sink, Global)) and node.n > self.nkv:
-            raise ValueError(f"Spec: {node!r} names {node.n} tokens but there are only {self.nkv} keys "
-                             f"(valid: 1..{self.nkv})")
         elif isinstance(node, Routed):
             nkb = -(-self.nkv // node.block)
             if node.topk > nkb:

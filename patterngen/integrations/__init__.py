@@ -1,0 +1,2 @@
+"""Adapters that plug patterngen into other libraries (imported on demand, so that
+patterngen itself never needs them)."""
