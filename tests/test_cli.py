@@ -58,7 +58,7 @@ def test_load_specs_errors(tmp_path):
     with pytest.raises(cli.SpecFileError, match="list of patterngen.Spec"):
         load_specs(write(tmp_path, "bad2.py", "specs = pg.Spec(pg.Causal(), 4)\n"))
     with pytest.raises(cli.SpecFileError, match="ValueError"):
-        load_specs(write(tmp_path, "raises.py", "spec = pg.Spec(pg.Sink(9), q_shape=4)\n"))
+        load_specs(write(tmp_path, "raises.py", "spec = pg.Spec(pg.Window(9), q_shape=4)\n"))
 
 
 def test_parse_tile():
