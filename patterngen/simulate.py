@@ -421,12 +421,9 @@ class Candidate:
 
 
 # == the report =====================================================================================
-@dataclass(frozen=True)
-class HeadFigures:
-    """Counts of one head (or one group of heads with the same pattern), summed over batches when routed."""
+class _Bounds:
+    """The DESIGN.md figures, from the counts a report or a head group carries."""
 
-    heads: tuple[int, ...]
-    pattern: Pattern
     dense_pairs: int
     visible_pairs: int
     tile_pairs: int
@@ -438,20 +435,41 @@ class HeadFigures:
         return self.visited - self.full
 
     @property
+    def empty(self) -> int:
+        return self.tile_pairs - self.visited
+
+    @property
     def flop_speedup(self) -> float:
+        """Nq * Nkv / visible (q, kv) pairs (over all heads of a report)."""
         return self.dense_pairs / self.visible_pairs if self.visible_pairs else math.inf
 
     @property
     def tile_speedup(self) -> float:
+        """All tile pairs / non-empty tile pairs (over all heads of a report)."""
         return self.tile_pairs / self.visited if self.visited else math.inf
 
     @property
     def fully_block_sparse(self) -> bool:
+        """No visited tile pair is partial."""
         return self.partial == 0
 
 
+@dataclass(frozen=True)
+class HeadFigures(_Bounds):
+    """Counts of one head (or one group of heads with the same pattern), summed over batches when routed."""
+
+    heads: tuple[int, ...]
+    pattern: Pattern
+    dense_pairs: int
+    visible_pairs: int
+    tile_pairs: int
+    visited: int
+    full: int
+
+
+
 @dataclass(frozen=True, eq=False)
-class SimReport:
+class SimReport(_Bounds):
     """What `simulate` found for one spec. Speedups are over all heads (sums over heads);
     tile counts are those of `build_plan(spec, Tiling(q_tile, kv_tile))`."""
 
@@ -476,29 +494,6 @@ class SimReport:
     elapsed_s: float = 0.0
     block_indices: torch.Tensor | None = field(default=None, repr=False)
     _plan: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def partial(self) -> int:
-        return self.visited - self.full
-
-    @property
-    def empty(self) -> int:
-        return self.tile_pairs - self.visited
-
-    @property
-    def flop_speedup(self) -> float:
-        """Nq * Nkv / visible (q, kv) pairs, over all heads."""
-        return self.dense_pairs / self.visible_pairs if self.visible_pairs else math.inf
-
-    @property
-    def tile_speedup(self) -> float:
-        """All tile pairs / non-empty tile pairs, over all heads."""
-        return self.tile_pairs / self.visited if self.visited else math.inf
-
-    @property
-    def fully_block_sparse(self) -> bool:
-        """No visited tile pair is partial."""
-        return self.partial == 0
 
     @property
     def tiling(self) -> Tiling:

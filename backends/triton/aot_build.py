@@ -25,12 +25,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from ...plan import build_plan
 from ...tiles import TileGrid, Tiling
 from ..inputs import check_inputs, check_scale
 from ..reference import reference_attention
+from .codegen import import_file
 from .runtime import KernelConfig, TritonForward
 
 FORMAT = "patterngen-aot"
@@ -421,14 +420,7 @@ class AOTBuild(Mapping):
         data = path.read_bytes()
         if _sha256(data) != self._hash_of(name):
             raise AOTError(f"{self.name}: {name} changed since the build was loaded (sha256 mismatch)")
-        module_name = f"patterngen_aot_{_sha256(data)[:24]}" + ("_interp" if interp else "")
-        if module_name in sys.modules:
-            return sys.modules[module_name]
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[module_name] = module
-        return module
+        return import_file(path, f"patterngen_aot_{_sha256(data)[:24]}" + ("_interp" if interp else ""))
 
     def read_tables(self, name: str) -> dict:
         data = (self.directory / name).read_bytes()

@@ -227,7 +227,11 @@ def load_source(source: str):
     """Import the cached module of `source` (interpreted or JIT, as TRITON_INTERPRET says)."""
     import triton
     path = write_source(source)
-    module_name = path.stem + ("_interp" if triton.knobs.runtime.interpret else "")
+    return import_file(path, path.stem + ("_interp" if triton.knobs.runtime.interpret else ""))
+
+
+def import_file(path: Path, module_name: str):
+    """Import a generated module once per name (kernels compile per module object)."""
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
