@@ -270,3 +270,13 @@ def test_op_backward_uses_generated_kernels():
     for g, w in zip(got, (qr.grad, kr.grad, vr.grad)):
         assert (g - w).abs().max() < 1e-4
     assert op.triton_backward(op.spec_key(pg.Spec(pg.Routed(16, 1), 32, head_dim=16))) is None
+
+
+def test_default_kernel_tiling_uses_boxes_on_grids():
+    """Without a tiling, grids get 64-token boxes (fast analysis, few tiles per neighbourhood)."""
+    spec = pg.Spec(pg.Window((5, 5)), (16, 16), head_dim=16)
+    kernel = TritonForward(spec)
+    assert kernel.q_grid.tile == (8, 8) and kernel.kv_grid.tile == (8, 8)
+    q, k, v = (torch.randn(1, 1, 256, 16) for _ in range(3))
+    out, _ = kernel(q, k, v)
+    assert (out - dense_reference(q, k, v, spec)[0]).abs().max() < 1e-4

@@ -8,7 +8,7 @@ import torch
 
 from ...analysis import TileAnalysis, has_routed
 from ...ir import Pattern, Routed, Spec, Union
-from ...plan import TilePlan
+from ...plan import TilePlan, default_tiling
 from ...routing import normalize_block_indices
 from ...tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
@@ -27,6 +27,16 @@ class KernelConfig:
 def default_config(block_m: int, block_d: int) -> KernelConfig:
     """Deterministic choice used without a GPU to tune on: more warps for bigger accumulators."""
     return KernelConfig(num_warps=8 if block_m * block_d >= 64 * 128 else 4, num_stages=2)
+
+
+def default_kernel_tiling(spec: Spec) -> Tiling:
+    """Routed blocks as tiles; else the plan's default (64-token boxes on grids, so that the
+    analysis stays on its fast path) when its volumes suit tl.dot, else flat 64 x 64."""
+    if spec.routed is not None:
+        return Tiling(spec.routed.block, spec.routed.block)
+    tiling = default_tiling(spec)
+    vols = [math.prod(t) if isinstance(t, tuple) else t for t in (tiling.q_tile, tiling.kv_tile)]
+    return tiling if all(v >= 16 and not v & (v - 1) for v in vols) else Tiling(64, 64)
 
 
 def _check_tiling(spec: Spec, tiling: Tiling) -> None:
@@ -88,7 +98,7 @@ class TritonForward:
     """
 
     def __init__(self, spec: Spec, tiling: Tiling | None = None, config: KernelConfig | None = None):
-        tiling = tiling or (Tiling(spec.routed.block, spec.routed.block) if spec.routed else Tiling(64, 64))
+        tiling = tiling or default_kernel_tiling(spec)
         _check_tiling(spec, tiling)
         if spec.routed is not None and not (tiling.q_tile == tiling.kv_tile == spec.routed.block):
             raise ValueError(f"tiling: {spec.routed!r} needs q and kv tiles equal to its block "
