@@ -27,15 +27,12 @@ def _check_spec(spec) -> Spec:
 
 def _routed_table(spec: Spec, block_indices) -> torch.Tensor | None:
     """bool [B, H, q_blocks, kv_blocks] of the selected blocks of a Routed spec (None otherwise)."""
-    if spec.routed is None:
-        if block_indices is not None:
-            raise ValueError("block_indices: given, but the spec has no Routed pattern")
-        return None
-    if block_indices is None:
+    if spec.routed is not None and block_indices is None:
         raise ValueError(f"spec: {spec.routed!r} selects key blocks at run time, which a static FlexAttention "
                          f"mask_mod cannot express; pass block_indices (see patterngen.route) to capture them "
                          f"as a table, or use a spec without Routed nodes")
-    return block_masks(spec, normalize_block_indices(spec, block_indices))
+    indices = normalize_block_indices(spec, block_indices)  # also refuses indices without Routed nodes
+    return None if indices is None else block_masks(spec, indices)
 
 
 def _head_runs(heads: list[int]) -> list[tuple[int, int]]:

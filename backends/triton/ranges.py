@@ -10,6 +10,7 @@ whose ranges disagree keeps its table.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy as sp
@@ -125,15 +126,23 @@ def _evaluate(code: str, tiles: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(eval(code, ns)).expand(tiles.shape)  # noqa: S307 - our own printed expression
 
 
+@functools.lru_cache(maxsize=256)
+def _segment_code(pattern: Pattern, spec: Spec, bm: int, bn: int) -> tuple[dict, ...] | None:
+    """The printed segments, derived once per (pattern, spec, tiles): sympy is the slow part,
+    and autotuning builds a kernel per candidate configuration of the same tiling."""
+    segs = segments(pattern, spec, bm, bn)
+    return None if segs is None else tuple({k: to_code(getattr(s, k)) for k in ("lo", "hi", "flo", "fhi")}
+                                           for s in segs)
+
+
 def closed_form(pattern: Pattern, spec: Spec, bm: int, bn: int, plan: TilePlan) -> list[dict] | None:
     """Kernel-ready segments (code strings), or None unless they visit exactly the plan's
     tiles, each once, and call a tile full only where the plan does. (A full tile may
     come out partial where a sink prefix overlaps a window: correct, merely masked.)"""
-    segs = segments(pattern, spec, bm, bn)
-    if segs is None:
+    code = _segment_code(pattern, spec, bm, bn)
+    if code is None:
         return None
     tiles = torch.arange(plan.num_q_tiles)
-    code = [{k: to_code(getattr(s, k)) for k in ("lo", "hi", "flo", "fhi")} for s in segs]
     rows, cols, full = [], [], []
     for c in code:
         lo, hi, flo, fhi = (_evaluate(c[k], tiles) for k in ("lo", "hi", "flo", "fhi"))
@@ -145,4 +154,4 @@ def closed_form(pattern: Pattern, spec: Spec, bm: int, bn: int, plan: TilePlan) 
     order = torch.argsort(rows * -(-spec.nkv // bn) + cols)
     q, k, f = plan.pairs()
     same = len(order) == len(k) and torch.equal(rows[order], q) and torch.equal(cols[order], k)
-    return code if same and not (full[order] & ~f).any() else None
+    return list(code) if same and not (full[order] & ~f).any() else None
