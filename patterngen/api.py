@@ -33,8 +33,8 @@ def _check_spec(spec) -> Spec:
 def _op_key(spec: Spec, has_indices: bool) -> str:
     """The op's key for `spec`, after checking that block indices come exactly with Routed specs.
 
-    Run eagerly even under torch.compile (its result is a constant of the graph): Dynamo
-    cannot trace the first, lock-guarded evaluation of the cached `spec.routed`."""
+    Run eagerly even under torch.compile (its result is a constant of the graph): the key is a
+    hash of the spec's repr, which Dynamo need not trace."""
     if spec.routed is None and has_indices:
         raise ValueError("block_indices: given, but the spec has no Routed pattern")
     if spec.routed is not None and not has_indices:
