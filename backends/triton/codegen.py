@@ -157,7 +157,7 @@ def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_gri
     kt = (kv_grid.tile,) if kv_grid.flat else kv_grid.tile
     return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "wl": w // 2, "wr": w // 2 + w % 2 - 1,
                       "tq": tq, "tk": tk, "q_count": q_grid.counts[k], "k_count": kv_grid.counts[k],
-                      "q_tile_stride": math.prod(q_grid.counts[k + 1:])}
+                      "q_tile_stride": math.prod(q_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:])}
                      for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
 
 
@@ -185,6 +185,18 @@ def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid
               for i, p in enumerate(patterns)]
     return _env.get_template("attention_bwd.jinja").render(
         version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups,
+        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
+
+
+def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+    """The head-routed kernels (token compaction, forward, dQ, dK/dV over compacted q tiles)
+    with the same mask functions, tile addressing and kv-tile steps as the dense-head ones."""
+    from ... import __version__
+    groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
+              for i, p in enumerate(patterns)]
+    return _env.get_template("attention_heads.jinja").render(
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=None,
+        window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
 

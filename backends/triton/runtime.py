@@ -62,7 +62,8 @@ def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
     return None, pattern
 
 
-_INT_TABLES = ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX", "ROWS_T", "COLS_T")
+_INT_TABLES = ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX", "ROWS_T", "COLS_T", "HIDX", "SLOTS", "PREF", "KV_LO",
+               "KV_HI", "RUN_PTR", "RUNS")
 
 
 def cross_compile(source: str, kernel: str, arg_names: list[str], consts: dict, dtype: torch.dtype, arch: int,
@@ -77,14 +78,18 @@ def cross_compile(source: str, kernel: str, arg_names: list[str], consts: dict, 
             signature[name] = "*fp32"
         elif name in _INT_TABLES:
             signature[name] = "*i32"
+        elif name == "CLASSES":
+            signature[name] = "*i8"
         elif name.isupper():
             signature[name] = f"*{elem}"  # Q, K, V, O and their gradients
         else:
             signature[name] = "fp32" if name == "sm_scale" else "i32"
-    # what the JIT specialises at run time: 16-byte aligned pointers, and strides that are
-    # multiples of 16 (contiguous tensors with head_dim % 16 == 0)
+    # what the JIT specialises at run time: 16-byte aligned pointers, and strides of q, k, v and
+    # their gradients that are multiples of 16 (contiguous tensors with head_dim % 16 == 0); the
+    # strides of index tensors (si*) depend on top-k and get no such promise
     aligned = [i for i, (n, t) in enumerate(signature.items())
-               if t.startswith("*") or (n[0] == "s" and n != "sm_scale" and head_dim % 16 == 0)]
+               if t.startswith("*") or (n[0] == "s" and n != "sm_scale" and not n.startswith("si")
+                                         and head_dim % 16 == 0)]
     return compile_kernel(path=str(write_source(source)), kernel=kernel, signature=signature, constexprs=consts,
                           aligned=aligned, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -213,6 +218,26 @@ def backward_tiling(tiling: Tiling, head_dim: int) -> Tiling:
     return Tiling(q, tiling.kv_tile)
 
 
+PREPROCESS_BLOCK_M = 64
+PREPROCESS_CONFIG = KernelConfig(num_warps=4, num_stages=2)  # rowsum(dO * O): no pipelining to tune
+
+
+def transposed_tables(forward: TritonForward) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROWS_T [groups, kv tiles, 3] = (first, first partial, end) into COLS_T, the q tiles
+    that see each kv tile, full ones first: the dK/dV kernel's walk."""
+    rows, cols, base = [], [], 0
+    for tp in forward.groups:
+        q, kt, full = tp.pairs()
+        order = torch.argsort(kt * 2 * tp.num_q_tiles + (~full).long() * tp.num_q_tiles + q, stable=True)
+        cols.append(q[order])
+        count = torch.bincount(kt, minlength=forward.kv_grid.count)
+        n_full = torch.bincount(kt[full], minlength=forward.kv_grid.count)
+        ptr = torch.cumsum(count, 0) - count + base
+        rows.append(torch.stack([ptr, ptr + n_full, ptr + count], 1))
+        base += tp.visited
+    return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32)
+
+
 class TritonBackward:
     """dQ, dK, dV of a forward kernel's spec and tiling, from the same plan: dK/dV walk the
     transposed plan (per kv tile, the q tiles that see it), dQ the forward plan; full tiles
@@ -222,30 +247,40 @@ class TritonBackward:
         if forward.spec.routed is not None:
             raise NotImplementedError("triton backend: no backward kernels for Routed patterns yet; "
                                       "use the reference backend for gradients")
-        self.fwd = forward
-        self.config = config or KernelConfig(num_warps=8 if forward.block_d >= 128 else 4, num_stages=2)
-        self.source = render_backward(forward.spec, forward.statics, forward.q_grid, forward.kv_grid)
-        self.module = load_source(self.source)
-        rows, cols, base = [], [], 0
-        for tp in forward.groups:  # transposed tables: per kv tile, full q tiles first
-            q, kt, full = tp.pairs()
-            order = torch.argsort(kt * 2 * tp.num_q_tiles + (~full).long() * tp.num_q_tiles + q, stable=True)
-            cols.append(q[order])
-            count = torch.bincount(kt, minlength=forward.kv_grid.count)
-            n_full = torch.bincount(kt[full], minlength=forward.kv_grid.count)
-            ptr = torch.cumsum(count, 0) - count + base
-            rows.append(torch.stack([ptr, ptr + n_full, ptr + count], 1))
-            base += tp.visited
-        self.rows_t = torch.stack(rows).to(torch.int32)
-        self.cols_t = torch.cat(cols).to(torch.int32)
+        source = render_backward(forward.spec, forward.statics, forward.q_grid, forward.kv_grid)
+        self._setup(forward, config or KernelConfig(num_warps=8 if forward.block_d >= 128 else 4, num_stages=2),
+                    source, load_source(source), *transposed_tables(forward))
+
+    @classmethod
+    def from_saved(cls, forward: TritonForward, module, rows_t: torch.Tensor, cols_t: torch.Tensor,
+                   config: KernelConfig) -> "TritonBackward":
+        """A launcher from a module and tables saved by an ahead-of-time build: nothing is
+        rendered or analysed (`forward` only supplies its plan tables and constants)."""
+        self = cls.__new__(cls)
+        self._setup(forward, config, None, module, rows_t, cols_t)
+        return self
+
+    def _setup(self, forward, config, source, module, rows_t, cols_t):
+        self.fwd, self.config, self.source, self.module = forward, config, source, module
+        self.rows_t, self.cols_t = rows_t, cols_t
         self._device_tables: dict = {}
 
-    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> list[CompiledKernel]:
-        """The dK/dV and dQ kernels compiled for sm_<arch> (the preprocessing kernel is trivial)."""
+    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
+                      preprocess: bool = False) -> list[CompiledKernel]:
+        """The dK/dV and dQ kernels compiled for sm_<arch>, and with `preprocess` the trivial
+        rowsum(dO * O) kernel too (with the launch options its JIT launch uses)."""
         consts = self.fwd.constexprs(dtype)
-        return [cross_compile(self.source, name, getattr(self.module, name).arg_names, consts, dtype, arch,
-                              self.config, self.fwd.spec.head_dim)
-                for name in ("attention_bwd_dkdv", "attention_bwd_dq")]
+        out = [cross_compile(self.source, name, getattr(self.module, name).arg_names, consts, dtype, arch,
+                             self.config, self.fwd.spec.head_dim)
+               for name in ("attention_bwd_dkdv", "attention_bwd_dq")]
+        if preprocess:
+            out.append(cross_compile(self.source, "bwd_preprocess", self.module.bwd_preprocess.arg_names,
+                                     self._preprocess_consts(), dtype, arch, PREPROCESS_CONFIG,
+                                     self.fwd.spec.head_dim))
+        return out
+
+    def _preprocess_consts(self) -> dict:
+        return {"HEAD_DIM": self.fwd.spec.head_dim, "BLOCK_D": self.fwd.block_d, "BLOCK_M": PREPROCESS_BLOCK_M}
 
     def __call__(self, q, k, v, out, lse, dout, scale: float | None = None):
         """(dq, dk, dv) for the forward's (out, lse)."""
@@ -264,9 +299,9 @@ class TritonBackward:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         consts = fwd.constexprs(q.dtype)
         common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
-        self.module.bwd_preprocess[(-(-spec.nq // 64), spec.num_heads, B)](
-            out, dout, delta, *out.stride()[:3], spec.num_heads, HEAD_DIM=spec.head_dim,
-            BLOCK_D=fwd.block_d, BLOCK_M=64)
+        self.module.bwd_preprocess[(-(-spec.nq // PREPROCESS_BLOCK_M), spec.num_heads, B)](
+            out, dout, delta, *out.stride()[:3], spec.num_heads, **self._preprocess_consts(),
+            num_warps=PREPROCESS_CONFIG.num_warps, num_stages=PREPROCESS_CONFIG.num_stages)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
         self.module.attention_bwd_dkdv[(fwd.kv_grid.count, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, scale, *strides,
