@@ -42,6 +42,37 @@ def check_inputs(q, k, v, spec: Spec) -> None:
                              f"spec needs {want} = {src}")
 
 
+def check_head_indices(head_indices, q) -> None:
+    """Shape, dtype and device of run-time head routing: integers [B, Nq, k] (k >= 1) on q's device.
+    The values are checked where they are used (`head_selection`), to keep this free of syncs."""
+    if head_indices is None:
+        return
+    if not isinstance(head_indices, torch.Tensor):
+        raise TypeError(f"head_indices: expected a torch.Tensor or None, got {type(head_indices).__name__}")
+    if head_indices.dtype.is_floating_point or head_indices.dtype.is_complex or head_indices.dtype == torch.bool:
+        raise TypeError(f"head_indices: expected an integer tensor, got dtype {head_indices.dtype}")
+    B, _, Nq, _ = q.shape
+    if head_indices.dim() != 3 or head_indices.shape[:2] != (B, Nq) or head_indices.shape[2] < 1:
+        raise ValueError(f"head_indices: expected shape [B={B}, Nq={Nq}, k] with k >= 1 (the heads each query "
+                         f"token uses, -1 for an unused slot), got {tuple(head_indices.shape)}")
+    if head_indices.device != q.device:
+        raise ValueError(f"head_indices: device {head_indices.device} differs from q's {q.device}")
+
+
+def head_selection(head_indices: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """bool [B, H, Nq]: whether token n uses head h, from head indices [B, Nq, k] in [-1, H)
+    (-1: an unused slot; a head listed twice is chosen once)."""
+    lo, hi = (int(head_indices.min()), int(head_indices.max())) if head_indices.numel() else (0, 0)
+    if lo < -1 or hi >= num_heads:
+        raise ValueError(f"head_indices: values must lie in [-1, {num_heads}) (a head index, or -1 for an unused "
+                         f"slot), got values in [{lo}, {hi}]")
+    idx = torch.where(head_indices < 0, num_heads, head_indices).long()
+    B, Nq, _ = head_indices.shape
+    chosen = torch.zeros(B, Nq, num_heads + 1, dtype=torch.bool, device=head_indices.device)
+    chosen.scatter_(2, idx, True)
+    return chosen[..., :num_heads].transpose(1, 2)
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: None means 1/sqrt(head_dim), otherwise a positive finite number."""
     if scale is None:

@@ -104,7 +104,7 @@ class Spec:
             for k, ((w, s, d, _), n) in enumerate(zip(node.dims(self.ndim), self.q_shape)):
                 if w > n:
                     raise ValueError(f"Spec: {node!r}: window size {w} in dimension {k} is larger than the "
-                                     f"grid extent {n} (valid sizes: 2..{n})")
+                                     f"grid extent {n} (valid sizes: {'2..' if n > 1 else ''}{n})")
                 if w < 2 and w != n:
                     raise ValueError(f"Spec: {node!r}: window size in dimension {k} must be >= 2 or equal to "
                                      f"the extent {n}, got {w}")

@@ -6,6 +6,7 @@ from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Route
 from .oracle import dense_mask
 from .plan import Plan, TilePlan, build_plan
 from .routing import route
+from .head_routing import gate_heads, route_heads
 from .tiles import TileGrid, Tiling
 from .api import attention, compile
 from .simulate import simulate

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .backends.inputs import check_inputs, check_scale
+from .backends.inputs import check_head_indices, check_inputs, check_scale, head_selection
 from .backends.reference import reference_attention
 from .ir import Spec
 from .op import attention_op, spec_key
@@ -50,22 +50,26 @@ _op_key._dynamo_marked_constant = True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
-              block_indices: torch.Tensor | None = None, return_lse: bool = False):
+              block_indices: torch.Tensor | None = None, return_lse: bool = False,
+              head_indices: torch.Tensor | None = None):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
     `scale` defaults to 1/sqrt(D); `block_indices` are the run-time blocks of a Routed
-    spec (see `pg.route`). Differentiable in q, k and v; a row with no visible key gives
-    zeros. Runs the `patterngen::attention` op: the reference backend on CPU, the Triton
-    forward kernel on CUDA (backward: the reference, recomputed), and `torch.compile`
-    traces it without graph breaks.
+    spec (see `pg.route`). `head_indices` [B, Nq, k] (integers in [-1, Hq), -1 unused)
+    routes heads per query token, Mixture-of-Head style (see `pg.route_heads`): only the
+    listed (token, head) pairs are computed, the others give zeros (lse -inf) and no
+    gradient. Differentiable in q, k and v; a row with no visible key gives zeros. Runs
+    the `patterngen::attention` op: the reference backend on CPU, the generated Triton
+    kernels on CUDA, and `torch.compile` traces it without graph breaks.
     """
     _check_spec(spec)
     check_inputs(q, k, v, spec)
     scale = check_scale(scale, spec.head_dim)
     if block_indices is not None and not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
-    out, lse = attention_op(q, k, v, _op_key(spec, block_indices is not None), scale, block_indices)
+    check_head_indices(head_indices, q)
+    out, lse = attention_op(q, k, v, _op_key(spec, block_indices is not None), scale, block_indices, head_indices)
     return (out, lse) if return_lse else out
 
 
@@ -82,6 +86,13 @@ class CompiledAttention:
             self.plan = None
             nqb, _ = block_counts(spec)  # validate the tiling now, with no block selected
             build_plan(spec, tiling, torch.full((spec.num_kv_heads, nqb, 1), -1, dtype=torch.long))
+
+    def heads_kernel(self):
+        """The head-routed Triton kernels (forward and backward) of this spec and tiling."""
+        if "heads" not in self._kernels:
+            from .backends.triton import TritonHeads
+            self._kernels["heads"] = TritonHeads(self.spec, self.tiling)
+        return self._kernels["heads"]
 
     def triton_kernel(self, q, k, v, block_indices=None):
         """The Triton forward kernel for these inputs: the given tiling, else the autotuned
@@ -100,7 +111,9 @@ class CompiledAttention:
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                 block_indices: torch.Tensor | None = None, return_lse: bool = False):
+                 block_indices: torch.Tensor | None = None, return_lse: bool = False,
+                 head_indices: torch.Tensor | None = None):
+        check_head_indices(head_indices, q)
         if self._use_triton(q, k, v):
             check_inputs(q, k, v, self.spec)
             if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -108,6 +121,13 @@ class CompiledAttention:
                                  f"TRITON_INTERPRET=1), got device {q.device}")
             if q.dtype == torch.float64:
                 raise TypeError("q: the triton backend takes float16, bfloat16 or float32, got float64")
+            if head_indices is not None:
+                if block_indices is not None:
+                    raise NotImplementedError("triton backend: head_indices with a Routed spec; use the reference")
+                head_selection(head_indices, self.spec.num_heads)  # checks the values
+                out, lse = self.heads_kernel().forward(q, k, v, head_indices,
+                                                       scale=check_scale(scale, self.spec.head_dim))
+                return (out, lse) if return_lse else out
             out, lse = self.triton_kernel(q, k, v, block_indices)(
                 q, k, v, scale=check_scale(scale, self.spec.head_dim), block_indices=block_indices)
         elif self.plan is not None:
@@ -116,6 +136,9 @@ class CompiledAttention:
         else:
             out, lse = reference_attention(q, k, v, self.spec, scale=scale, block_indices=block_indices,
                                            tiling=self.tiling)
+        if head_indices is not None:
+            chosen = head_selection(head_indices, self.spec.num_heads)
+            out, lse = out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
         return (out, lse) if return_lse else out
 
     def __repr__(self):

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .backends.inputs import head_selection
 from .backends.reference import reference_attention
 from .ir import Spec
 from .plan import Plan, build_plan
@@ -79,17 +80,23 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reference(q, k, v, key, scale, block_indices):
+def _reference(q, k, v, key, scale, block_indices, head_indices=None):
+    """The reference result; with head routing, unchosen (token, head) rows become 0 and lse -inf."""
     spec = lookup_spec(key)
-    return reference_attention(q, k, v, spec, plan=_plan(key, spec), scale=scale, block_indices=block_indices)
+    out, lse = reference_attention(q, k, v, spec, plan=_plan(key, spec), scale=scale, block_indices=block_indices)
+    if head_indices is None:
+        return out, lse
+    chosen = head_selection(head_indices, spec.num_heads)
+    return out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
 
 
 # -- forward ------------------------------------------------------------------------
 @torch.library.custom_op("patterngen::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: str, scale: Optional[float] = None,
-                 block_indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec registered under `spec_key`; reference backend."""
-    out, lse = _reference(q, k, v, spec_key, scale, block_indices)
+    out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
     return out.contiguous(), lse.contiguous()
 
 
@@ -111,11 +118,42 @@ def triton_forward(key: str):
     return _FORWARD[key]
 
 
+_HEADS: dict[tuple[str, str], object] = {}
+
+
+def triton_heads(key: str, role: str):
+    """The cached head-routed kernels of a spec (TritonHeads) for role "forward" (the forward's
+    default tiling) or "backward" (its backward tiling), or None where none is generated."""
+    if (key, role) not in _HEADS:
+        from .backends.triton import TritonHeads, backward_tiling, default_kernel_tiling
+        spec, kern = lookup_spec(key), None
+        try:
+            tiling = default_kernel_tiling(spec)
+            if role == "backward":
+                tiling = backward_tiling(tiling, spec.head_dim)
+            kern = TritonHeads(spec, tiling)
+        except (NotImplementedError, ValueError):
+            kern = None
+        with _LOCK:
+            _HEADS.setdefault((key, role), kern)
+    return _HEADS[(key, role)]
+
+
+def _kernel_dtype(q) -> bool:
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[0] > 0
+
+
 @attention_op.register_kernel("cuda")
-def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None):
-    kern = None
-    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[0] > 0:
-        kern = triton_forward(spec_key)
+def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None, head_indices=None):
+    if head_indices is not None:
+        kern = triton_heads(spec_key, "forward") if _kernel_dtype(q) else None
+        if kern is None:
+            out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
+        else:
+            head_selection(head_indices, q.shape[1])  # the reference's checks of the values
+            out, lse = kern.forward(q, k, v, head_indices, scale=scale)
+        return out.contiguous(), lse.contiguous()
+    kern = triton_forward(spec_key) if _kernel_dtype(q) else None
     if kern is None:
         out, lse = _reference(q, k, v, spec_key, scale, block_indices)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
@@ -125,7 +163,7 @@ def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None):
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, spec_key, scale=None, block_indices=None):
+def _attention_fake(q, k, v, spec_key, scale=None, block_indices=None, head_indices=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -148,11 +186,11 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices):
+def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None):
     """Exact gradients: differentiate the reference forward again (dlse may be None)."""
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, lse = _reference(qg, kg, vg, key, scale, block_indices)
+        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices)
         outs, grads = [out], [dout]
         if dlse is not None:
             outs.append(lse)
@@ -164,11 +202,12 @@ def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices):
 @torch.library.custom_op("patterngen::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec_key: str,
-                          scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None
+                          scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
+                          head_indices: Optional[torch.Tensor] = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse)."""
-    return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices)
+    return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
 
 
 _BACKWARD: dict[str, object] = {}
@@ -194,7 +233,14 @@ def triton_backward(key: str):
 
 
 @attention_backward_op.register_kernel("cuda")
-def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None):
+def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
+                             head_indices=None):
+    if head_indices is not None:
+        kern = triton_heads(spec_key, "backward") if dlse is None and _kernel_dtype(q) else None
+        if kern is None:
+            return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
+        dq, dk, dv = kern.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
     kern = BACKWARD_KERNELS.get(spec_key)
     if kern is None and dlse is None and q.dtype != torch.float64 and q.shape[0] > 0:
         generated = triton_backward(spec_key)  # the lse gradient is not in the kernels: reference then
@@ -208,27 +254,28 @@ def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None):
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
+                             head_indices=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale, block_indices = inputs
+    q, k, v, key, scale, block_indices, head_indices = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_indices)
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices)
     ctx.key, ctx.scale = key, scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, block_indices = ctx.saved_tensors
+    q, k, v, out, lse, block_indices, head_indices = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(dout.contiguous(), dlse, q, k, v, out, lse, ctx.key, ctx.scale,
-                                       block_indices)
-    return dq, dk, dv, None, None, None
+                                       block_indices, head_indices)
+    return dq, dk, dv, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 __all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_key",
-           "triton_forward"]
+           "triton_forward", "triton_heads"]

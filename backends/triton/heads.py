@@ -19,7 +19,7 @@ from ...ir import Spec
 from ...tiles import Tiling
 from .aot import CompiledKernel
 from .codegen import load_source, render_heads, window_context
-from .runtime import LOG2E, KernelConfig, TritonForward, cross_compile
+from .runtime import LOG2E, KernelConfig, TritonForward, backward_config, cross_compile
 
 MAX_CLASS_TABLE = 1 << 28
 """Largest (groups x q tiles x kv tiles) byte table of tile classes the table path keeps on the device."""
@@ -52,6 +52,7 @@ class TritonHeads:
                                       "use the reference backend")
         self.fwd = fwd = TritonForward(spec, tiling, config)  # grids, plan groups, head groups, constants
         self.spec, self.config = spec, fwd.config
+        self.backward_config = config or backward_config(fwd.block_d)
         self.window = window_context(fwd.statics[0], spec, fwd.q_grid, fwd.kv_grid) if len(fwd.statics) == 1 \
             else None
         nq_t, nkv_t = fwd.q_grid.count, fwd.kv_grid.count
@@ -102,8 +103,9 @@ class TritonHeads:
                                           TOPK_P2=max(2, 1 << (topk - 1).bit_length()), BLOCK_M=bm, CHUNK=chunk)
         return slots, pref
 
-    def _launch(self):
-        return dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+    @staticmethod
+    def _launch(config: KernelConfig) -> dict:
+        return dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
     def forward(self, q, k, v, head_indices, scale: float | None = None):
         """(out, lse) with only the chosen (token, head) rows computed."""
@@ -118,7 +120,7 @@ class TritonHeads:
         self.module.attention_fwd_heads[(fwd.q_grid.count, spec.num_heads, B)](
             q, k, v, out, lse, slots, pref, self.head_groups(B, q.device), t["KV_LO"], t["KV_HI"], t["CLASSES"], scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], spec.num_heads,
-            fwd.q_grid.count, fwd.kv_grid.count, **fwd.constexprs(q.dtype), **self._launch())
+            fwd.q_grid.count, fwd.kv_grid.count, **fwd.constexprs(q.dtype), **self._launch(self.config))
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, head_indices, scale: float | None = None):
@@ -140,10 +142,10 @@ class TritonHeads:
         sizes = (spec.num_heads, fwd.q_grid.count, fwd.kv_grid.count)
         self.module.attention_bwd_dkdv_heads[(fwd.kv_grid.count, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, slots, pref, head_group, t["RUN_PTR"], t["RUNS"], scale,
-            *strides, *dk.stride()[:3], *dv.stride()[:3], *sizes, **consts, **self._launch())
+            *strides, *dk.stride()[:3], *dv.stride()[:3], *sizes, **consts, **self._launch(self.backward_config))
         self.module.attention_bwd_dq_heads[(fwd.q_grid.count, spec.num_heads, B)](
             q, k, v, dout, lse2, delta, dq, slots, pref, head_group, t["KV_LO"], t["KV_HI"], t["CLASSES"],
-            scale, *strides, *dq.stride()[:3], *sizes, **consts, **self._launch())
+            scale, *strides, *dq.stride()[:3], *sizes, **consts, **self._launch(self.backward_config))
         return dq, dk, dv
 
     # -- ahead-of-time compilation ---------------------------------------------------------
@@ -155,7 +157,8 @@ class TritonHeads:
         compact = {"TOPK": topk, "TOPK_P2": max(2, 1 << (topk - 1).bit_length()), "BLOCK_M": bm, "CHUNK": chunk}
         out = [cross_compile(self.source, "compact_heads", self.module.compact_heads.arg_names, compact, dtype,
                              arch, KernelConfig(4, 1), self.spec.head_dim)]
-        for name in ("attention_fwd_heads", "attention_bwd_dq_heads", "attention_bwd_dkdv_heads"):
+        for name, config in (("attention_fwd_heads", self.config), ("attention_bwd_dq_heads", self.backward_config),
+                             ("attention_bwd_dkdv_heads", self.backward_config)):
             out.append(cross_compile(self.source, name, getattr(self.module, name).arg_names, consts, dtype, arch,
-                                     self.config, self.spec.head_dim))
+                                     config, self.spec.head_dim))
         return out
