@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import counting
+from . import head_routing_model
 from .ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Union, Window
 from .plan import Plan, build_plan
 from .semantics import depends_on_kv_only, visible
@@ -494,6 +495,10 @@ class SimReport(_Bounds):
     elapsed_s: float = 0.0
     block_indices: torch.Tensor | None = field(default=None, repr=False)
     _plan: Any = field(default=None, repr=False, compare=False)
+    active_fraction: float | None = None
+    head_routing: str | None = None
+    all_heads_time_s: float | None = None
+    ctas: int | None = None
 
     @property
     def tiling(self) -> Tiling:
@@ -504,6 +509,13 @@ class SimReport(_Bounds):
         if self.predicted_time_s is None or self.dense_time_s is None:
             return None
         return self.dense_time_s / self.predicted_time_s
+
+    @property
+    def routing_speedup(self) -> float | None:
+        """Predicted time computing every head / with head routing (same kernels and tiles)."""
+        if self.predicted_time_s is None or self.all_heads_time_s is None:
+            return None
+        return self.all_heads_time_s / self.predicted_time_s
 
     @property
     def plan(self) -> Plan:
@@ -524,6 +536,11 @@ class SimReport(_Bounds):
         if self.predicted_time_s is not None:
             s += (f"; predicted {_fmt_time(self.predicted_time_s)} vs dense {_fmt_time(self.dense_time_s)} "
                   f"({_fmt_x(self.predicted_speedup)}) on {self.device.display_name}")
+        if self.active_fraction is not None:
+            s += f"; heads active {self.active_fraction:.1%} ({self.head_routing})"
+            if self.all_heads_time_s is not None:
+                s += (f", all heads {_fmt_time(self.all_heads_time_s)} "
+                      f"({_fmt_x(self.routing_speedup)} from head routing)")
         return s
 
     def explain(self, top: int = 12) -> str:
@@ -570,6 +587,11 @@ class SimReport(_Bounds):
                              "planned (simulate(..., max_plans=N) plans more)")
         for n in self.notes:
             lines.append("note: " + n)
+        if self.active_fraction is not None:
+            lines.append(f"head routing: {self.active_fraction:.1%} of (token, head) pairs active "
+                         f"({'expected fraction' if self.head_routing == 'fraction' else 'measured routing'}); "
+                         f"figures count only selected (token, head) pairs, {self.ctas} CTAs (batch, head, "
+                         f"compacted tile); candidates were ranked computing all heads")
         if len(self.groups) > 1:
             lines.append("head groups:")
             for g in self.groups:
@@ -927,7 +949,7 @@ def _cheap(pattern: Pattern, qg: TileGrid, kg: TileGrid) -> bool:
 
 
 def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int = 1,
-             block_indices: torch.Tensor | None = None, max_plans: int = 4) -> SimReport:
+             block_indices: torch.Tensor | None = None, max_plans: int = 4, active_heads=None) -> SimReport:
     """Simulate a block-sparse kernel for `spec`.
 
     q_tile, kv_tile: int (flat tile) or tuple (box); None searches the shapes the
@@ -939,6 +961,13 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
     block_indices: run-time indices of a Routed spec (as `build_plan` takes them); when
         omitted a representative random routing stands in.
     max_plans: how many candidates that need a full plan (compositions) are planned.
+    active_heads: token-routed heads (Mixture-of-Head): None (every head computes every
+        token), a float in (0, 1] (the expected fraction of active (token, head) pairs,
+        uniform over tokens and heads) or an int tensor [B, Nq, K] of the heads each token
+        uses (-1 = unused). The tiling is searched computing all heads; on it the visible
+        pairs, tile counts and predicted time count only the selected pairs and compacted
+        q tiles (see patterngen/head_routing_model.py); `all_heads_time_s` keeps the time
+        of computing every head. A fraction of 1 gives the default figures.
     """
     t0 = time.perf_counter()
     if not isinstance(spec, Spec):
@@ -968,6 +997,10 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
                 batch = indices.shape[0]
     elif block_indices is not None:
         raise ValueError("block_indices: given, but the spec has no Routed pattern")
+    batch_fixed = batch != 1 or (indices is not None and indices.dim() == 4)
+    head_kind, head_value, batch = head_routing_model.check_active_heads(active_heads, spec, batch, batch_fixed)
+    if head_kind == "fraction" and head_value == 1.0:
+        head_kind = None  # every pair active: the plain kernel, no routing
 
     visible = counting.visible_pairs(spec, indices)  # [H] or [B, H]
     search = _Search(spec, dev, batch, indices)
@@ -1011,13 +1044,64 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         dense = dense_time(dev, spec.nq, spec.nkv, spec.num_heads, spec.head_dim, batch)
     if routing == "synthetic":
         notes.append("no block indices: a representative random routing (seed 0) was simulated")
+    visible_total, visited_total, full_total = int(visible.sum()), best.visited, best.full
+    dense_pairs, tile_pairs = vis_rows.shape[0] * spec.num_heads * spec.nq * spec.nkv, best.tile_pairs
+    extra: dict = {}
+    if active_heads is not None:
+        extra["active_fraction"] = 1.0 if head_kind is None else None
+        extra["head_routing"] = "fraction" if head_kind is None else head_kind
+        if dev is not None:
+            extra["all_heads_time_s"] = pred
+    if head_kind is not None:
+        # figures cover the same batch rows as the default ones (one unless routed per batch), but a
+        # measured routing differs per batch, so its figures cover every batch
+        rows = batch if head_kind == "measured" else vis_rows.shape[0]
+        rh, heads, groups = _route_heads(spec, best, indices, head_kind, head_value, batch, visible, heads,
+                                         rows // vis_rows.shape[0])
+        # a fraction scales the exact count (rounded once, not per head); a measured routing is exact
+        visible_total = round(head_value * int(visible.sum())) if head_kind == "fraction" \
+            else sum(hf.visible_pairs for hf in heads)
+        visited_total, full_total = sum(hf.visited for hf in heads), sum(hf.full for hf in heads)
+        dense_pairs, tile_pairs = sum(hf.dense_pairs for hf in heads), sum(hf.tile_pairs for hf in heads)
+        extra["active_fraction"] = rh.fraction
+        extra["ctas"] = rh.ctas
+        if dev is not None:
+            box = spec.ndim > 1 and not isinstance(best.q_tile, int)
+            wl = Workload(_volume(best.q_tile), _volume(best.kv_tile), spec.head_dim, box, rh.unit_full,
+                          rh.unit_partial)
+            # one more launch: the compaction (prefix-sum) kernel
+            pred = float(predict_time(dev, wl)) + dev.kernel["launch_overhead_us"] * 1e-6
     return SimReport(
         spec=spec, q_tile=best.q_tile, kv_tile=best.kv_tile, batch=batch,
-        dense_pairs=vis_rows.shape[0] * spec.num_heads * spec.nq * spec.nkv, visible_pairs=int(visible.sum()),
-        tile_pairs=best.tile_pairs, visited=best.visited, full=best.full, heads=tuple(heads),
+        dense_pairs=dense_pairs, visible_pairs=visible_total, tile_pairs=tile_pairs, visited=visited_total,
+        full=full_total, heads=tuple(heads),
         groups=tuple(groups), device=dev, predicted_time_s=pred, dense_time_s=dense,
         candidates=tuple(cands), searched=searched, routing=routing, notes=tuple(notes),
-        elapsed_s=time.perf_counter() - t0, block_indices=indices, _plan=best._plan)
+        elapsed_s=time.perf_counter() - t0, block_indices=indices, _plan=best._plan, **extra)
+
+
+def _route_heads(spec: Spec, best: Candidate, indices, kind: str, value, batch: int, visible: torch.Tensor,
+                 heads: list, scale: int):
+    """The head-routing model on the chosen tiling, and its per-head and per-group figures (over
+    the first `scale` x (the default figures' batch rows) batches; dense and tile pairs scaled)."""
+    if best._plan is None:
+        best._plan = build_plan(spec, Tiling(best.q_tile, best.kv_tile), indices)
+    rh = head_routing_model.model(best._plan, kind, value, batch, visible, indices)
+    R = (visible.shape[0] if visible.dim() == 2 else 1) * scale
+    new_heads = []
+    for hf in heads:
+        h = hf.heads[0]
+        vp = round(float(rh.visible[:R, h].sum()))
+        new_heads.append(HeadFigures(hf.heads, hf.pattern, hf.dense_pairs * scale, vp, hf.tile_pairs * scale,
+                                     int(rh.visited[:R, h].sum()), int(rh.full[:R, h].sum())))
+    groups = []
+    for p in dict.fromkeys(spec.head_patterns):
+        members = [hf for hf in new_heads if hf.pattern == p]
+        groups.append(HeadFigures(tuple(h for hf in members for h in hf.heads), p,
+                                  sum(hf.dense_pairs for hf in members), sum(hf.visible_pairs for hf in members),
+                                  sum(hf.tile_pairs for hf in members), sum(hf.visited for hf in members),
+                                  sum(hf.full for hf in members)))
+    return rh, new_heads, groups
 
 
 def workload(spec: Spec, q_tile, kv_tile, batch: int = 1, block_indices: torch.Tensor | None = None) -> Workload:
@@ -1054,6 +1138,9 @@ def add_cli_arguments(parser) -> None:
                         help="fix the tiles, e.g. --tile 128 128 or --tile 16x8 16x8 (default: search)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--explain", action="store_true", help="show the ranking of the candidate tilings")
+    parser.add_argument("--active-heads", type=float, default=None, metavar="F",
+                        help="token-routed heads (Mixture-of-Head): the expected fraction in (0, 1] of "
+                             "(token, head) pairs that are computed (default: every head)")
     parser.add_argument("--plot", metavar="OUT.png", default=None,
                         help="draw the tile map and the bound against tile shapes (needs matplotlib)")
 
@@ -1062,16 +1149,21 @@ def format_table(rows: Sequence[tuple[str, SimReport]]) -> str:
     """One row per spec, and one per head group for specs whose heads differ."""
     head = ["spec", "heads", "q tile", "kv tile", "FLOP bound", "tile bound", "block-sparse", "visited",
             "partial", "predicted", "speedup"]
+    routed_heads = any(r.active_fraction is not None for _, r in rows)
+    if routed_heads:  # head routing: the fraction of (token, head) pairs computed, and the gain over all heads
+        head += ["heads on", "vs all heads"]
     table = [head]
     for name, r in rows:
         table.append([name, str(r.spec.num_heads), _fmt_tile(r.q_tile), _fmt_tile(r.kv_tile),
                       _fmt_x(r.flop_speedup), _fmt_x(r.tile_speedup), "yes" if r.fully_block_sparse else "no",
-                      str(r.visited), str(r.partial), _fmt_time(r.predicted_time_s), _fmt_x(r.predicted_speedup)])
+                      str(r.visited), str(r.partial), _fmt_time(r.predicted_time_s), _fmt_x(r.predicted_speedup)]
+                     + ([f"{r.active_fraction:.0%}" if r.active_fraction is not None else "all",
+                         _fmt_x(r.routing_speedup)] if routed_heads else []))
         if len(r.groups) > 1:
             for g in r.groups:
                 table.append([f"  heads {_fmt_heads(g.heads)}", str(len(g.heads)), "", "", _fmt_x(g.flop_speedup),
                               _fmt_x(g.tile_speedup), "yes" if g.fully_block_sparse else "no", str(g.visited),
-                              str(g.partial), "", ""])
+                              str(g.partial), "", ""] + (["", ""] if routed_heads else []))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     out = []
     for j, row in enumerate(table):
@@ -1091,7 +1183,8 @@ def cli_main(args) -> int:
         specs = load_specs(args.spec)
         rows = []
         for name, spec in specs:
-            rows.append((name, simulate(spec, q_tile, kv_tile, device=args.device, batch=args.batch)))
+            rows.append((name, simulate(spec, q_tile, kv_tile, device=args.device, batch=args.batch,
+                                        active_heads=getattr(args, "active_heads", None))))
     except (ValueError, TypeError) as e:
         print(f"patterngen simulate: error: {e}", file=sys.stderr)
         return 2

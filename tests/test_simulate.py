@@ -522,3 +522,175 @@ def test_search_on_random_specs_reports_oracle_counts(spec, with_device):
     if with_device:
         exact = [c.predicted_time_s for c in r.candidates if c.status == "exact"]
         assert r.predicted_time_s == min(exact)
+
+
+# -- token-routed heads (Mixture-of-Head) ------------------------------------------------------------
+@st.composite
+def head_routings(draw, spec, batch: int | None = None):
+    """Head indices [B, Nq, K] with -1 slots and repeats, and the routings the edge cases need:
+    every head for every token, one shared head only, a head that no token uses."""
+    H = spec.num_heads
+    B = draw(st.integers(1, 2)) if batch is None else batch
+    K = draw(st.integers(1, H + 1))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["random", "random", "all", "shared", "skip_last"]))
+    if kind == "all":
+        return torch.arange(H).expand(B, spec.nq, H).clone()
+    if kind == "shared":
+        return torch.zeros(B, spec.nq, 1, dtype=torch.long)
+    hi = H - 1 if kind == "skip_last" and H > 1 else H
+    idx = torch.randint(0, hi, (B, spec.nq, K), generator=gen)
+    return torch.where(torch.rand(B, spec.nq, K, generator=gen) < draw(st.sampled_from([0.0, 0.3, 0.8])), -1, idx)
+
+
+def brute_selection(idx, H):
+    """Bool [B, H, Nq] by a plain loop (independent of the model's scatter)."""
+    B, Nq, K = idx.shape
+    sel = torch.zeros(B, H, Nq, dtype=torch.bool)
+    for b in range(B):
+        for q in range(Nq):
+            for h in idx[b, q].tolist():
+                if h >= 0:
+                    sel[b, h, q] = True
+    return sel
+
+
+def brute_compacted(mask, sel, spec, q_tile, kv_tile):
+    """(visited, full) kv tiles of the compacted tiles of one (batch, head) from a dense mask
+    [Nq, Nkv]: selected tokens in q-tile order, V per compacted tile; a kv tile is visited if a
+    spanned original q tile meets it, full if every spanned original q tile is full on it."""
+    qt, kt = tile_of_token(spec.q_shape, q_tile), tile_of_token(spec.kv_shape, kv_tile)
+    Tq, Tk = int(qt.max()) + 1, int(kt.max()) + 1
+    pair = (qt[:, None] * Tk + kt[None, :]).flatten()
+    m = mask.flatten().long()
+    any_ = torch.zeros(Tq * Tk, dtype=torch.long).scatter_reduce(0, pair, m, "amax", include_self=False)
+    all_ = torch.ones(Tq * Tk, dtype=torch.long).scatter_reduce(0, pair, m, "amin", include_self=False)
+    any_, all_ = any_.view(Tq, Tk).bool(), all_.view(Tq, Tk).bool()
+    V = q_tile if isinstance(q_tile, int) else math.prod(q_tile)
+    order = sorted(range(spec.nq), key=lambda q: (int(qt[q]), q))  # q-tile order, ascending inside a tile
+    chosen = [q for q in order if sel[q]]
+    visited = full = 0
+    for j in range(0, len(chosen), V):
+        spanned = sorted({int(qt[q]) for q in chosen[j:j + V]})
+        a, f = any_[spanned].any(0), (any_[spanned] & all_[spanned]).all(0)
+        visited += int(a.sum())
+        full += int((a & f).sum())
+    return visited, full
+
+
+@pytest.mark.parametrize("spec", [pg.Spec(pg.Causal(), 1000, num_heads=3),
+                                  pg.Spec(pg.Window((5, 7)), (20, 24), num_heads=2),
+                                  pg.Spec(pg.Heads({0: pg.Band(40), 1: pg.Full()}), 700, num_heads=2)])
+def test_active_heads_one_equals_default(spec):
+    for device in (None, "h100"):
+        a, b = pg.simulate(spec, device=device), pg.simulate(spec, device=device, active_heads=1.0)
+        assert a.counts() == b.counts() and (a.q_tile, a.kv_tile) == (b.q_tile, b.kv_tile)
+        assert a.heads == b.heads and a.groups == b.groups
+        assert a.predicted_time_s == b.predicted_time_s and a.dense_time_s == b.dense_time_s
+        assert a.active_fraction is None and b.active_fraction == 1.0
+        assert "heads active" in b.summary() and "heads active" not in a.summary()
+
+
+@pytest.mark.parametrize("spec", [pg.Spec(pg.Causal(), 32768, num_heads=32, head_dim=128),
+                                  pg.Spec(pg.Window(1024), 32768, num_heads=32, head_dim=128)])
+def test_half_the_heads_halves_the_bound_and_cuts_the_time(spec):
+    full = pg.simulate(spec, device="h100")
+    half = pg.simulate(spec, device="h100", active_heads=0.5)
+    assert (half.q_tile, half.kv_tile) == (full.q_tile, full.kv_tile)
+    assert abs(half.visible_pairs - full.visible_pairs / 2) <= 1
+    assert half.flop_speedup == pytest.approx(2 * full.flop_speedup, rel=1e-6)
+    assert half.dense_pairs == full.dense_pairs and half.tile_pairs == full.tile_pairs
+    assert half.visited <= 0.6 * full.visited  # compacted tiles span ~2 original ones
+    assert half.ctas == spec.num_heads * -(-spec.nq // 2 // _vol(half.q_tile))
+    assert half.all_heads_time_s == full.predicted_time_s
+    assert half.predicted_time_s < 0.7 * full.predicted_time_s
+    assert half.routing_speedup == pytest.approx(full.predicted_time_s / half.predicted_time_s)
+    assert half.dense_time_s == full.dense_time_s
+    quarter = pg.simulate(spec, device="h100", active_heads=0.25)
+    assert quarter.predicted_time_s < half.predicted_time_s
+    assert "heads active 50.0% (fraction)" in half.summary() and "head routing:" in half.explain()
+
+
+def _vol(t):
+    return t if isinstance(t, int) else math.prod(t)
+
+
+@settings(max_examples=scaled(40), deadline=None)
+@given(st.data())
+def test_measured_head_routing_matches_dense_mask(data):
+    spec, tiling = data.draw(specs_and_tilings())
+    idx = data.draw(head_routings(spec))
+    r = pg.simulate(spec, tiling.q_tile, tiling.kv_tile, active_heads=idx)
+    mask = pg.dense_mask(spec)  # [H, Nq, Nkv]
+    sel = brute_selection(idx, spec.num_heads)
+    rows = mask.sum(2)  # visible keys per (head, query)
+    B = idx.shape[0]
+    assert r.batch == B and r.head_routing == "measured"
+    assert r.visible_pairs == int((sel * rows[None]).sum())
+    for h, hf in enumerate(r.heads):
+        assert hf.visible_pairs == int((sel[:, h] * rows[h][None]).sum())
+    assert r.dense_pairs == B * mask.numel()
+    assert r.active_fraction == pytest.approx(float(sel.float().mean()))
+    vf = [brute_compacted(mask[h], sel[b, h], spec, tiling.q_tile, tiling.kv_tile)
+          for b in range(B) for h in range(spec.num_heads)]
+    assert r.visited == sum(v for v, _ in vf) and r.full == sum(f for _, f in vf)
+    if isinstance(tiling.q_tile, int) and bool(sel.all()):  # everything selected on flat tiles: the plain plan
+        d = pg.simulate(spec, tiling.q_tile, tiling.kv_tile, batch=B)
+        assert (r.visited, r.full) == (B * d.visited, B * d.full)
+
+
+@settings(max_examples=scaled(25), deadline=None)
+@given(st.data())
+def test_measured_head_routing_on_routed_specs(data):
+    spec, bidx = data.draw(routed_specs())
+    batch = bidx.shape[0] if bidx.dim() == 4 else data.draw(st.integers(1, 2))
+    idx = data.draw(head_routings(spec, batch))
+    r = pg.simulate(spec, 8, 8, block_indices=bidx, active_heads=idx)
+    mask = pg.dense_mask(spec, bidx)
+    mask = mask if mask.dim() == 4 else mask[None].expand(batch, -1, -1, -1)
+    sel = brute_selection(idx, spec.num_heads)
+    assert r.visible_pairs == int((sel * mask.sum(3)).sum())
+    vf = [brute_compacted(mask[b, h], sel[b, h], spec, 8, 8) for b in range(batch) for h in range(spec.num_heads)]
+    assert r.visited == sum(v for v, _ in vf) and r.full == sum(f for _, f in vf)
+
+
+def test_measured_routing_time_and_batch():
+    spec = pg.Spec(pg.Causal(), 4096, num_heads=8, head_dim=64)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.rand(2, 4096, 8, generator=g).argsort(-1)[..., :4]  # 4 of 8 heads per token
+    r = pg.simulate(spec, 128, 128, device="h100", active_heads=idx)
+    full = pg.simulate(spec, 128, 128, device="h100", batch=2)
+    assert r.batch == 2 and r.active_fraction == 0.5
+    assert r.predicted_time_s < full.predicted_time_s == r.all_heads_time_s
+    assert r.ctas == sum(-(-int(n) // 128) for n in brute_selection(idx, 8).sum(2).flatten())
+    with pytest.raises(ValueError, match="active_heads"):
+        pg.simulate(spec, 128, 128, batch=3, active_heads=idx)
+
+
+def test_active_heads_bad_input():
+    spec = pg.Spec(pg.Causal(), 64, num_heads=4)
+    for bad in (0, 0.0, -0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"active_heads.*\(0, 1\]"):
+            pg.simulate(spec, active_heads=bad)
+    for bad in ("half", True, [0.5]):
+        with pytest.raises(TypeError, match="active_heads"):
+            pg.simulate(spec, active_heads=bad)
+    for bad in (torch.zeros(1, 64, 2),                        # float
+                torch.zeros(64, 2, dtype=torch.long),          # no batch
+                torch.zeros(1, 63, 2, dtype=torch.long),       # wrong Nq
+                torch.zeros(1, 64, 0, dtype=torch.long),       # no slot
+                torch.full((1, 64, 2), 4),                     # head out of range
+                torch.full((1, 64, 2), -2)):
+        with pytest.raises(ValueError, match="active_heads"):
+            pg.simulate(spec, active_heads=bad)
+
+
+def test_cli_simulate_active_heads(tmp_path, capsys):
+    f = tmp_path / "spec.py"
+    f.write_text("import patterngen as pg\nspec = pg.Spec(pg.Causal(), 8192, num_heads=8)\n")
+    code, plain, _ = _cli(["simulate", str(f), "--device", "h100"], capsys)
+    assert code == 0 and "heads on" not in plain
+    code, out, _ = _cli(["simulate", str(f), "--device", "h100", "--active-heads", "0.5", "--explain"], capsys)
+    assert code == 0 and "heads on" in out and "50%" in out and "head routing:" in out
+    code, _, err = _cli(["simulate", str(f), "--active-heads", "2"], capsys)
+    assert code == 2 and "active_heads" in err
