@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from .backends.inputs import head_selection
 from .ir import Band, Causal, Heads, Routed, Sink, Spec, Strided, Window
 from .semantics import visible
 from .tiles import Tiling
@@ -59,6 +60,17 @@ class Case:
     spec: Spec
     causal: bool  # every visible pair has kv <= q: SDPA is_causal=True is a fair floor
     block_sparse_target: bool = False  # the issue's >= 85%-of-bound target applies
+    active_heads: float | None = None  # Mixture-of-Head routing: the fraction of heads each token uses
+
+
+def moh_routing(spec: Spec, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Head indices [1, Nq, k] of a MoH router with random scores: H/8 shared heads (at least
+    one) plus the top routed heads, `fraction` of the heads per token in all."""
+    from .head_routing import route_heads
+    H = spec.num_heads
+    shared = max(1, H // 8)
+    scores = torch.randn(1, spec.nq, H, generator=generator)
+    return route_heads(scores, max(0, round(fraction * H) - shared), shared=shared)[0]
 
 
 def _s2(heads: int, band: int, stride: int):
@@ -90,6 +102,7 @@ def suite(scale: str = "full") -> list[Case]:
         grid3, win3, stride3 = (4, 8, 8), (3, 4, 4), (2, 2, 2)
         s2_band, s2_stride, route = 32, 4, (32, 2)
     s2_heads = h32 if scale != "smoke" else 4
+    moh_heads = h32 if scale != "smoke" else 4
 
     def spec(pattern, shape, heads):
         return Spec(pattern, shape, num_heads=heads, head_dim=hd)
@@ -111,7 +124,14 @@ def suite(scale: str = "full") -> list[Case]:
         Case("routed-topk", f"routed top-k, {n32k} tokens, block {route[0]}, top-k {route[1]}",
              spec(Routed(route[0], route[1], causal=True), n32k, h32), causal=True),
         Case("dense-causal", f"dense causal, {n8k} tokens", spec(Causal(), n8k, h32), causal=True),
-    ]
+    ] + [
+        Case(f"moh-{name}-{round(100 * f)}", f"MoH {title}, {round(100 * f)}% of {moh_heads} heads per token",
+             spec(pattern, shape, moh_heads), causal=causal, active_heads=f)
+        for name, title, pattern, shape, causal in (
+            ("causal", f"causal, {n32k} tokens", Causal(), n32k, True),
+            ("neighborhood-2d", f"2-D neighborhood {grid2[0]}x{grid2[1]}, window {win2[0]}x{win2[1]}",
+             Window(win2), grid2, False))
+        for f in (0.5, 0.75)]
 
 
 # == timing ================================================================================
@@ -197,7 +217,7 @@ def _simulator():
 
 
 def simulate_case(spec: Spec, q_tile=None, kv_tile=None, device_model: str | None = None,
-                  block_indices: torch.Tensor | None = None):
+                  block_indices: torch.Tensor | None = None, head_indices: torch.Tensor | None = None):
     """The simulator's report (None when the simulator is unavailable or fails; the reason is returned)."""
     sim = _simulator()
     if sim is None or not hasattr(sim, "simulate"):
@@ -205,6 +225,8 @@ def simulate_case(spec: Spec, q_tile=None, kv_tile=None, device_model: str | Non
     kwargs = {}
     if block_indices is not None:
         kwargs["block_indices"] = block_indices.cpu()
+    if head_indices is not None:
+        kwargs["active_heads"] = head_indices.cpu()
     try:
         return sim.simulate(spec, q_tile, kv_tile, device=device_model, **kwargs), None
     except TypeError:
@@ -386,7 +408,8 @@ class CaseResult:
 def _sim_summary(report) -> dict:
     out = {"q_tile": _to_tile(report.q_tile), "kv_tile": _to_tile(report.kv_tile),
            "tile_speedup": float(report.tile_speedup), "flop_speedup": float(report.flop_speedup)}
-    for name in ("fully_block_sparse", "predicted_speedup", "predicted_time_s", "dense_time_s"):
+    for name in ("fully_block_sparse", "predicted_speedup", "predicted_time_s", "dense_time_s", "active_fraction",
+                 "all_heads_time_s", "routing_speedup"):
         v = getattr(report, name, None)
         if v is not None:
             out[name] = v if isinstance(v, bool) else float(v)
@@ -414,12 +437,17 @@ def _kernel_candidates(spec: Spec, opts: Options, sim_tiling: Tiling | None):
     return [(t, configs(t)) for t in dict.fromkeys(tilings)]
 
 
-def run_patterngen(spec: Spec, q, k, v, opts: Options, sim_tiling: Tiling | None, block_indices=None):
+def run_patterngen(spec: Spec, q, k, v, opts: Options, sim_tiling: Tiling | None, block_indices=None,
+                   head_indices=None):
     """(timing dict, output) of the fastest kernel that builds and runs; raises
-    NotImplementedError when the backend does not support the spec."""
+    NotImplementedError when the backend does not support the spec. With `head_indices`
+    the head-routed kernels run, and the plain kernel of the same tiles and launch
+    configuration is timed too (`all_heads_ms`: computing every head)."""
     from .backends.triton import TritonForward
 
     call_kwargs = {} if block_indices is None else {"block_indices": block_indices}
+    if head_indices is not None:
+        return _run_heads(spec, q, k, v, opts, sim_tiling, head_indices)
     if opts.tiles == "autotune":
         from .backends.triton import tuned_kernel
         t0 = time.perf_counter()
@@ -462,7 +490,45 @@ def run_patterngen(spec: Spec, q, k, v, opts: Options, sim_tiling: Tiling | None
     return best, best_out
 
 
-def run_flex(spec: Spec, q, k, v, opts: Options, block_indices=None):
+def _run_heads(spec: Spec, q, k, v, opts: Options, sim_tiling: Tiling | None, head_indices):
+    from .backends.triton import TritonForward, TritonHeads
+    from .backends.triton.runtime import default_kernel_tiling
+
+    tilings = list(dict.fromkeys(t for t in (sim_tiling, default_kernel_tiling(spec)) if t is not None))
+    best, best_out, failures = None, None, []
+    for tiling in tilings:
+        for config in dict(_kernel_candidates(spec, opts, tiling)).get(tiling, [None]):
+            try:
+                t0 = time.perf_counter()
+                kern = TritonHeads(spec, tiling, config)
+                build_s = time.perf_counter() - t0
+                timing = opts.timer(lambda: kern.forward(q, k, v, head_indices))
+            except NotImplementedError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a tiling or configuration that does not run here
+                failures.append(f"{_fmt_tile(tiling.q_tile)}/{_fmt_tile(tiling.kv_tile)} {config}: {_short(e)}")
+                continue
+            if best is None or timing["ms"] < best["ms"]:
+                best = {**timing, "q_tile": _to_tile(tiling.q_tile), "kv_tile": _to_tile(tiling.kv_tile),
+                        "num_warps": kern.config.num_warps, "num_stages": kern.config.num_stages,
+                        "build_s": build_s, "tiling_from": "simulator" if tiling == sim_tiling else "default",
+                        "_kernel": kern}
+        if best is not None:
+            break
+    if best is None:
+        raise RuntimeError("no patterngen kernel ran: " + "; ".join(failures))
+    kern = best.pop("_kernel")
+    best_out = kern.forward(q, k, v, head_indices)[0]
+    plain = TritonForward(spec, Tiling(kern.fwd.q_grid.tile, kern.fwd.kv_grid.tile), kern.config)
+    best["all_heads_ms"] = opts.timer(lambda: plain(q, k, v))["ms"]
+    best["vs_all_heads"] = best["all_heads_ms"] / best["ms"] if best["ms"] else None
+    best["active_fraction"] = float(head_selection(head_indices, spec.num_heads).float().mean())
+    if failures:
+        best["failures"] = failures
+    return best, best_out
+
+
+def run_flex(spec: Spec, q, k, v, opts: Options, block_indices=None, head_chosen=None):
     """(timing dict of the fastest block size, its output)."""
     from .flex import block_mask_for
 
@@ -474,7 +540,7 @@ def run_flex(spec: Spec, q, k, v, opts: Options, block_indices=None):
             _sync(opts.device)
             t0 = time.perf_counter()
             bm = block_mask_for(spec, bs, opts.device, compile=opts.device.type == "cuda",
-                                block_indices=block_indices)
+                                block_indices=block_indices, head_chosen=head_chosen)
             _sync(opts.device)
             mask_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -500,9 +566,10 @@ def run_flex(spec: Spec, q, k, v, opts: Options, block_indices=None):
     return best, best_out
 
 
-def run_sdpa(case: Case, q, k, v, opts: Options, block_indices=None, result: CaseResult | None = None):
-    """Dense SDPA timings: without a mask, causal, and with the dense mask when it fits.
-    Returns the masked output (or None)."""
+def run_sdpa(case: Case, q, k, v, opts: Options, block_indices=None, result: CaseResult | None = None,
+             head_chosen=None):
+    """Dense SDPA timings: without a mask, causal, and with the dense mask when it fits
+    (and'ed with `head_chosen` [B, H, Nq] under head routing). Returns the masked output (or None)."""
     import torch.nn.functional as F
 
     spec = case.spec
@@ -524,6 +591,8 @@ def run_sdpa(case: Case, q, k, v, opts: Options, block_indices=None, result: Cas
     else:
         try:
             mask = dense_mask_on(spec, opts.device, block_indices)[None]
+            if head_chosen is not None:
+                mask = mask & head_chosen.to(opts.device)[..., None]
             out["mask"] = opts.timer(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa))
             masked_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
             del mask
@@ -547,16 +616,20 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
         return torch.randn(B, h, n, D, generator=g).to(device=opts.device, dtype=opts.dtype)
 
     q, k, v = rand(spec.num_heads, spec.nq), rand(spec.num_kv_heads, spec.nkv), rand(spec.num_kv_heads, spec.nkv)
-    block_indices = None
+    block_indices = head_indices = head_chosen = None
     if spec.routed is not None:
         from .routing import route
         r = spec.routed
         block_indices = route(q, k, r.block, r.topk, causal=r.causal)
+    if case.active_heads is not None:
+        head_indices = moh_routing(spec, case.active_heads, g).to(opts.device)
+        head_chosen = head_selection(head_indices, spec.num_heads)
 
     # the simulator: its tiling and its bound
     t0 = time.perf_counter()
     fixed = (spec.routed.block,) * 2 if spec.routed is not None else (None, None)  # routed: tiles = blocks
-    report, why = simulate_case(spec, *fixed, device_model=device_model, block_indices=block_indices)
+    report, why = simulate_case(spec, *fixed, device_model=device_model, block_indices=block_indices,
+                                head_indices=head_indices)
     sim_s = time.perf_counter() - t0
     sim_tiling = None
     if report is not None:
@@ -568,7 +641,7 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
     # patterngen
     pg_out = None
     try:
-        res.pg, pg_out = run_patterngen(spec, q, k, v, opts, sim_tiling, block_indices)
+        res.pg, pg_out = run_patterngen(spec, q, k, v, opts, sim_tiling, block_indices, head_indices)
     except NotImplementedError as e:
         res.status = ("skipped: Routed not in the Triton backend yet" if spec.routed is not None
                       else f"skipped: {_short(e)}")
@@ -579,7 +652,8 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
     if res.pg is not None and report is not None:
         ran = (res.pg["q_tile"], res.pg["kv_tile"])
         if ran != (_to_tile(report.q_tile), _to_tile(report.kv_tile)):  # bound at the tiles that ran
-            other, why = simulate_case(spec, _tile_arg(ran[0]), _tile_arg(ran[1]), device_model, block_indices)
+            other, why = simulate_case(spec, _tile_arg(ran[0]), _tile_arg(ran[1]), device_model, block_indices,
+                                       head_indices)
             if other is not None:
                 res.sim = {**_sim_summary(other), "device_model": device_model,
                            "simulator_pick": [_to_tile(report.q_tile), _to_tile(report.kv_tile)]}
@@ -589,7 +663,7 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
         # FlexAttention
         flex_out = None
         try:
-            res.flex, flex_out = run_flex(spec, q, k, v, opts, block_indices)
+            res.flex, flex_out = run_flex(spec, q, k, v, opts, block_indices, head_chosen)
         except Exception as e:  # noqa: BLE001
             res.notes.append(f"flex failed: {_short(e)}")
             if opts.verbose:
@@ -598,7 +672,7 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
             res.err_vs_flex = _max_err(pg_out, flex_out)
         del flex_out
         # SDPA
-        _, masked = run_sdpa(case, q, k, v, opts, block_indices, res)
+        _, masked = run_sdpa(case, q, k, v, opts, block_indices, res, head_chosen)
         if pg_out is not None and masked is not None:
             res.err_vs_sdpa_mask = _max_err(pg_out, masked)
     del q, k, v, pg_out
@@ -613,7 +687,7 @@ def _tile_arg(t):
 
 # == reporting ==============================================================================
 COLUMNS = ("case", "patterngen ms", "tiles", "flex ms", "flex blk", "mask s", "sdpa ms", "causal ms",
-           "sdpa+mask ms", "x flex", "x sdpa", "bound", "% bound", "err")
+           "sdpa+mask ms", "x flex", "x sdpa", "bound", "% bound", "x all heads", "err")
 
 
 def _f(x, fmt="{:.3g}") -> str:
@@ -638,7 +712,7 @@ def table_rows(results: list[CaseResult]) -> list[list[str]]:
             _f(masked.get("ms")) if "ms" in masked else ("n/a" if "skipped" in masked else "-"),
             _f(r.speedup_vs_flex, "{:.2f}x"), _f(r.speedup_vs_sdpa, "{:.2f}x"),
             _f(r.bound, "{:.2f}x") if r.sim else "n/a", _f(r.bound_realised and 100 * r.bound_realised, "{:.0f}%"),
-            _f(r.err_vs_flex, "{:.1e}")])
+            _f(r.pg.get("vs_all_heads"), "{:.2f}x"), _f(r.err_vs_flex, "{:.1e}")])
     return rows
 
 
@@ -679,6 +753,8 @@ def summary(results: list[CaseResult], smoke: bool) -> dict:
             targets[f"{r.case.name}: >= 85% of the bound"] = r.bound_realised >= 0.85
         if r.case.name == "dense-causal" and r.speedup_vs_flex is not None:
             targets["dense causal >= 90% of FlexAttention"] = r.speedup_vs_flex >= 0.9
+        if r.case.active_heads == 0.5 and r.pg and r.pg.get("vs_all_heads"):
+            targets[f"{r.case.name}: >= 1.7x computing all heads"] = r.pg["vs_all_heads"] >= 1.7
     out["targets"] = targets
     return out
 

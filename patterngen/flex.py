@@ -46,8 +46,11 @@ def _head_runs(heads: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def mask_mod_for(spec: Spec, block_indices: torch.Tensor | None = None) -> MaskMod:
-    """FlexAttention `mask_mod(b, h, q_idx, kv_idx)` equal to `pg.dense_mask(spec)[h]`.
+def mask_mod_for(spec: Spec, block_indices: torch.Tensor | None = None,
+                 head_chosen: torch.Tensor | None = None) -> MaskMod:
+    """FlexAttention `mask_mod(b, h, q_idx, kv_idx)` equal to `pg.dense_mask(spec)[h]`;
+    with `head_chosen` [B, H, Nq] (Mixture-of-Head routing), also false where token
+    q_idx did not choose head h (captured as a table on its device).
 
     Heads with different patterns are told apart by comparing `h` with the runs
     of heads that share a pattern (plain integer comparisons: no captured table,
@@ -56,6 +59,14 @@ def mask_mod_for(spec: Spec, block_indices: torch.Tensor | None = None) -> MaskM
     bool table [B, H, q_blocks, kv_blocks] on their device, indexed by (b, h).
     """
     spec = _check_spec(spec)
+    if head_chosen is not None:
+        base = mask_mod_for(spec, block_indices)
+
+        def head_routed_mask_mod(b, h, q_idx, kv_idx):
+            return base(b, h, q_idx, kv_idx) & head_chosen[b, h, q_idx]
+
+        head_routed_mask_mod.__name__ = head_routed_mask_mod.__qualname__ = "patterngen_head_routed_mask_mod"
+        return head_routed_mask_mod
     table = _routed_table(spec, block_indices)
     if table is not None:
         heads = spec.head_patterns
@@ -97,10 +108,12 @@ def shared_pattern(spec: Spec) -> bool:
 
 
 def block_mask_for(spec: Spec, block_size: int | tuple[int, int] = 128, device: str | torch.device = "cpu",
-                   compile: bool | None = None, block_indices: torch.Tensor | None = None):
+                   compile: bool | None = None, block_indices: torch.Tensor | None = None,
+                   head_chosen: torch.Tensor | None = None):
     """FlexAttention `BlockMask` of the spec: B=None (the pattern does not depend on the
     batch), H=None when all heads share one pattern, else num_heads. Routed specs take
-    `block_indices` (moved to `device`) and get B and H from them.
+    `block_indices` (moved to `device`) and get B and H from them; head routing
+    (`head_chosen` [B, H, Nq] bool, see `mask_mod_for`) gets B and H from that.
 
     `compile` builds it through `torch.compile(create_block_mask)`, which avoids
     materialising Nq x Nkv booleans at once; default: on CUDA only.
@@ -121,8 +134,11 @@ def block_mask_for(spec: Spec, block_size: int | tuple[int, int] = 128, device: 
         block_indices = block_indices.to(device)
         batch = block_indices.shape[0] if block_indices.dim() == 4 else None
         heads = spec.num_heads
+    if head_chosen is not None:
+        head_chosen = head_chosen.to(device)
+        batch, heads = head_chosen.shape[0], spec.num_heads
     build = _compiled_create_block_mask() if compile else create_block_mask
-    return build(mask_mod_for(spec, block_indices), B=batch, H=heads, Q_LEN=spec.nq, KV_LEN=spec.nkv,
+    return build(mask_mod_for(spec, block_indices, head_chosen), B=batch, H=heads, Q_LEN=spec.nq, KV_LEN=spec.nkv,
                  device=device, BLOCK_SIZE=block_size)
 
 

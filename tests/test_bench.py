@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 NAMES = ["causal-sliding-window", "sinks-window", "neighborhood-2d", "gna-3d", "gna-3d-strided", "s2-shards",
-         "routed-topk", "dense-causal"]
+         "routed-topk", "dense-causal", "moh-causal-50", "moh-causal-75", "moh-neighborhood-2d-50",
+         "moh-neighborhood-2d-75"]
 
 
 def by_name(scale):
@@ -59,6 +60,22 @@ def test_full_suite_matches_issue():
 
     dense = cases["dense-causal"].spec
     assert (dense.q_shape, dense.pattern) == ((8192,), pg.Causal())
+
+    # issue 6: MoH at 50% and 75% of 32 heads, on 32K causal and the 2-D neighbourhood
+    for f in (50, 75):
+        causal, na2 = cases[f"moh-causal-{f}"], cases[f"moh-neighborhood-2d-{f}"]
+        assert (causal.spec.q_shape, causal.spec.pattern, causal.spec.num_heads) == ((32768,), pg.Causal(), 32)
+        assert (na2.spec.q_shape, na2.spec.pattern, na2.spec.num_heads) == ((128, 128), pg.Window((31, 31)), 32)
+        assert causal.active_heads == na2.active_heads == f / 100
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.75])
+def test_moh_routing_uses_the_fraction_of_heads(fraction):
+    spec = by_name("full")["moh-causal-50"].spec
+    idx = bench.moh_routing(pg.Spec(spec.pattern, 64, num_heads=32), fraction, torch.Generator().manual_seed(0))
+    chosen = pg.gate_heads(idx, torch.ones(idx.shape), 32) > 0
+    assert chosen.float().mean().item() == fraction
+    assert chosen[:, :4].all()  # the shared heads
 
 
 @pytest.mark.parametrize("scale", ["quick", "smoke"])

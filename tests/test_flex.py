@@ -132,3 +132,15 @@ def test_errors():
         mask_mod_for(pg.Causal())
     with pytest.raises(ValueError, match="block_size"):
         block_mask_for(pg.Spec(pg.Causal(), 64), 0)
+
+
+def test_head_routed_mask_mod_is_oracle_and_chosen():
+    """With MoH head routing the mask_mod is the pattern's mask and'ed with the chosen (token, head)."""
+    from torch.nn.attention.flex_attention import create_mask
+    spec = pg.Spec(pg.Heads([pg.Causal(), pg.Window(5)]), 24, num_heads=2, head_dim=8)
+    idx = torch.randint(-1, 2, (3, 24, 1), generator=torch.Generator().manual_seed(0))
+    chosen = pg.gate_heads(idx, torch.ones(idx.shape), 2) > 0
+    got = create_mask(mask_mod_for(spec, head_chosen=chosen), 3, 2, 24, 24, device="cpu")
+    assert torch.equal(got, pg.dense_mask(spec)[None] & chosen[..., None])
+    bm = block_mask_for(spec, 16, head_chosen=chosen)
+    assert bm.kv_num_blocks.shape[:2] == (3, 2)
