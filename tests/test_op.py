@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 import patterngen as pg
 from patterngen.backends.reference import reference_attention
-from patterngen.op import _attention_cuda, attention_backward_op, attention_op, lookup_spec, spec_key, triton_forward
+from patterngen.op import _attention_backward_cuda, _attention_cuda, attention_backward_op, attention_op, lookup_spec, spec_key, triton_forward
 
 TOL = 1e-5
 
@@ -199,6 +199,31 @@ def test_compiled_routed_attention():
         assert (a - t.grad).abs().max() < TOL
 
 
+def test_compiled_head_routed_attention():
+    """MoH head routing through the op: zero graph breaks, compiled equals eager, with gates."""
+    torch._dynamo.reset()
+    q, k, v = inputs(GQA_HEADS)
+    scores = torch.randn(2, GQA_HEADS.nq, 4, requires_grad=True)
+
+    def f(q, k, v, scores):
+        idx, gates = pg.route_heads(scores, 1, shared=1)
+        out = pg.attention(q, k, v, GQA_HEADS, head_indices=idx)
+        return (out * pg.gate_heads(idx, gates, 4)[..., None]).sum()
+
+    assert torch._dynamo.explain(f)(q, k, v, scores).graph_break_count == 0
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(q, k, v, scores)
+    got.backward()
+    g = [t.grad.clone() for t in (q, k, v, scores)]
+    for t in (q, k, v, scores):
+        t.grad = None
+    want = f(q, k, v, scores)
+    want.backward()
+    assert (got - want).abs() < 1e-4
+    for a, t in zip(g, (q, k, v, scores)):
+        assert (a - t.grad).abs().max() < TOL
+
+
 # -- opcheck --------------------------------------------------------------------------
 OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -212,6 +237,10 @@ def test_opcheck_forward(name):
     qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     for args in ((q, k, v, spec_key(spec), 0.3, idx), (qt, k, v, spec_key(spec), None, idx)):
         torch.library.opcheck(attention_op, args, test_utils=OPCHECK)
+    if idx is None:  # MoH head routing: token 3 uses no head, the others one or two
+        heads = torch.randint(-1, spec.num_heads, (q.shape[0], spec.nq, 2), generator=torch.Generator().manual_seed(2))
+        heads[:, 3] = -1
+        torch.library.opcheck(attention_op, (q, k, v, spec_key(spec), None, None, heads), test_utils=OPCHECK)
 
 
 def test_opcheck_backward():
@@ -228,6 +257,7 @@ def test_opcheck_backward():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
 @pytest.mark.parametrize("name", ["gqa_band", "routed"])
 def test_cuda_kernel_runs_the_triton_forward(name):
+    """Both the plain and (for static specs) the MoH head-routed forward."""
     spec = ROUTED if name == "routed" else pg.Spec(pg.Band(20) | pg.Sink(4), 128, num_heads=2, num_kv_heads=1,
                                                       head_dim=16)
     q, k, v = (t.detach() for t in inputs(spec))
@@ -238,6 +268,19 @@ def test_cuda_kernel_runs_the_triton_forward(name):
     ref, ref_lse = reference_attention(q, k, v, spec, block_indices=idx)
     assert out.is_contiguous() and out.dtype == q.dtype and lse.dtype == torch.float32
     assert (out - ref).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+    if idx is None:
+        heads = torch.randint(-1, spec.num_heads, (q.shape[0], spec.nq, 1), generator=torch.Generator().manual_seed(3))
+        out, lse = _attention_cuda(qt, k, v, spec_key(spec), None, None, heads)
+        chosen = pg.gate_heads(heads, torch.ones(heads.shape), spec.num_heads) > 0
+        assert (out - ref * chosen[..., None]).abs().max() < 1e-5
+        assert torch.equal(torch.isinf(lse), ~chosen)
+        dout = torch.randn_like(out)
+        dq, dk, dv = _attention_backward_cuda(dout, None, q, k, v, out, lse, spec_key(spec), None, None, heads)
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        r, _ = reference_attention(qr, kr, vr, spec)
+        (r * chosen[..., None]).backward(dout)
+        for a, t in zip((dq, dk, dv), (qr, kr, vr)):
+            assert (a - t.grad).abs().max() < 1e-5
 
 
 def test_import_does_not_import_triton_or_dynamo():
