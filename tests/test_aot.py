@@ -1,6 +1,7 @@
-"""Ahead-of-time builds: `patterngen build` cross-compiles sm_90 cubins on this CPU machine,
-`pg.load` verifies and runs them (reference backend, or the interpreter), and refuses
-builds made for another arch, spec, version, or with a corrupted file."""
+"""Ahead-of-time builds: `patterngen build` cross-compiles sm_90 cubins of the forward and
+backward kernels on this CPU machine, `pg.load` verifies and runs them (reference backend,
+or the interpreter) with gradients, and refuses builds made for another arch, spec,
+version, or with a corrupted file."""
 import getpass
 import json
 import os
@@ -25,6 +26,13 @@ stream = pg.Spec((pg.Sink(4) | pg.Band(63)) & pg.Causal(), q_shape=256, num_head
 window = pg.Spec(pg.Window((5, 7)), q_shape=(16, 24), num_heads=2, head_dim=32)
 specs = [stream, window]
 '''
+GRADS = '''
+import patterngen as pg
+causal = pg.Spec(pg.Causal(), q_shape=100, num_heads=2, head_dim=32)
+gqa_window = pg.Spec(pg.Window(9) & pg.Causal(), q_shape=80, num_heads=4, num_kv_heads=2, head_dim=16)
+routed = pg.Spec(pg.Routed(16, 2, causal=True), q_shape=64, num_heads=2, head_dim=16)
+specs = [causal, gqa_window, routed]
+'''
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +44,14 @@ def builds(tmp_path_factory):
     assert main(["build", str(EXAMPLES / "streaming_llm.py"), "--out", str(example), "--arch", "sm_80,sm_90",
                  "--head-dim", "64"]) == 0
     return root, small, example
+
+
+@pytest.fixture(scope="module")
+def grads_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aot_grads")
+    (root / "grads.py").write_text(GRADS)
+    assert main(["build", str(root / "grads.py"), "--out", str(root / "build"), "--dtype", "fp32"]) == 0
+    return root / "build"
 
 
 def manifest(d):
@@ -50,19 +66,29 @@ def copy(src, dst):
 def test_build_writes_cubins_ptx_sources_and_a_manifest(builds):
     _, small, example = builds
     m = manifest(example)
-    assert m["format"] == "patterngen-aot" and m["kernels_built"] == ["forward"] and "backward" in m["not_built"]
+    assert m["format"] == "patterngen-aot" and m["kernels_built"] == ["forward", "backward"] and not m["not_built"]
     assert {"torch", "triton", "patterngen"} <= set(m["versions"])
     spec = pg.Spec((pg.Sink(4) | pg.Band(1023)) & pg.Causal(), q_shape=32768, num_heads=32, head_dim=64)
     assert sorted(r["arch"] for r in m["kernels"]) == [80, 90]
     for r in m["kernels"]:
-        assert r["spec"] == repr(spec) and r["head_dim"] == 64 and r["dtype"] == "bf16" and r["kind"] == "forward"
+        assert r["spec"] == repr(spec) and r["head_dim"] == 64 and r["dtype"] == "bf16"
+        assert r["kernels_built"] == ["forward", "backward"] and "not_built" not in r
         assert r["tiling"] == {"q_tile": pg.simulate(spec).q_tile, "kv_tile": pg.simulate(spec).kv_tile}
         assert r["shared_bytes"] > 0 and r["config"]["num_warps"] in (4, 8)
         cubin = (example / r["files"]["cubin"]).read_bytes()
         assert cubin[:4] == b"\x7fELF"  # a real device binary
         ptx = (example / r["files"]["ptx"]).read_text()
         assert f".target sm_{r['arch']}" in ptx and ".entry attention_fwd" in ptx
-        assert set(r["sha256"]) == set(r["files"].values())
+        bwd = r["backward"]
+        assert set(bwd["kernels"]) == {"attention_bwd_dkdv", "attention_bwd_dq", "bwd_preprocess"}
+        assert "def attention_bwd_dkdv" in (example / bwd["files"]["source"]).read_text()
+        assert set(torch.load(example / bwd["files"]["tables"])) >= {"rows", "cols", "head_group", "rows_t", "cols_t"}
+        for entry, kb in bwd["kernels"].items():
+            assert (example / kb["cubin"]).read_bytes()[:4] == b"\x7fELF"
+            ptx = (example / kb["ptx"]).read_text()
+            assert f".target sm_{r['arch']}" in ptx and f".entry {entry}" in ptx
+        bfiles = [*bwd["files"].values(), *(kb[f] for kb in bwd["kernels"].values() for f in ("cubin", "ptx"))]
+        assert set(r["sha256"]) == set(r["files"].values()) | set(bfiles)
     small_m = manifest(small)
     assert len(small_m["kernels"]) == 2 and {r["arch"] for r in small_m["kernels"]} == {90}
     assert any(isinstance(r["tiling"]["q_tile"], list) for r in small_m["kernels"])  # the 2-D spec: box tiles
@@ -185,3 +211,85 @@ def test_build_cli_errors(builds, tmp_path, capsys):
     assert "sm_75" in capsys.readouterr().err
     assert main(["build", str(root / "small.py"), "--out", str(tmp_path / "x"), "--dtype", "int8"]) == 2
     assert "int8" in capsys.readouterr().err
+
+
+# -- backward kernels ---------------------------------------------------------------------
+def test_build_writes_backward_kernels_except_for_routed_specs(grads_build):
+    m = manifest(grads_build)
+    assert m["kernels_built"] == ["forward", "backward"] and "routed" in m["not_built"]["backward"]
+    by_name = {r["name"]: r for r in m["kernels"]}
+    for name in ("causal", "gqa_window"):
+        r = by_name[name]
+        assert r["kernels_built"] == ["forward", "backward"] and r["dtype"] == "fp32"
+        assert r["backward"]["files"]["source"] == r["files"]["source"].replace("_fwd.py", "_bwd.py")
+        for kb in r["backward"]["kernels"].values():
+            assert (grads_build / kb["cubin"]).read_bytes()[:4] == b"\x7fELF"
+    routed = by_name["routed"]
+    assert routed["kernels_built"] == ["forward"] and "backward" not in routed
+    assert "Routed" in routed["not_built"]["backward"]
+    build = pg.load(grads_build)
+    assert [build[r["spec"]].kinds for r in m["kernels"]] == [["forward", "backward"]] * 2 + [["forward"]]
+
+
+@pytest.mark.parametrize("part", ["source", "tables", "cubin"])
+def test_load_refuses_a_tampered_backward_file(grads_build, tmp_path, part):
+    d = copy(grads_build, tmp_path / "b")
+    bwd = manifest(d)["kernels"][0]["backward"]
+    name = bwd["kernels"]["attention_bwd_dq"]["cubin"] if part == "cubin" else bwd["files"][part]
+    data = bytearray((d / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (d / name).write_bytes(bytes(data))
+    with pytest.raises(AOTError, match=rf"{name} is corrupt"):
+        pg.load(d)
+
+
+def _grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_loaded_kernels_are_differentiable(grads_build, interpret, monkeypatch):
+    """Under the interpreter the saved backward kernels give the gradients; without it the
+    reference backend's autograd does; both equal pg.attention's reference gradients."""
+    if interpret == "1" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter must be on before triton is imported")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    build = pg.load(grads_build)
+    g = torch.Generator().manual_seed(1)
+    for spec in build.specs:
+        kern = build[spec]
+        q = torch.randn(2, spec.num_heads, spec.nq, spec.head_dim, generator=g)
+        k, v = (torch.randn(2, spec.num_kv_heads, spec.nkv, spec.head_dim, generator=g) for _ in range(2))
+        dout = torch.randn_like(q)
+        idx = None
+        if spec.routed is not None:
+            idx = torch.randint(0, spec.nkv // spec.routed.block, (spec.num_heads, spec.nq // spec.routed.block,
+                                                                    spec.routed.topk), generator=g)
+        got = _grads(lambda *x: kern(*x, block_indices=idx), q, k, v, dout)
+        want = _grads(lambda *x: pg.attention(*x, spec, block_indices=idx), q, k, v, dout)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert a.shape == b.shape
+            assert (a - b).abs().max() < 1e-4, f"{spec!r}: {name} differs by {(a - b).abs().max():.2e}"
+        if interpret == "1" and spec.routed is None:  # the gradients came from the saved kernels
+            assert kern._backward and next(iter(kern._backward.values())).source is None
+
+
+def test_lse_gradients_of_a_loaded_kernel_take_the_reference(grads_build):
+    """The kernels do not take an lse gradient; a loss on lse still differentiates exactly."""
+    spec = next(s for s in pg.load(grads_build).specs if s.num_kv_heads == 2)
+    kern = pg.load(grads_build)[spec]
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, spec.num_heads, spec.nq, spec.head_dim, generator=g)
+    k, v = (torch.randn(1, spec.num_kv_heads, spec.nkv, spec.head_dim, generator=g) for _ in range(2))
+
+    def loss(fn):
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out, lse = fn(qg, kg, vg)
+        return torch.autograd.grad(out.square().sum() + lse.sum(), (qg, kg, vg))
+
+    got = loss(lambda *x: kern(*x, return_lse=True))
+    want = loss(lambda *x: pg.attention(*x, spec, return_lse=True))
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-4

@@ -21,7 +21,8 @@ from torch._dynamo.utils import counters
 
 import patterngen as pg
 from patterngen.backends.reference import reference_attention
-from patterngen.op import _attention_backward_cuda, _attention_cuda, attention_backward_op, attention_op, lookup_spec, spec_key, triton_forward
+from patterngen.op import (_attention_backward_cuda, _attention_cuda, attention_backward_op, attention_op,
+                           lookup_spec, spec_key, triton_forward)
 
 TOL = 1e-5
 

@@ -4,21 +4,28 @@ with a manifest, and load such a directory back as ready-to-run kernels.
 Layout of a build directory (every name relative, no machine path or user name):
 
     manifest.json                  format, versions, one record per (spec, arch, dtype)
-    <spec>_fwd.py                  the generated Triton module (shared by every arch/dtype)
+    <spec>_fwd.py                  the generated Triton forward module (shared by every arch/dtype)
     <spec>_fwd_tables.pt           the plan tables the kernel walks (rows, cols, work, head groups)
     <spec>_fwd_sm90_bf16.cubin     the compiled kernel for one arch and dtype, and its .ptx
+    <spec>_bwd.py                  the generated backward module (dK/dV, dQ, rowsum(dO * O))
+    <spec>_bwd_tables.pt           the backward's plan tables: its forward tables (the backward
+                                   may walk smaller q tiles) and the transposed rows_t/cols_t
+    <spec>_bwd_sm90_bf16_<kernel>.cubin   each backward kernel for one arch and dtype, and .ptx
 
-Only forward kernels are built so far (the backward kernels are not yet part of an
-AOT build); the manifest's `kernels_built` says so and `not_built` says why, so a
-reader does not assume training kernels are inside.
+Forward and backward kernels are built for every spec (the record's `kernels_built`);
+Routed specs have no generated backward yet, so they get the forward only and the
+record's `not_built` says why (their gradients come from the reference backend).
 
-Loading imports the saved module (no rendering, no tuning, no plan analysis:
-the tables are saved too). On CUDA the kernel is launched through that module
+Loading imports the saved modules (no rendering, no tuning, no plan analysis:
+the tables are saved too). On CUDA the kernels are launched through those modules
 and Triton's JIT, after checking that the device's architecture and the
 tensors' dtype are among the built ones; the cubins are shipped, hashed and
 checked but not loaded into the driver (Triton 3.9 has no stable public API to
-launch a foreign cubin). On CPU the kernel runs under the Triton interpreter when
-TRITON_INTERPRET=1 and through the exact reference backend otherwise.
+launch a foreign cubin). On CPU the kernels run under the Triton interpreter when
+TRITON_INTERPRET=1 and through the exact reference backend otherwise. A loaded
+kernel is differentiable in q, k and v: the saved backward kernels give the
+gradients where the forward ran as a kernel, the reference backend's autograd
+otherwise (and for a gradient flowing into the returned lse).
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ from ...tiles import TileGrid, Tiling
 from ..inputs import check_inputs, check_scale
 from ..reference import reference_attention
 from .codegen import import_file
-from .runtime import KernelConfig, TritonForward
+from .runtime import KernelConfig, TritonBackward, TritonForward, backward_tiling
 
 FORMAT = "patterngen-aot"
 FORMAT_VERSION = 1
@@ -50,6 +57,7 @@ MANIFEST = "manifest.json"
 ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ENTRY = "attention_fwd"
+BACKWARD_ENTRIES = ("attention_bwd_dkdv", "attention_bwd_dq", "bwd_preprocess")
 
 
 class AOTError(ValueError):
@@ -130,10 +138,14 @@ def _write_atomic(directory: Path, name: str, data: bytes) -> str:
     return _sha256(data)
 
 
-def _tables_bytes(kern: TritonForward) -> bytes:
+def _tables_bytes(kern: TritonForward, backward: TritonBackward | None = None) -> bytes:
+    """The forward's plan tables, and with `backward` its transposed tables too."""
+    tables = {"rows": kern.rows, "cols": kern.cols, "work": kern.work, "head_group": kern.head_group,
+              "routed_heads": kern.routed_heads, "max_static": torch.tensor(kern.max_static)}
+    if backward is not None:
+        tables.update(rows_t=backward.rows_t, cols_t=backward.cols_t)
     buf = io.BytesIO()
-    torch.save({"rows": kern.rows, "cols": kern.cols, "work": kern.work, "head_group": kern.head_group,
-                "routed_heads": kern.routed_heads, "max_static": torch.tensor(kern.max_static)}, buf)
+    torch.save(tables, buf)
     return buf.getvalue()
 
 
@@ -169,8 +181,8 @@ def _tile_from_json(tile):
 # -- build ------------------------------------------------------------------------------
 def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",), head_dim: int | None = None,
           log=None) -> dict:
-    """Render each spec's forward kernel once and cross-compile it for every arch x dtype
-    into `out`; returns the manifest (also written, last, as out/manifest.json)."""
+    """Render each spec's forward and backward kernels once and cross-compile them for every
+    arch x dtype into `out`; returns the manifest (also written, last, as out/manifest.json)."""
     arch_list = list(dict.fromkeys(parse_arch(a) for a in archs))
     dtype_list = list(dict.fromkeys(parse_dtype(d) for d in dtypes))
     if not arch_list or not dtype_list:
@@ -193,33 +205,64 @@ def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",)
         kern = TritonForward(spec, tiling)
         stem = f"{_safe(name)}_{digest[:12]}_fwd"
         files = {f"{stem}.py": kern.source.encode(), f"{stem}_tables.pt": _tables_bytes(kern)}
+        # the backward exactly as pg.attention's CUDA path builds it at run time (patterngen/op.py)
+        bwd, bstem, why_not = None, f"{_safe(name)}_{digest[:12]}_bwd", None
+        btiling = backward_tiling(tiling, spec.head_dim)
+        try:
+            bwd = TritonBackward(TritonForward(spec, btiling))
+        except NotImplementedError as exc:
+            why_not = f"{exc} (a loaded kernel's gradients come from the reference backend)"
+        if bwd is not None:
+            files.update({f"{bstem}.py": bwd.source.encode(), f"{bstem}_tables.pt": _tables_bytes(bwd.fwd, bwd)})
         hashes = {n: _write_atomic(directory, n, data) for n, data in files.items()}
         for arch in arch_list:
             for dt in dtype_list:
                 if log:
-                    log(f"  {name}: forward, sm_{arch}, {dt} ...")
+                    log(f"  {name}: forward{'' if bwd is None else ' + backward'}, sm_{arch}, {dt} ...")
                 with _no_line_info():
                     compiled = kern.cross_compile(arch, DTYPES[dt])
+                    bcompiled = [] if bwd is None else bwd.cross_compile(arch, DTYPES[dt], preprocess=True)
                 kfiles = {f"{stem}_sm{arch}_{dt}.cubin": compiled.cubin,
                           f"{stem}_sm{arch}_{dt}.ptx": compiled.ptx.encode()}
+                bkernels = {}
+                for c in bcompiled:
+                    base = f"{bstem}_sm{arch}_{dt}_{c.name}"
+                    kfiles.update({f"{base}.cubin": c.cubin, f"{base}.ptx": c.ptx.encode()})
+                    bkernels[c.name] = {"cubin": f"{base}.cubin", "ptx": f"{base}.ptx", "shared_bytes": c.shared,
+                                        "config": {"num_warps": c.num_warps, "num_stages": c.num_stages}}
                 khashes = {n: _write_atomic(directory, n, data) for n, data in kfiles.items()}
-                records.append({
-                    "kind": "forward", "name": name, "spec": text, "spec_sha256": digest,
+                record = {
+                    "kind": "attention", "name": name, "spec": text, "spec_sha256": digest,
+                    "kernels_built": ["forward"] if bwd is None else ["forward", "backward"],
                     "tiling": {"q_tile": _tile_json(tiling.q_tile), "kv_tile": _tile_json(tiling.kv_tile)},
                     "config": {"num_warps": compiled.num_warps, "num_stages": compiled.num_stages},
                     "arch": arch, "dtype": dt, "head_dim": spec.head_dim, "shared_bytes": compiled.shared,
                     "entry": ENTRY,
                     "files": {"source": f"{stem}.py", "tables": f"{stem}_tables.pt",
                               "cubin": f"{stem}_sm{arch}_{dt}.cubin", "ptx": f"{stem}_sm{arch}_{dt}.ptx"},
-                    "sha256": {**hashes, **khashes},
-                })
+                }
+                if bwd is None:
+                    record["not_built"] = {"backward": why_not}
+                else:
+                    record["backward"] = {
+                        "tiling": {"q_tile": _tile_json(btiling.q_tile), "kv_tile": _tile_json(btiling.kv_tile)},
+                        "config": {"num_warps": bwd.config.num_warps, "num_stages": bwd.config.num_stages},
+                        "files": {"source": f"{bstem}.py", "tables": f"{bstem}_tables.pt"},
+                        "kernels": bkernels,
+                    }
+                record["sha256"] = {**hashes, **khashes}
+                records.append(record)
+    kinds = ["forward"] + (["backward"] if any("backward" in r for r in records) else [])
+    missing = sorted({r["name"] for r in records if "backward" not in r})
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
-        "kernels_built": ["forward"],
-        "not_built": {"backward": "backward kernels (TritonBackward) are generated at run time but not yet "
-                                  "built ahead of time; gradients of a loaded kernel need pg.attention"},
-        "runtime": "CUDA: the saved source through Triton's JIT (cubins are verified, not driver-loaded); "
-                   "CPU: the reference backend, or the Triton interpreter when TRITON_INTERPRET=1",
+        "kernels_built": kinds,
+        "not_built": ({"backward": f"not generated for {', '.join(missing)} (Routed patterns have no backward "
+                                   f"kernels yet; their gradients come from the reference backend)"}
+                      if missing else {}),
+        "runtime": "CUDA: the saved sources through Triton's JIT (cubins are verified, not driver-loaded); "
+                   "CPU: the reference backend, or the Triton interpreter when TRITON_INTERPRET=1; "
+                   "gradients: the saved backward kernels where built, else the reference backend",
         "kernels": records,
     }
     _write_atomic(directory, MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
@@ -300,16 +343,49 @@ class KernelRecord:
     config: KernelConfig
     shared_bytes: int
     files: dict
+    backward: dict | None = None  # the manifest's backward section; None where not built
+
+
+class _LoadedAttention(torch.autograd.Function):
+    """A loaded forward kernel with its saved backward kernels as the gradient (dq, dk, dv).
+    A gradient flowing into lse, or a spec built without backward kernels (Routed), takes
+    the reference backend's autograd instead."""
+
+    @staticmethod
+    def forward(ctx, kern, record, scale, block_indices, q, k, v):
+        out, lse = kern._triton(record)(q, k, v, scale=scale, block_indices=block_indices)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, block_indices)
+        ctx.kern, ctx.record, ctx.scale = kern, record, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, block_indices = ctx.saved_tensors
+        kern = ctx.kern
+        if dout is None and dlse is None:
+            grads = (None, None, None)
+        elif dlse is None and ctx.record.backward is not None and q.shape[0] > 0:
+            grads = kern._triton_backward(ctx.record)(q, k, v, out, lse, dout, scale=ctx.scale)
+        else:
+            grads = kern._reference_grads(q, k, v, dout, dlse, ctx.scale, block_indices)
+        return (None, None, None, None, *grads)
 
 
 class AOTKernel:
-    """The built forward kernel(s) of one spec: call like pg.compile's kernel,
-    `kern(q, k, v, scale=None, block_indices=None, return_lse=False)`."""
+    """The built kernels of one spec: call like pg.compile's kernel,
+    `kern(q, k, v, scale=None, block_indices=None, return_lse=False)`; differentiable in q, k, v."""
 
     def __init__(self, build: "AOTBuild", spec: Spec, records: list[KernelRecord]):
         self._build, self.spec, self.records = build, spec, records
         self._forward: dict[bool, LoadedForward] = {}
+        self._backward: dict[bool, TritonBackward] = {}
         self._plan = None
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kernels built for this spec: ['forward'] or ['forward', 'backward']."""
+        return ["forward"] + (["backward"] if all(r.backward is not None for r in self.records) else [])
 
     @property
     def archs(self) -> list[int]:
@@ -338,6 +414,36 @@ class AOTKernel:
             self._forward[interp] = LoadedForward(self.spec, record.tiling, record.config, module, tables)
         return self._forward[interp]
 
+    def _triton_backward(self, record: KernelRecord) -> TritonBackward:
+        """The saved backward launcher: its module and tables as built (nothing rendered)."""
+        import triton
+        interp = bool(triton.knobs.runtime.interpret)
+        if interp not in self._backward:
+            bwd = record.backward
+            module = self._build.import_source(bwd["files"]["source"], interp)
+            tables = self._build.read_tables(bwd["files"]["tables"])
+            tiling = Tiling(_tile_from_json(bwd["tiling"]["q_tile"]), _tile_from_json(bwd["tiling"]["kv_tile"]))
+            config = KernelConfig(**bwd["config"])
+            fwd = LoadedForward(self.spec, tiling, config, None, tables)  # the backward's plan tables
+            self._backward[interp] = TritonBackward.from_saved(fwd, module, tables["rows_t"], tables["cols_t"],
+                                                               config)
+        return self._backward[interp]
+
+    def _reference(self, q, k, v, scale, block_indices):
+        if self.spec.routed is None and self._plan is None:
+            self._plan = build_plan(self.spec)  # the plan pg.attention follows: same numbers
+        return reference_attention(q, k, v, self.spec, plan=self._plan, scale=scale, block_indices=block_indices)
+
+    def _reference_grads(self, q, k, v, dout, dlse, scale, block_indices):
+        """(dq, dk, dv) by differentiating the reference forward (dout or dlse may be None)."""
+        with torch.enable_grad():
+            qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out, lse = self._reference(qg, kg, vg, scale, block_indices)
+            pairs = [(o, g) for o, g in ((out, dout), (lse, dlse)) if g is not None]
+            grads = torch.autograd.grad([o for o, _ in pairs], (qg, kg, vg), [g for _, g in pairs],
+                                        allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))
+
     def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
                  return_lse: bool = False):
         check_inputs(q, k, v, self.spec)
@@ -346,19 +452,35 @@ class AOTKernel:
             major, minor = torch.cuda.get_device_capability(q.device)
             record = self.record_for(major * 10 + minor, parse_dtype(q.dtype) if q.dtype in DTYPES.values()
                                      else str(q.dtype))
-            out, lse = self._triton(record)(q, k, v, scale=scale, block_indices=block_indices)
         elif os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float64:
-            out, lse = self._triton(self.records[0])(q, k, v, scale=scale, block_indices=block_indices)
-        else:
-            if self.spec.routed is None and self._plan is None:
-                self._plan = build_plan(self.spec)  # the plan pg.attention follows: same numbers
-            out, lse = reference_attention(q, k, v, self.spec, plan=self._plan, scale=scale,
-                                           block_indices=block_indices)
+            record = self.records[0]
+        else:  # the reference backend is differentiable as it stands
+            out, lse = self._reference(q, k, v, scale, block_indices)
+            return (out, lse) if return_lse else out
+        out, lse = _LoadedAttention.apply(self, record, scale, block_indices, q, k, v)
         return (out, lse) if return_lse else out
 
     def __repr__(self):
         return (f"AOTKernel({self.spec!r}, archs={['sm_%d' % a for a in self.archs]}, dtypes={self.dtypes}, "
-                f"kinds=['forward'])")
+                f"kinds={self.kinds})")
+
+
+def _backward_section(record: dict) -> dict | None:
+    """The record's backward section, checked for what loading needs (None where not built)."""
+    bwd = record.get("backward")
+    if bwd is None:
+        return None
+    try:
+        ok = (set(bwd["files"]) == {"source", "tables"} and set(bwd["kernels"]) <= set(BACKWARD_ENTRIES)
+              and all(name in record["sha256"] for name in bwd["files"].values())
+              and all(k[f] in record["sha256"] for k in bwd["kernels"].values() for f in ("cubin", "ptx"))
+              and {"q_tile", "kv_tile"} <= set(bwd["tiling"]) and KernelConfig(**bwd["config"]) is not None)
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise AOTError(f"manifest: the backward section of the {record.get('spec', '?')[:120]} record is "
+                       f"malformed; rebuild with `patterngen build`")
+    return bwd
 
 
 class AOTBuild(Mapping):
@@ -377,7 +499,7 @@ class AOTBuild(Mapping):
             tiling = Tiling(_tile_from_json(r["tiling"]["q_tile"]), _tile_from_json(r["tiling"]["kv_tile"]))
             grouped.setdefault(r["spec"], []).append(KernelRecord(
                 specs[r["spec"]], int(r["arch"]), r["dtype"], tiling, KernelConfig(**r["config"]),
-                int(r["shared_bytes"]), dict(r["files"])))
+                int(r["shared_bytes"]), dict(r["files"]), _backward_section(r)))
         self._kernels = {text: AOTKernel(self, specs[text], recs) for text, recs in grouped.items()}
 
     def _key(self, spec) -> str:

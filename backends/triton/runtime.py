@@ -204,6 +204,12 @@ class TritonForward:
 LOG2E = 1.4426950408889634
 
 
+def backward_config(block_d: int) -> KernelConfig:
+    """The backward kernels' launch: 8 warps from head dim 128 on (two [BLOCK_N, BLOCK_D]
+    accumulators in dK/dV), which keeps them spill-free on sm_80/sm_90."""
+    return KernelConfig(num_warps=8 if block_d >= 128 else 4, num_stages=2)
+
+
 def backward_tiling(tiling: Tiling, head_dim: int) -> Tiling:
     """The dK/dV kernel holds two accumulators per kv tile; for head dims >= 128 it walks q
     tiles of at most 32 tokens (halving the forward's) to stay within registers: no spills
@@ -248,7 +254,7 @@ class TritonBackward:
             raise NotImplementedError("triton backend: no backward kernels for Routed patterns yet; "
                                       "use the reference backend for gradients")
         source = render_backward(forward.spec, forward.statics, forward.q_grid, forward.kv_grid)
-        self._setup(forward, config or KernelConfig(num_warps=8 if forward.block_d >= 128 else 4, num_stages=2),
+        self._setup(forward, config or backward_config(forward.block_d),
                     source, load_source(source), *transposed_tables(forward))
 
     @classmethod
