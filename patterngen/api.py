@@ -2,10 +2,10 @@
 
 `pg.attention` calls the `patterngen::attention` custom op (patterngen/op.py):
 the exact, differentiable reference backend on CPU, the generated Triton
-forward kernel on CUDA, traced by `torch.compile` as one opaque node.
-`pg.compile` can also hold a generated Triton forward kernel: "triton" always
-uses it, "auto" uses it for CUDA tensors when no gradient is needed (the
-backward kernels are not generated yet) and the reference path otherwise.
+forward and backward kernels on CUDA, traced by `torch.compile` as one opaque
+node; it is the path for training. `pg.compile` holds a tuned Triton forward
+kernel for inference: "triton" always uses it, "auto" uses it for CUDA tensors
+when no gradient is needed and the reference path otherwise.
 """
 from __future__ import annotations
 

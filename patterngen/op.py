@@ -4,10 +4,11 @@ Why an op: `torch.compile` traces a module that calls `pg.attention` without
 graph breaks only if the attention is one opaque node with a fake (meta)
 implementation and a registered backward. The op's CPU body (and the body on
 any device without a generated kernel) is the exact reference backend; on
-CUDA it launches the generated Triton forward kernel, built once per spec and
-cached. The backward is a second op, so compiled backward graphs stay opaque
-too; it recomputes the reference under autograd until the Triton backward
-kernels plug into `BACKWARD_KERNELS`.
+CUDA it launches the generated Triton kernels, built once per spec and cached
+(with `head_indices`, the head-routed MoH kernels). The backward is a second
+op, so compiled backward graphs stay opaque too: the generated backward
+kernels when no lse gradient flows, else the reference recomputed under
+autograd (`BACKWARD_KERNELS` overrides both).
 
 A Spec is not a tensor, so the op receives it as a string key into a
 process-wide registry (`spec_key`). The key is derived from the spec's repr,
@@ -215,14 +216,16 @@ _BACKWARD: dict[str, object] = {}
 
 def triton_backward(key: str):
     """The cached generated backward (dQ, dK/dV kernels) of a spec, or None where the spec has
-    no Triton forward or its pattern has no generated backward (Routed)."""
+    no Triton forward."""
     if key not in _BACKWARD:
         from .backends.triton import TritonBackward, TritonForward, backward_tiling
         from .tiles import Tiling
         fwd, kern = triton_forward(key), None
         if fwd is not None:
             spec = lookup_spec(key)
-            tiling = backward_tiling(Tiling(fwd.q_grid.tile, fwd.kv_grid.tile), spec.head_dim)
+            tiling = Tiling(fwd.q_grid.tile, fwd.kv_grid.tile)
+            if spec.routed is None:  # routed tiles are the routing blocks, in both directions
+                tiling = backward_tiling(tiling, spec.head_dim)
             try:
                 kern = TritonBackward(TritonForward(spec, tiling))
             except (NotImplementedError, ValueError):
@@ -245,7 +248,7 @@ def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None
     if kern is None and dlse is None and q.dtype != torch.float64 and q.shape[0] > 0:
         generated = triton_backward(spec_key)  # the lse gradient is not in the kernels: reference then
         if generated is not None:
-            dq, dk, dv = generated(q, k, v, out, lse, dout, scale=scale)
+            dq, dk, dv = generated(q, k, v, out, lse, dout, scale=scale, block_indices=block_indices)
             return dq.contiguous(), dk.contiguous(), dv.contiguous()
     if kern is None or q.dtype == torch.float64:
         return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices)

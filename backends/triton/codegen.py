@@ -161,6 +161,17 @@ def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_gri
                      for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
 
 
+def _groups(patterns: list[Pattern | None], spec: Spec) -> list[dict]:
+    """One mask function per group of heads (None: a group whose static part is empty)."""
+    return [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
+            for i, p in enumerate(patterns)]
+
+
+def _routed_context(spec: Spec) -> dict | None:
+    """What the templates need of a Routed node: its causal flag and the q -> kv index offset."""
+    return None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
+
+
 def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
                    segments: list[dict] | None = None) -> str:
     """The forward kernel module: one mask function per group of heads (`patterns`,
@@ -168,11 +179,11 @@ def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid,
     specs, the run-time block loop. `segments` (see ranges.py) and undilated windows
     replace the index table by closed-form kv-tile ranges."""
     from ... import __version__
-    groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
-              for i, p in enumerate(patterns)]
-    routed = None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
+    groups = _groups(patterns, spec)
     return _env.get_template("attention_fwd.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=routed, segments=segments,
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=_routed_context(spec),
+        q_parts=2 if spec.head_dim > 64 else 1,
+        segments=segments,
         window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
@@ -181,10 +192,10 @@ def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid
     """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
     same mask functions and tile addressing as the forward."""
     from ... import __version__
-    groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
-              for i, p in enumerate(patterns)]
+    groups = _groups(patterns, spec)
     return _env.get_template("attention_bwd.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups,
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=_routed_context(spec),
+        q_parts=2 if spec.head_dim > 64 else 1,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
 
 
@@ -192,8 +203,7 @@ def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, k
     """The head-routed kernels (token compaction, forward, dQ, dK/dV over compacted q tiles)
     with the same mask functions, tile addressing and kv-tile steps as the dense-head ones."""
     from ... import __version__
-    groups = [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
-              for i, p in enumerate(patterns)]
+    groups = _groups(patterns, spec)
     return _env.get_template("attention_heads.jinja").render(
         version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=None,
         window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,

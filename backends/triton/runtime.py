@@ -63,7 +63,7 @@ def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
 
 
 _INT_TABLES = ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX", "ROWS_T", "COLS_T", "HIDX", "SLOTS", "PREF", "KV_LO",
-               "KV_HI", "RUN_PTR", "RUNS")
+               "KV_HI", "RUN_PTR", "RUNS", "RT_PTR", "RT_Q")
 
 
 def cross_compile(source: str, kernel: str, arg_names: list[str], consts: dict, dtype: torch.dtype, arch: int,
@@ -155,6 +155,13 @@ class TritonForward:
         work = torch.stack([order // cost.shape[1], order % cost.shape[1]], 1).to(torch.int32)
         return rows, cols, work
 
+    def routed_indices(self, block_indices, batch: int, device) -> torch.Tensor:
+        """int32 [B, H, q blocks, topk] block indices as the kernels read them (checked and
+        normalised; -1 in the heads whose pattern has no Routed part)."""
+        idx = normalize_block_indices(self.spec, block_indices).expand(batch, -1, -1, -1)
+        idx = torch.where(self.routed_heads.to(idx.device)[None, :, None, None], idx, -1)
+        return idx.to(device=device, dtype=torch.int32).contiguous()
+
     def tables_on(self, device: torch.device):
         if device not in self._device_tables:
             self._device_tables[device] = tuple(t.to(device) for t in (self.rows, self.cols, self.work,
@@ -173,12 +180,7 @@ class TritonForward:
     def __call__(self, q, k, v, scale: float | None = None,
                  block_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B = q.shape[0]
-        routed = []
-        if self.spec.routed is not None:
-            idx = normalize_block_indices(self.spec, block_indices).expand(B, -1, -1, -1)
-            idx = torch.where(self.routed_heads.to(idx.device)[None, :, None, None], idx, -1)
-            idx = idx.to(device=q.device, dtype=torch.int32).contiguous()
-            routed = [idx]
+        routed = [] if self.spec.routed is None else [self.routed_indices(block_indices, B, q.device)]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = 1.0 / math.sqrt(self.spec.head_dim) if scale is None else float(scale)
         out = torch.empty_like(q)
@@ -244,15 +246,33 @@ def transposed_tables(forward: TritonForward) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32)
 
 
+def routed_transpose(idx: torch.Tensor, num_kv_tiles: int):
+    """(RT_PTR [B*H*kv tiles + 1], RT_Q) int32: per (batch, head, kv block), the q tiles whose
+    routed blocks include it, in q order; a block listed twice by one q tile counts once.
+    Fixed-size torch ops (a sort, a scatter-add, a cumsum): no host sync."""
+    B, H, nq, K = idx.shape
+    idx = idx.long()
+    earlier = torch.zeros_like(idx, dtype=torch.bool)
+    for j in range(1, K):
+        earlier[..., j] = (idx[..., j:j + 1] == idx[..., :j]).any(-1)
+    valid = (idx >= 0) & ~earlier
+    bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
+    none = B * H * num_kv_tiles
+    key = torch.where(valid, bh * num_kv_tiles + idx, none).flatten()
+    qt = torch.arange(nq, device=idx.device).view(1, 1, nq, 1).expand(B, H, nq, K).flatten()
+    order = torch.argsort(key * nq + qt)
+    counts = torch.zeros(none + 1, dtype=torch.long, device=idx.device).scatter_add_(0, key, torch.ones_like(key))
+    ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:-1], 0)])
+    return ptr.to(torch.int32), qt[order].to(torch.int32)
+
+
 class TritonBackward:
     """dQ, dK, dV of a forward kernel's spec and tiling, from the same plan: dK/dV walk the
     transposed plan (per kv tile, the q tiles that see it), dQ the forward plan; full tiles
-    run without mask code. Deterministic (no atomics). Routed specs are not generated."""
+    run without mask code. Deterministic (no atomics). Routed blocks: dQ walks them as the
+    forward does, dK/dV the run-time routing transposed (`routed_transpose`)."""
 
     def __init__(self, forward: TritonForward, config: KernelConfig | None = None):
-        if forward.spec.routed is not None:
-            raise NotImplementedError("triton backend: no backward kernels for Routed patterns yet; "
-                                      "use the reference backend for gradients")
         source = render_backward(forward.spec, forward.statics, forward.q_grid, forward.kv_grid)
         self._setup(forward, config or backward_config(forward.block_d),
                     source, load_source(source), *transposed_tables(forward))
@@ -288,8 +308,9 @@ class TritonBackward:
     def _preprocess_consts(self) -> dict:
         return {"HEAD_DIM": self.fwd.spec.head_dim, "BLOCK_D": self.fwd.block_d, "BLOCK_M": PREPROCESS_BLOCK_M}
 
-    def __call__(self, q, k, v, out, lse, dout, scale: float | None = None):
-        """(dq, dk, dv) for the forward's (out, lse)."""
+    def __call__(self, q, k, v, out, lse, dout, scale: float | None = None,
+                 block_indices: torch.Tensor | None = None):
+        """(dq, dk, dv) for the forward's (out, lse) (and a Routed spec's block indices)."""
         spec, fwd = self.fwd.spec, self.fwd
         B = q.shape[0]
         scale = 1.0 / math.sqrt(spec.head_dim) if scale is None else float(scale)
@@ -309,10 +330,17 @@ class TritonBackward:
             out, dout, delta, *out.stride()[:3], spec.num_heads, **self._preprocess_consts(),
             num_warps=PREPROCESS_CONFIG.num_warps, num_stages=PREPROCESS_CONFIG.num_stages)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+        dkdv_routed, dq_routed, idx_strides, nq_t = (), (), (), ()
+        if spec.routed is not None:
+            idx = fwd.routed_indices(block_indices, B, q.device)
+            consts = fwd.constexprs(q.dtype, idx.shape[-1])
+            dkdv_routed = (rows, cols, idx, *routed_transpose(idx, fwd.kv_grid.count))
+            dq_routed, idx_strides, nq_t = (idx,), idx.stride()[:2], (fwd.q_grid.count,)
         self.module.attention_bwd_dkdv[(fwd.kv_grid.count, spec.num_kv_heads, B)](
-            q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, scale, *strides,
-            *dk.stride()[:3], *dv.stride()[:3], spec.num_heads, fwd.kv_grid.count, **consts, **common)
+            q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
+            *dk.stride()[:3], *dv.stride()[:3], *idx_strides, spec.num_heads, fwd.kv_grid.count, *nq_t, **consts,
+            **common)
         self.module.attention_bwd_dq[(fwd.q_grid.count, spec.num_heads, B)](
-            q, k, v, dout, lse2, delta, dq, rows, cols, head_group, scale, *strides, *dq.stride()[:3],
-            spec.num_heads, fwd.q_grid.count, **consts, **common)
+            q, k, v, dout, lse2, delta, dq, rows, cols, head_group, *dq_routed, scale, *strides, *dq.stride()[:3],
+            *idx_strides, spec.num_heads, fwd.q_grid.count, **consts, **common)
         return dq, dk, dv
