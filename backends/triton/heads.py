@@ -100,7 +100,8 @@ class TritonHeads:
         pref = torch.empty(B, H, nq_t + 1, dtype=torch.int32, device=hidx.device)
         chunk = max(bm, min(1024, 1 << (nq_t * bm - 1).bit_length()))
         self.module.compact_heads[(H, B)](hidx, slots, pref, hidx.stride(0), hidx.stride(1), H, nq_t, TOPK=topk,
-                                          TOPK_P2=max(2, 1 << (topk - 1).bit_length()), BLOCK_M=bm, CHUNK=chunk)
+                                          TOPK_P2=max(2, 1 << (topk - 1).bit_length()), BLOCK_M=bm, CHUNK=chunk,
+                                          num_warps=4, num_stages=1)
         return slots, pref
 
     @staticmethod
@@ -149,16 +150,18 @@ class TritonHeads:
         return dq, dk, dv
 
     # -- ahead-of-time compilation ---------------------------------------------------------
-    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16, topk: int = 4) -> list[CompiledKernel]:
-        """Compaction, forward, dQ and dK/dV kernels compiled for sm_<arch> without a GPU."""
-        consts = self.fwd.constexprs(dtype)
+    KERNELS = ("compact_heads", "attention_fwd_heads", "attention_bwd_dq_heads", "attention_bwd_dkdv_heads")
+
+    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16, topk: int = 4,
+                      names: tuple[str, ...] = KERNELS) -> list[CompiledKernel]:
+        """The kernels `names` (default: compaction, forward, dQ, dK/dV) compiled for sm_<arch>
+        without a GPU; the compaction for `topk` heads per token."""
         bm = self.fwd.block_m
         chunk = max(bm, min(1024, 1 << (self.fwd.q_grid.count * bm - 1).bit_length()))
-        compact = {"TOPK": topk, "TOPK_P2": max(2, 1 << (topk - 1).bit_length()), "BLOCK_M": bm, "CHUNK": chunk}
-        out = [cross_compile(self.source, "compact_heads", self.module.compact_heads.arg_names, compact, dtype,
-                             arch, KernelConfig(4, 1), self.spec.head_dim)]
-        for name, config in (("attention_fwd_heads", self.config), ("attention_bwd_dq_heads", self.backward_config),
-                             ("attention_bwd_dkdv_heads", self.backward_config)):
-            out.append(cross_compile(self.source, name, getattr(self.module, name).arg_names, consts, dtype, arch,
-                                     config, self.spec.head_dim))
-        return out
+        consts = {"compact_heads": {"TOPK": topk, "TOPK_P2": max(2, 1 << (topk - 1).bit_length()), "BLOCK_M": bm,
+                                    "CHUNK": chunk}}
+        configs = {"compact_heads": KernelConfig(4, 1), "attention_fwd_heads": self.config}
+        return [cross_compile(self.source, name, getattr(self.module, name).arg_names,
+                              consts.get(name, self.fwd.constexprs(dtype)), dtype, arch,
+                              configs.get(name, self.backward_config), self.spec.head_dim)
+                for name in names]
