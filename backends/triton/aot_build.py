@@ -12,9 +12,10 @@ Layout of a build directory (every name relative, no machine path or user name):
                                    may walk smaller q tiles) and the transposed rows_t/cols_t
     <spec>_bwd_sm90_bf16_<kernel>.cubin   each backward kernel for one arch and dtype, and .ptx
 
-Forward and backward kernels are built for every spec (the record's `kernels_built`);
-Routed specs have no generated backward yet, so they get the forward only and the
-record's `not_built` says why (their gradients come from the reference backend).
+Forward and backward kernels are built for every spec (the record's `kernels_built`,
+the same backward pg.attention's CUDA path builds at run time); a spec whose backward
+the Triton backend does not generate gets the forward only, the record's `not_built`
+says why, and its gradients come from the reference backend.
 
 Loading imports the saved modules (no rendering, no tuning, no plan analysis:
 the tables are saved too). On CUDA the kernels are launched through those modules
@@ -257,8 +258,8 @@ def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
         "kernels_built": kinds,
-        "not_built": ({"backward": f"not generated for {', '.join(missing)} (Routed patterns have no backward "
-                                   f"kernels yet; their gradients come from the reference backend)"}
+        "not_built": ({"backward": f"not generated for {', '.join(missing)} (see each record's not_built; "
+                                   f"their gradients come from the reference backend)"}
                       if missing else {}),
         "runtime": "CUDA: the saved sources through Triton's JIT (cubins are verified, not driver-loaded); "
                    "CPU: the reference backend, or the Triton interpreter when TRITON_INTERPRET=1; "
@@ -366,7 +367,8 @@ class _LoadedAttention(torch.autograd.Function):
         if dout is None and dlse is None:
             grads = (None, None, None)
         elif dlse is None and ctx.record.backward is not None and q.shape[0] > 0:
-            grads = kern._triton_backward(ctx.record)(q, k, v, out, lse, dout, scale=ctx.scale)
+            grads = kern._triton_backward(ctx.record)(q, k, v, out, lse, dout, scale=ctx.scale,
+                                                           block_indices=block_indices)
         else:
             grads = kern._reference_grads(q, k, v, dout, dlse, ctx.scale, block_indices)
         return (None, None, None, None, *grads)
