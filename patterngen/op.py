@@ -223,9 +223,7 @@ def triton_backward(key: str):
         fwd, kern = triton_forward(key), None
         if fwd is not None:
             spec = lookup_spec(key)
-            tiling = Tiling(fwd.q_grid.tile, fwd.kv_grid.tile)
-            if spec.routed is None:  # routed tiles are the routing blocks, in both directions
-                tiling = backward_tiling(tiling, spec.head_dim)
+            tiling = backward_tiling(Tiling(fwd.q_grid.tile, fwd.kv_grid.tile), spec.head_dim, spec)
             try:
                 kern = TritonBackward(TritonForward(spec, tiling))
             except (NotImplementedError, ValueError):

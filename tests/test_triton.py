@@ -225,9 +225,7 @@ BACKWARD_CASES = [c for c in GPU_CASES if c[1].head_dim == 128]
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("name,spec,tiling", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
 def test_backward_compiles_for_gpu(name, spec, tiling, arch):
-    if spec.routed is None:  # routed kernels keep the routing block as their tiles
-        tiling = backward_tiling(tiling, spec.head_dim)
-    backward = TritonBackward(TritonForward(spec, tiling))
+    backward = TritonBackward(TritonForward(spec, backward_tiling(tiling, spec.head_dim, spec)))
     for compiled in backward.cross_compile(arch, torch.bfloat16):
         regs, stack = _resources(compiled)
         print(f"{name} {compiled.name} sm_{arch}: {regs} registers, {stack} B stack, {compiled.shared} B shared")

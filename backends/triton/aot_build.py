@@ -208,7 +208,7 @@ def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",)
         files = {f"{stem}.py": kern.source.encode(), f"{stem}_tables.pt": _tables_bytes(kern)}
         # the backward exactly as pg.attention's CUDA path builds it at run time (patterngen/op.py)
         bwd, bstem, why_not = None, f"{_safe(name)}_{digest[:12]}_bwd", None
-        btiling = backward_tiling(tiling, spec.head_dim)
+        btiling = backward_tiling(tiling, spec.head_dim, spec)
         try:
             bwd = TritonBackward(TritonForward(spec, btiling))
         except NotImplementedError as exc:
@@ -349,8 +349,8 @@ class KernelRecord:
 
 class _LoadedAttention(torch.autograd.Function):
     """A loaded forward kernel with its saved backward kernels as the gradient (dq, dk, dv).
-    A gradient flowing into lse, or a spec built without backward kernels (Routed), takes
-    the reference backend's autograd instead."""
+    A gradient flowing into lse, or a spec built without backward kernels, takes the
+    reference backend's autograd instead."""
 
     @staticmethod
     def forward(ctx, kern, record, scale, block_indices, q, k, v):

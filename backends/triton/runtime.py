@@ -212,10 +212,13 @@ def backward_config(block_d: int) -> KernelConfig:
     return KernelConfig(num_warps=8 if block_d >= 128 else 4, num_stages=2)
 
 
-def backward_tiling(tiling: Tiling, head_dim: int) -> Tiling:
+def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> Tiling:
     """The dK/dV kernel holds two accumulators per kv tile; for head dims >= 128 it walks q
     tiles of at most 32 tokens (halving the forward's) to stay within registers: no spills
-    on sm_80/sm_90."""
+    on sm_80/sm_90. A Routed `spec` keeps its tiles (they are the routing blocks; its
+    kernel walks each block in row halves instead)."""
+    if spec is not None and spec.routed is not None:
+        return tiling
     q = tiling.q_tile
     while head_dim >= 128 and (q if isinstance(q, int) else math.prod(q)) > 32:
         if isinstance(q, int):
