@@ -60,8 +60,8 @@ class TritonHeads:
         if self.window is None and groups * nq_t * nkv_t > MAX_CLASS_TABLE:
             raise NotImplementedError(f"triton backend: head routing for {spec!r} with these tiles needs a "
                                       f"{groups} x {nq_t} x {nkv_t} tile-class table; use larger tiles")
-        classes = torch.zeros(groups if self.window is None else 1, nq_t if self.window is None else 1,
-                              nkv_t if self.window is None else 1, dtype=torch.int8)
+        # tile classes (0 empty, 1 partial, 2 full) for the table walk; windows need none
+        classes = torch.zeros((groups, nq_t, nkv_t) if self.window is None else (1, 1, 1), dtype=torch.int8)
         kv_lo = torch.full((groups, nq_t), nkv_t, dtype=torch.long)
         kv_hi = torch.full((groups, nq_t), -1, dtype=torch.long)
         runs, ptrs, base = [], [], 0
