@@ -630,8 +630,9 @@ def _check_tile_arg(name: str, tile, spec: Spec):
         return None
     if isinstance(tile, list):
         tile = tuple(tile)
-    TileGrid(spec.q_shape if name == "q_tile" else spec.kv_shape, tile, name)  # validates
-    if isinstance(tile, tuple) and spec.ndim == 1:
+    shape = spec.q_shape if name == "q_tile" else spec.kv_shape
+    TileGrid(shape, tile, name)  # validates
+    if isinstance(tile, tuple) and len(shape) == 1:  # a box on a 1-D grid is a flat tile
         tile = tile[0]
     return tile
 
