@@ -59,13 +59,19 @@ def check_head_indices(head_indices, q) -> None:
         raise ValueError(f"head_indices: device {head_indices.device} differs from q's {q.device}")
 
 
-def head_selection(head_indices: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """bool [B, H, Nq]: whether token n uses head h, from head indices [B, Nq, k] in [-1, H)
-    (-1: an unused slot; a head listed twice is chosen once)."""
+def check_head_values(head_indices: torch.Tensor, num_heads: int) -> None:
+    """Head indices lie in [-1, H): a kernel would silently skip any other value. (Reads the
+    extremes back from the device: one sync.)"""
     lo, hi = (int(head_indices.min()), int(head_indices.max())) if head_indices.numel() else (0, 0)
     if lo < -1 or hi >= num_heads:
         raise ValueError(f"head_indices: values must lie in [-1, {num_heads}) (a head index, or -1 for an unused "
                          f"slot), got values in [{lo}, {hi}]")
+
+
+def head_selection(head_indices: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """bool [B, H, Nq]: whether token n uses head h, from head indices [B, Nq, k] in [-1, H)
+    (-1: an unused slot; a head listed twice is chosen once)."""
+    check_head_values(head_indices, num_heads)
     idx = torch.where(head_indices < 0, num_heads, head_indices).long()
     B, Nq, _ = head_indices.shape
     chosen = torch.zeros(B, Nq, num_heads + 1, dtype=torch.bool, device=head_indices.device)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .backends.inputs import check_head_indices, check_inputs, check_scale, head_selection
+from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale, head_selection
 from .backends.reference import reference_attention
 from .ir import Spec
 from .op import attention_op, spec_key
@@ -124,7 +124,7 @@ class CompiledAttention:
             if head_indices is not None:
                 if block_indices is not None:
                     raise NotImplementedError("triton backend: head_indices with a Routed spec; use the reference")
-                head_selection(head_indices, self.spec.num_heads)  # checks the values
+                check_head_values(head_indices, self.spec.num_heads)
                 out, lse = self.heads_kernel().forward(q, k, v, head_indices,
                                                        scale=check_scale(scale, self.spec.head_dim))
                 return (out, lse) if return_lse else out

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .backends.inputs import head_selection
+from .backends.inputs import check_head_values, head_selection
 from .backends.reference import reference_attention
 from .ir import Spec
 from .plan import Plan, build_plan
@@ -151,7 +151,7 @@ def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None, head_indi
         if kern is None:
             out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
         else:
-            head_selection(head_indices, q.shape[1])  # the reference's checks of the values
+            check_head_values(head_indices, q.shape[1])
             out, lse = kern.forward(q, k, v, head_indices, scale=scale)
         return out.contiguous(), lse.contiguous()
     kern = triton_forward(spec_key) if _kernel_dtype(q) else None
