@@ -80,6 +80,9 @@ class CompiledAttention:
     def __init__(self, spec: Spec, backend: str, tiling: Tiling | None):
         self.spec, self.backend, self.tiling = spec, backend, tiling
         self._kernels: dict = {}  # Triton kernels per (device, dtype, batch bucket)
+        if backend == "triton":  # what the Triton backend cannot run is said now, not at the first call
+            from .backends.triton.runtime import check_routed_block
+            check_routed_block(spec)
         if spec.routed is None:
             self.plan: Plan | None = build_plan(spec, tiling)
         else:
@@ -114,6 +117,8 @@ class CompiledAttention:
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
                  head_indices: torch.Tensor | None = None):
         check_head_indices(head_indices, q)
+        if q.numel() == 0 or k.shape[2] == 0:  # no (query, key) pair: the op's differentiable empty result
+            return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices)
         if self._use_triton(q, k, v):
             check_inputs(q, k, v, self.spec)
             if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

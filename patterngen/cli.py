@@ -391,13 +391,13 @@ patterngen run: for each spec
 def cmd_run(args) -> int:
     files = spec_files(args.spec)
     print(RUN_INTRO)
-    failures, count, t_all = [], 0, time.perf_counter()
+    failures, unreadable, count, t_all = [], [], 0, time.perf_counter()
     for path in files:
         try:
             specs = load_specs(path)
         except SpecFileError as exc:
             print(f"\n== {path}: ERROR: {exc}")
-            failures.append(str(path))
+            unreadable.append(str(path))
             continue
         for name, spec in specs:
             if args.name is not None and name != args.name:
@@ -415,10 +415,13 @@ def cmd_run(args) -> int:
                 failures.append(label)
     elapsed = time.perf_counter() - t_all
     print()
-    if count == 0 and args.name is not None:
+    if count == 0 and args.name is not None and not unreadable:
         raise SpecFileError(f"no spec named {args.name!r} in {', '.join(map(str, files))}")
+    if unreadable:
+        print(f"{len(unreadable)} of {len(files)} spec file(s) could not be loaded: {', '.join(unreadable)}")
     if failures:
         print(f"{len(failures)} of {count} spec(s) FAILED in {elapsed:.1f} s: {', '.join(failures)}")
+    if unreadable or failures:
         return 1
     print(f"all {count} spec(s) passed in {elapsed:.1f} s")
     return 0
@@ -553,9 +556,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEEDS_TRITON = ("bench", "build")
+"""Commands that generate or run Triton kernels (`run`, `show`, `plan` and `simulate` do not)."""
+
+
+def _missing_triton() -> str | None:
+    """Why triton cannot be imported, or None when it can."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in NEEDS_TRITON:
+        why = _missing_triton()
+        if why is not None:
+            print(f"patterngen {args.command}: needs triton, which cannot be imported here ({why}); install it "
+                  f"with `pip install triton numpy` (or `make install`, which installs everything)", file=sys.stderr)
+            return 2
     for name in ("tile",):
         value = getattr(args, name, None)
         if value is not None and len(value) > 2:

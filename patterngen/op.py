@@ -81,8 +81,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_empty(q, k) -> bool:
+    """No (query, key) pair at all: zero batch entries, heads, queries or keys."""
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+def _empty_result(q):
+    """What attention over no key gives: zeros, and a log-sum-exp of -inf."""
+    return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
+
+
 def _reference(q, k, v, key, scale, block_indices, head_indices=None):
     """The reference result; with head routing, unchosen (token, head) rows become 0 and lse -inf."""
+    if _is_empty(q, k):
+        return _empty_result(q)
     spec = lookup_spec(key)
     out, lse = reference_attention(q, k, v, spec, plan=_plan(key, spec), scale=scale, block_indices=block_indices)
     if head_indices is None:
@@ -140,21 +152,22 @@ def triton_heads(key: str, role: str):
     return _HEADS[(key, role)]
 
 
-def _kernel_dtype(q) -> bool:
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[0] > 0
+def _kernel_runs(q, k) -> bool:
+    """Whether a generated kernel takes these inputs: a kernel dtype and at least one (query, key) pair."""
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and not _is_empty(q, k)
 
 
 @attention_op.register_kernel("cuda")
 def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None, head_indices=None):
     if head_indices is not None:
-        kern = triton_heads(spec_key, "forward") if _kernel_dtype(q) else None
+        kern = triton_heads(spec_key, "forward") if _kernel_runs(q, k) else None
         if kern is None:
             out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
         else:
             check_head_values(head_indices, q.shape[1])
             out, lse = kern.forward(q, k, v, head_indices, scale=scale)
         return out.contiguous(), lse.contiguous()
-    kern = triton_forward(spec_key) if _kernel_dtype(q) else None
+    kern = triton_forward(spec_key) if _kernel_runs(q, k) else None
     if kern is None:
         out, lse = _reference(q, k, v, spec_key, scale, block_indices)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
@@ -189,6 +202,8 @@ def _autograd_inside_op():
 
 def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None):
     """Exact gradients: differentiate the reference forward again (dlse may be None)."""
+    if _is_empty(q, k):  # nothing depends on q, k or v
+        return tuple(torch.zeros_like(t) for t in (q, k, v))
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
         out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices)
@@ -237,18 +252,18 @@ def triton_backward(key: str):
 def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
                              head_indices=None):
     if head_indices is not None:
-        kern = triton_heads(spec_key, "backward") if dlse is None and _kernel_dtype(q) else None
+        kern = triton_heads(spec_key, "backward") if dlse is None and _kernel_runs(q, k) else None
         if kern is None:
             return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
         dq, dk, dv = kern.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     kern = BACKWARD_KERNELS.get(spec_key)
-    if kern is None and dlse is None and q.dtype != torch.float64 and q.shape[0] > 0:
+    if kern is None and dlse is None and _kernel_runs(q, k):
         generated = triton_backward(spec_key)  # the lse gradient is not in the kernels: reference then
         if generated is not None:
             dq, dk, dv = generated(q, k, v, out, lse, dout, scale=scale, block_indices=block_indices)
             return dq.contiguous(), dk.contiguous(), dv.contiguous()
-    if kern is None or q.dtype == torch.float64:
+    if kern is None or q.dtype == torch.float64 or _is_empty(q, k):
         return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices)
     dq, dk, dv = kern(dout, dlse, q, k, v, out, lse, scale, block_indices)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

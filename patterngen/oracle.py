@@ -8,11 +8,30 @@ from .routing import block_masks, normalize_block_indices
 from .semantics import visible
 
 
-def dense_mask(spec: Spec, block_indices: torch.Tensor | None = None) -> torch.Tensor:
+MAX_ELEMENTS = 1 << 30
+"""The largest mask `dense_mask` builds by default: 2**30 booleans (1 GiB, and several times that
+in temporaries while it is computed). Larger specs are analysed tile by tile (`build_plan`,
+`simulate`), never as a dense mask."""
+
+
+def dense_mask(spec: Spec, block_indices: torch.Tensor | None = None, *,
+               max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
     """torch.bool [num_heads, Nq, Nkv] (or [B, num_heads, Nq, Nkv] when batched
-    block indices are given): True where query q may attend key kv."""
+    block indices are given): True where query q may attend key kv.
+
+    Refuses masks of more than `max_elements` entries (default `MAX_ELEMENTS`, 2**30)."""
     if not isinstance(spec, Spec):
         raise TypeError(f"dense_mask: spec must be a patterngen.Spec, got {type(spec).__name__}")
+    if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1:
+        raise ValueError(f"max_elements: expected a positive int, got {max_elements!r}")
+    batch = block_indices.shape[0] if isinstance(block_indices, torch.Tensor) and block_indices.dim() == 4 else 1
+    size = batch * spec.num_heads * spec.nq * spec.nkv
+    if size > max_elements:
+        raise ValueError(f"dense_mask: {spec!r} would need a mask of {batch * spec.num_heads:,} x {spec.nq:,} x "
+                         f"{spec.nkv:,} = {size:,} booleans, above max_elements={max_elements:,}; the dense mask "
+                         f"is an oracle for small sizes. For large specs use pg.build_plan(spec) (the tile plan "
+                         f"and its counts) or pg.simulate(spec), which never build the mask, or pass a larger "
+                         f"max_elements if the memory is there")
     q = torch.arange(spec.nq)[:, None]
     kv = torch.arange(spec.nkv)[None, :]
     indices = normalize_block_indices(spec, block_indices)

@@ -64,15 +64,30 @@ def route(q: torch.Tensor, k: torch.Tensor, block: int, topk: int, causal: bool 
 
     q [B, Hq, Nq, D], k [B, Hkv, Nkv, D] -> int64 [B, Hkv, q_blocks, topk], -1 = unused.
     """
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"route: {name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"route: q and k must be [B, H, N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    for name, value in (("block", block), ("topk", topk)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"route: {name} must be an int, got {value!r} ({type(value).__name__})")
+        if value < 1:
+            raise ValueError(f"route: {name} must be >= 1, got {value}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"route: causal must be a bool, got {causal!r}")
     B, Hq, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"route: q heads ({Hq}) must be a multiple of k heads ({Hkv})")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"route: k {tuple(k.shape)} must have q's batch size {B} and head dim {D}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"route: q heads ({Hq}) must be a multiple of k heads ({Hkv}), with at least one k head")
+    if Nq == 0 or Nkv == 0:
+        raise ValueError(f"route: q and k need at least one token each, got Nq={Nq} and Nkv={Nkv}")
     nqb, nkb = -(-Nq // block), -(-Nkv // block)
-    if not 1 <= topk <= nkb:
-        raise ValueError(f"route: topk must be in 1..{nkb} (key blocks of {block} tokens), got {topk}")
+    if topk > nkb:
+        raise ValueError(f"route: topk must be in 1..{nkb} (the number of key blocks of {block} tokens in "
+                         f"{Nkv} keys), got {topk}")
 
     def pooled(x, n, nb):  # mean over each block, the last block may be short
         x = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - n))

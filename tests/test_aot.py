@@ -167,6 +167,34 @@ def test_load_refuses_another_arch_or_spec(builds):
     assert len(pg.load(example, arch=90)) == 1
 
 
+def test_a_loaded_build_is_callable(builds, tmp_path):
+    """`pg.load(dir)(q, k, v)` runs a one-spec build; a build of several specs asks which one."""
+    _, small, _ = builds
+    one = tmp_path / "one"
+    shutil.copytree(small, one)
+    manifest = json.loads((one / "manifest.json").read_text())
+    manifest["kernels"] = [r for r in manifest["kernels"] if r["spec"] == manifest["kernels"][0]["spec"]]
+    (one / "manifest.json").write_text(json.dumps(manifest))
+    single = pg.load(one)
+    assert len(single) == 1
+    spec = single.specs[0]
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, spec.num_heads, spec.nq, spec.head_dim, generator=g)
+    k, v = (torch.randn(1, spec.num_kv_heads, spec.nkv, spec.head_dim, generator=g) for _ in range(2))
+    out, lse = single(q, k, v, return_lse=True)
+    want, want_lse = single[spec](q, k, v, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert (out - pg.attention(q, k, v, spec)).abs().max() < 1e-5
+    several = pg.load(small)
+    with pytest.raises(ValueError, match=r"holds 2 specs.*spec=") as err:
+        several(q, k, v)
+    assert "Spec(" in str(err.value)
+    first = several.specs[0]
+    q1 = torch.randn(1, first.num_heads, first.nq, first.head_dim, generator=g)
+    k1, v1 = (torch.randn(1, first.num_kv_heads, first.nkv, first.head_dim, generator=g) for _ in range(2))
+    assert torch.equal(several(q1, k1, v1, spec=first), several[first](q1, k1, v1))
+
+
 @pytest.mark.parametrize("lib", ["torch", "triton", "patterngen"])
 def test_load_refuses_a_build_for_other_versions(builds, tmp_path, lib):
     d = copy(builds[1], tmp_path / "b")

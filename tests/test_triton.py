@@ -18,7 +18,7 @@ import patterngen as pg
 triton = pytest.importorskip("triton")
 from patterngen.backends.reference import reference_attention  # noqa: E402
 from patterngen.backends.triton import KernelConfig, TritonBackward, TritonForward, backward_tiling  # noqa: E402
-from patterngen.backends.triton.codegen import write_source  # noqa: E402
+from patterngen.backends.triton.cache import write_source  # noqa: E402
 
 
 def dense_reference(q, k, v, spec, scale=None):

@@ -49,7 +49,7 @@ from ...plan import build_plan
 from ...tiles import TileGrid, Tiling
 from ..inputs import check_inputs, check_scale
 from ..reference import reference_attention
-from .codegen import import_file
+from .cache import import_file
 from .runtime import KernelConfig, TritonBackward, TritonForward, backward_tiling
 
 FORMAT = "patterngen-aot"
@@ -519,6 +519,19 @@ class AOTBuild(Mapping):
 
     def __contains__(self, spec) -> bool:
         return isinstance(spec, (Spec, str)) and self._key(spec) in self._kernels
+
+    def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
+                 return_lse: bool = False, *, spec: Spec | str | None = None):
+        """Run the build's kernel: `build(q, k, v)` when it holds one spec, else
+        `build(q, k, v, spec=spec)` (the same as `build[spec](q, k, v)`)."""
+        if spec is None:
+            if len(self._kernels) != 1:
+                raise ValueError(f"spec: {self.name} holds {len(self._kernels)} specs, so say which one to run: "
+                                 f"build(q, k, v, spec=...) or build[spec](q, k, v); it holds: {self.describe()}")
+            kern = next(iter(self._kernels.values()))
+        else:
+            kern = self[spec]
+        return kern(q, k, v, scale=scale, block_indices=block_indices, return_lse=return_lse)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._kernels)

@@ -10,8 +10,6 @@ import copy
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +17,7 @@ import torch
 from ...ir import Spec
 from ...simulate import simulate
 from ...tiles import Tiling
-from .codegen import cache_dir
+from .cache import subdir, write_atomic
 from .runtime import KernelConfig, TritonForward
 
 
@@ -66,11 +64,7 @@ def _key(spec: Spec, device: str, dtype: torch.dtype, batch: int) -> str:
 
 
 def _store(path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record))
 
 
 def _load(path) -> Candidate | None:
@@ -90,7 +84,7 @@ def tuned_kernel(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         first = candidates(spec)[0]
         return TritonForward(spec, first.tiling, first.config)
     device = torch.cuda.get_device_name(q.device)
-    path = cache_dir() / "tuning" / f"{_key(spec, device, q.dtype, q.shape[0])}.json"
+    path = subdir("tuning") / f"{_key(spec, device, q.dtype, q.shape[0])}.json"
     best = _load(path)
     if best is None:
         import triton.testing

@@ -5,15 +5,9 @@ pattern, tile geometry as constants); the template holds the kernel text.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
-import importlib.util
 import math
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 
@@ -208,56 +202,3 @@ def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, k
         version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=None,
         window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
-
-
-def cache_dir() -> Path:
-    """$PATTERNGEN_CACHE, else ~/.cache/patterngen."""
-    root = os.environ.get("PATTERNGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "patterngen")
-    return Path(root)
-
-
-def source_key(source: str) -> str:
-    import torch
-    import triton
-    from ... import __version__
-    h = hashlib.sha256()
-    for part in (source, __version__, torch.__version__, triton.__version__):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
-
-
-def write_source(source: str) -> Path:
-    """The cache file holding `source`, keyed by its hash and the versions; written
-    atomically, and rewritten when its text differs (corrupt or truncated)."""
-    directory = cache_dir() / "kernels"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"patterngen_kernel_{source_key(source)}.py"
-    try:
-        intact = path.read_text() == source
-    except (OSError, UnicodeDecodeError):
-        intact = False
-    if not intact:
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    return path
-
-
-def load_source(source: str):
-    """Import the cached module of `source` (interpreted or JIT, as TRITON_INTERPRET says)."""
-    import triton
-    path = write_source(source)
-    return import_file(path, path.stem + ("_interp" if triton.knobs.runtime.interpret else ""))
-
-
-def import_file(path: Path, module_name: str):
-    """Import a generated module once per name (kernels compile per module object)."""
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[module_name] = module
-    return module

@@ -18,8 +18,9 @@ import torch
 from ...ir import Spec
 from ...tiles import Tiling
 from .aot import CompiledKernel
-from .codegen import load_source, render_heads, window_context
-from .runtime import LOG2E, KernelConfig, TritonForward, backward_config, cross_compile
+from .cache import load_source
+from .codegen import render_heads, window_context
+from .runtime import LOG2E, KernelConfig, TritonForward, backward_config, check_launch_dtype, cross_compile
 
 MAX_CLASS_TABLE = 1 << 28
 """Largest (groups x q tiles x kv tiles) byte table of tile classes the table path keeps on the device."""
@@ -110,6 +111,7 @@ class TritonHeads:
 
     def forward(self, q, k, v, head_indices, scale: float | None = None):
         """(out, lse) with only the chosen (token, head) rows computed."""
+        check_launch_dtype(q)
         spec, fwd = self.spec, self.fwd
         B = q.shape[0]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -126,6 +128,7 @@ class TritonHeads:
 
     def backward(self, q, k, v, out, lse, dout, head_indices, scale: float | None = None):
         """(dq, dk, dv) of `forward`'s (out, lse); unchosen rows get dq = 0."""
+        check_launch_dtype(q)
         spec, fwd = self.spec, self.fwd
         B = q.shape[0]
         scale = 1.0 / math.sqrt(spec.head_dim) if scale is None else float(scale)

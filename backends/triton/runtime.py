@@ -13,7 +13,8 @@ from ...routing import normalize_block_indices
 from ...tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
 from .ranges import closed_form
-from .codegen import load_source, render_backward, render_forward, write_source
+from .cache import load_source, write_source
+from .codegen import render_backward, render_forward
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,24 @@ def _check_tiling(spec: Spec, tiling: Tiling) -> None:
         if vol < 16 or vol & (vol - 1):
             raise ValueError(f"tiling: {name}={tile!r} has {vol} tokens; the Triton backend needs a power of two "
                              f">= 16 (tl.dot and tl.arange), e.g. 64, 128 or boxes such as (16, 8)")
+
+
+def check_routed_block(spec: Spec) -> None:
+    """A routed block is one tile of the kernel, so it must suit tl.dot as a tile does."""
+    block = None if spec.routed is None else spec.routed.block
+    if block is not None and (block < 16 or block & (block - 1)):
+        raise ValueError(f"{spec.routed!r}: the Triton backend needs the routed block to be a power of two "
+                         f">= 16 (each routed block is one kernel tile), got block={block}; use block 16, 32, "
+                         f"64 or 128, or the reference backend (pg.compile(spec, backend='reference'))")
+
+
+def check_launch_dtype(q: torch.Tensor) -> None:
+    """Refuse bfloat16 on the Triton interpreter (CPU tensors): its tl.dot on bfloat16 is wrong in
+    Triton 3.9 itself (errors near 1e9 even for a dense tile), so the numbers would be garbage."""
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise TypeError("q: bfloat16 is not run under TRITON_INTERPRET=1: the Triton interpreter computes "
+                        "tl.dot on bfloat16 wrongly (a Triton bug), so its results cannot be trusted; use "
+                        "float16 or float32 on the interpreter, or bfloat16 on a CUDA GPU")
 
 
 def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
@@ -103,6 +122,7 @@ class TritonForward:
     """
 
     def __init__(self, spec: Spec, tiling: Tiling | None = None, config: KernelConfig | None = None):
+        check_routed_block(spec)
         tiling = tiling or default_kernel_tiling(spec)
         _check_tiling(spec, tiling)
         if spec.routed is not None and not (tiling.q_tile == tiling.kv_tile == spec.routed.block):
@@ -179,6 +199,7 @@ class TritonForward:
 
     def __call__(self, q, k, v, scale: float | None = None,
                  block_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        check_launch_dtype(q)
         B = q.shape[0]
         routed = [] if self.spec.routed is None else [self.routed_indices(block_indices, B, q.device)]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -314,6 +335,7 @@ class TritonBackward:
     def __call__(self, q, k, v, out, lse, dout, scale: float | None = None,
                  block_indices: torch.Tensor | None = None):
         """(dq, dk, dv) for the forward's (out, lse) (and a Routed spec's block indices)."""
+        check_launch_dtype(q)
         spec, fwd = self.fwd.spec, self.fwd
         B = q.shape[0]
         scale = 1.0 / math.sqrt(spec.head_dim) if scale is None else float(scale)

@@ -1,0 +1,109 @@
+"""GPU checks: `pg.attention` on a CUDA device (the generated Triton forward and backward
+kernels) against the same op in float64 (the exact reference backend, which the CPU tests
+hold to the dense-mask oracle), and against dense SDPA with the oracle's mask.
+
+Skipped without CUDA. `make gpu-check` runs this file with pytest where pytest is
+installed and as a script (`python tests/test_gpu.py`) where it is not.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+import patterngen as pg
+
+try:
+    import pytest
+except ImportError:  # the GPU machines may lack pytest: run as a script then
+    pytest = None
+else:
+    pytestmark = [pytest.mark.gpu,
+                  pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                     reason="needs a CUDA GPU and TRITON_INTERPRET unset")]
+
+CASES = {
+    "causal": pg.Spec(pg.Causal(), q_shape=1024, num_heads=4, num_kv_heads=2, head_dim=64),
+    "sliding_window": pg.Spec(pg.Band(255) & pg.Causal(), q_shape=2048, num_heads=4, head_dim=128),
+    "streaming": pg.Spec((pg.Sink(4) | pg.Band(127)) & pg.Causal(), q_shape=1000, num_heads=2, head_dim=64),
+    "neighborhood_2d": pg.Spec(pg.Window((7, 9)), q_shape=(32, 48), num_heads=2, head_dim=64),
+    "strided_3d": pg.Spec(pg.Window((4, 8, 8), stride=(2, 4, 4)), q_shape=(8, 16, 16), num_heads=2, head_dim=64),
+    "per_head": pg.Spec(pg.Heads([pg.Causal(), pg.Band(63) & pg.Causal()]), q_shape=777, num_heads=2, head_dim=64),
+}
+TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-2}  # TF32 dots in float32
+
+
+def _inputs(spec: pg.Spec, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(2, spec.num_heads, spec.nq, spec.head_dim, device="cuda", generator=g)
+    k, v = (torch.randn(2, spec.num_kv_heads, spec.nkv, spec.head_dim, device="cuda", generator=g)
+            for _ in range(2))
+    return [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+
+
+def _run(spec, q, k, v):
+    out = pg.attention(q, k, v, spec)
+    dout = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+    return out, grads
+
+
+def check_against_float64(name: str, dtype: torch.dtype) -> float:
+    """Largest error of out, dq, dk, dv, relative to each tensor's largest magnitude."""
+    spec = CASES[name]
+    q, k, v = _inputs(spec, dtype)
+    out, grads = _run(spec, q, k, v)
+    want, want_grads = _run(spec, *(t.detach().double().requires_grad_(True) for t in (q, k, v)))
+    worst = 0.0
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        err = (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+        worst = max(worst, err)
+    assert math.isfinite(worst) and worst < TOL[dtype], f"{name} {dtype}: relative error {worst:.2e}"
+    return worst
+
+
+def check_against_sdpa(name: str) -> float:
+    """The kernel's output against dense SDPA given the oracle's mask (an independent path)."""
+    spec = CASES[name]
+    q, k, v = (t.detach() for t in _inputs(spec, torch.float16))
+    mask = pg.dense_mask(spec).to("cuda")
+    g = spec.num_heads // spec.num_kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1), attn_mask=mask)
+    err = (pg.attention(q, k, v, spec).float() - want).abs().max().item()
+    assert err < 1e-2, f"{name}: |out - sdpa| = {err:.2e}"
+    return err
+
+
+if pytest is not None:
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_kernels_against_float64(name, dtype):
+        check_against_float64(name, dtype)
+
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_kernels_against_sdpa_with_the_oracle_mask(name):
+        check_against_sdpa(name)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: nothing to check")
+    failed = passed = 0
+    for case in CASES:
+        for dt in (torch.float16, torch.bfloat16):
+            try:
+                print(f"{case:16s} {str(dt):15s} relative error {check_against_float64(case, dt):.2e}")
+                passed += 1
+            except Exception as exc:  # report every case, then fail
+                print(f"{case:16s} {str(dt):15s} FAILED: {type(exc).__name__}: {exc}")
+                failed += 1
+        try:
+            print(f"{case:16s} vs sdpa          max error {check_against_sdpa(case):.2e}")
+            passed += 1
+        except Exception as exc:
+            print(f"{case:16s} vs sdpa          FAILED: {type(exc).__name__}: {exc}")
+            failed += 1
+    print(f"{passed} passed, {failed} failed")
+    raise SystemExit(1 if failed else 0)
