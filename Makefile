@@ -1,11 +1,11 @@
 # Install, run, test and GPU-check patterngen. `make run` and `make test` install what they need
-# first (once per interpreter: a stamp in build/ remembers it until pyproject.toml or this file
+# first (once per interpreter: a stamp in .make/ remembers it until pyproject.toml or this file
 # changes). PYTHON may point at another interpreter: make test PYTHON=python3.12
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 # one stamp per interpreter environment, so a new venv installs again
 ENV_ID := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])")
-STAMP = build/.installed-$(ENV_ID)
+STAMP = .make/installed-$(ENV_ID)
 GPU_OUT ?= gpu-results
 
 .PHONY: install test run gpu-check
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 		httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 truststore==0.10.5 idna==3.13 pyyaml==6.0.3 \
 		regex==2026.5.9 packaging
 	$(PYTHON) -c "import torch, triton, numpy, patterngen; print('installed: torch', torch.__version__, 'triton', triton.__version__)"
-	mkdir -p build && touch $@
+	mkdir -p .make && touch $@
 
 install:
 	rm -f $(STAMP)

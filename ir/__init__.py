@@ -5,6 +5,7 @@ This package depends on nothing else of patterngen.
 from .patterns import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Strided,
                        Union, Window, resolve_heads)
 from .spec import Spec
+from .serialize import from_json
 
 __all__ = ["Band", "Causal", "Full", "Global", "Heads", "Intersection", "Pattern", "Routed", "Sink",
-           "Strided", "Union", "Window", "Spec", "resolve_heads"]
+           "Strided", "Union", "Window", "Spec", "resolve_heads", "from_json"]

@@ -7,6 +7,9 @@ shapes is checked by `Spec` (see `ir/spec.py`).
 """
 from __future__ import annotations
 
+import itertools
+import operator
+from collections.abc import Sequence as _SequenceABC
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence, Union as _U
 
@@ -67,6 +70,16 @@ class Pattern:
         yield self
         for c in self.children():
             yield from c.walk()
+
+    def to_dict(self) -> dict:
+        """The versioned JSON-able dict form (ir/serialize.py); `from_json` restores an equal pattern."""
+        from .serialize import to_dict
+        return to_dict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        """`to_dict()` as JSON text; `from_json` restores an equal pattern."""
+        from .serialize import to_json
+        return to_json(self, indent)
 
 
 def _as_pattern(other, op: str) -> Pattern:
@@ -255,6 +268,8 @@ class _Composite(Pattern):
         return self.parts
 
     def __repr__(self):
+        if type(self).of(*self.parts) != self:  # built by the constructor with nested or repeated parts
+            return f"{type(self).__name__}(({', '.join(repr(p) for p in self.parts)},))"
         return "(" + f" {self._symbol} ".join(repr(p) for p in self.parts) + ")"
 
 
@@ -291,31 +306,58 @@ class HeadSlice:
 
 HeadKey = _U[int, range, HeadSlice]
 
+_HEADS_FORMS = ("Heads takes a list with one pattern per head, a list of (key, pattern) pairs, or a dict "
+                "{key: pattern}; keys are int, range or slice. Slices are dict keys only from Python 3.12: "
+                "before that write them as pairs, Heads([(slice(0, 2), p), (slice(2, None), q)]), or use "
+                "ranges, which work everywhere")
+
 
 @dataclass(frozen=True, repr=False, init=False)
 class Heads(Pattern):
-    """Head-wise shards: one pattern per head, or a mapping {int | range | slice: pattern}
-    that must cover every head exactly once (checked against `Spec.num_heads`)."""
+    """Head-wise shards, covering every head exactly once (checked against `Spec.num_heads`):
+
+        Heads([p0, p1, p2, p3])                             one pattern per head
+        Heads({0: p, range(1, 4): q})                       int and range keys: any Python
+        Heads([(slice(0, 2), p), (slice(2, None), q)])      (key, pattern) pairs: any key, any Python
+        Heads({slice(0, 2): p, slice(2, None): q})          slice keys in a dict: Python >= 3.12 only
+
+    A slice is resolved against the number of heads (`slice(2, None)`: head 2 to the last).
+    The pair form and the dict form build equal nodes."""
 
     entries: tuple[tuple[HeadKey, Pattern], ...]
     listed: bool = False
 
-    def __init__(self, patterns: Sequence[Pattern] | Mapping):
+    def __init__(self, patterns: Sequence[Pattern] | Sequence[tuple] | Mapping):
         if isinstance(patterns, Mapping):
             items, listed = list(patterns.items()), False
         elif isinstance(patterns, (list, tuple)):
-            items, listed = list(enumerate(patterns)), True
+            pairs = [isinstance(p, tuple) for p in patterns]
+            if any(pairs):
+                if not all(pairs):
+                    raise TypeError(f"Heads: the list mixes (key, pattern) pairs with bare patterns: "
+                                    f"{list(patterns)!r}. {_HEADS_FORMS}")
+                for p in patterns:
+                    if len(p) != 2:
+                        raise TypeError(f"Heads: expected (key, pattern) pairs, got {p!r}. {_HEADS_FORMS}")
+                items, listed = [tuple(p) for p in patterns], False
+            else:
+                items, listed = list(enumerate(patterns)), True
         else:
-            raise TypeError(f"Heads: expected a list of patterns (one per head) or a dict "
-                            f"{{int | range | slice: pattern}}, got {type(patterns).__name__}")
+            raise TypeError(f"Heads: expected a list or a dict, got {type(patterns).__name__}. {_HEADS_FORMS}")
         if not items:
             raise ValueError("Heads: needs at least one head pattern")
         entries = []
         for key, pat in items:
             if isinstance(key, slice):
+                for part in (key.start, key.stop, key.step):
+                    if part is not None and (isinstance(part, bool) or not isinstance(part, int)):
+                        raise TypeError(f"Heads: slice key {key!r}: start, stop and step must be ints or None")
+                if key.step == 0:
+                    raise ValueError(f"Heads: slice key {key!r}: step must not be 0")
                 key = HeadSlice(key.start, key.stop, key.step)
             elif isinstance(key, bool) or not isinstance(key, (int, range)):
-                raise TypeError(f"Heads: head keys must be int, range or slice, got {key!r}")
+                raise TypeError(f"Heads: head keys must be int, range or slice, got {key!r} "
+                                f"({type(key).__name__}). {_HEADS_FORMS}")
             elif isinstance(key, int) and key < 0:
                 raise ValueError(f"Heads: head index must be >= 0, got {key}")
             if not isinstance(pat, Pattern):
@@ -327,29 +369,48 @@ class Heads(Pattern):
     def children(self):
         return tuple(p for _, p in self.entries)
 
+    def head_entries(self, num_heads: int) -> list[int]:
+        """The index into `entries` of each head's entry; every head covered exactly once.
+        Linear in num_heads, whatever the keys."""
+        owner = [-1] * num_heads
+        for e, (key, _) in enumerate(self.entries):
+            heads = self.key_heads(key, num_heads)
+            if not heads:
+                continue
+            if not (0 <= heads[0] < num_heads and 0 <= heads[-1] < num_heads):
+                h = next(h for h in heads if not 0 <= h < num_heads)
+                raise ValueError(f"Heads: key {key!r} names head {h}, but num_heads is {num_heads} "
+                                 f"(valid heads: 0..{num_heads - 1})")
+            up = heads if heads.step > 0 else heads[::-1]
+            span = slice(up.start, up.stop, up.step)
+            if owner[span].count(-1) != len(up):
+                h = next(h for h in heads if owner[h] >= 0)
+                raise ValueError(f"Heads: head {h} is covered twice, by {self.entries[owner[h]][0]!r} and {key!r}")
+            owner[span] = [e] * len(up)
+        if -1 in owner:
+            missing = [h for h, e in enumerate(owner) if e < 0]
+            shown = f"{missing[:32]}"[:-1] + ", ...]" if len(missing) > 32 else f"{missing}"
+            raise ValueError(f"Heads: heads {shown} are not covered by any entry "
+                             f"(num_heads is {num_heads}; every head needs exactly one pattern)")
+        return owner
+
+    @staticmethod
+    def key_heads(key: HeadKey, num_heads: int) -> range:
+        """The heads a key names (not checked against num_heads)."""
+        if isinstance(key, int):
+            return range(key, key + 1)
+        return key.heads(num_heads) if isinstance(key, HeadSlice) else key
+
     def per_head(self, num_heads: int) -> tuple[Pattern, ...]:
         """The pattern of each head; every head covered exactly once."""
-        owner: dict[int, HeadKey] = {}
-        out: list[Pattern | None] = [None] * num_heads
-        for key, pat in self.entries:
-            heads = [key] if isinstance(key, int) else (key.heads(num_heads) if isinstance(key, HeadSlice) else key)
-            for h in heads:
-                if not 0 <= h < num_heads:
-                    raise ValueError(f"Heads: key {key!r} names head {h}, but num_heads is {num_heads} "
-                                     f"(valid heads: 0..{num_heads - 1})")
-                if h in owner:
-                    raise ValueError(f"Heads: head {h} is covered twice, by {owner[h]!r} and {key!r}")
-                owner[h] = key
-                out[h] = pat
-        missing = [h for h in range(num_heads) if out[h] is None]
-        if missing:
-            raise ValueError(f"Heads: heads {missing} are not covered by any entry "
-                             f"(num_heads is {num_heads}; every head needs exactly one pattern)")
-        return tuple(out)  # type: ignore[arg-type]
+        return tuple(self.entries[e][1] for e in self.head_entries(num_heads))
 
     def __repr__(self):
         if self.listed:
             return "Heads([" + ", ".join(repr(p) for _, p in self.entries) + "])"
+        if any(isinstance(k, HeadSlice) for k, _ in self.entries):
+            # (key, pattern) pairs: a dict literal with slice keys is valid Python only from 3.12
+            return "Heads([" + ", ".join(f"({k!r}, {p!r})" for k, p in self.entries) + "])"
         return "Heads({" + ", ".join(f"{k!r}: {p!r}" for k, p in self.entries) + "})"
 
 
@@ -360,6 +421,120 @@ def resolve_heads(pattern: Pattern, head: int, num_heads: int) -> Pattern:
         return resolve_heads(pattern.per_head(num_heads)[head], head, num_heads)
     if isinstance(pattern, _Composite):
         return type(pattern).of(*(resolve_heads(p, head, num_heads) for p in pattern.parts))
+    return pattern
+
+
+class HeadPatterns(_SequenceABC):
+    """The Heads-free pattern of each head (`Spec.head_patterns`): an immutable sequence of
+    length num_heads, equal to the tuple of those patterns, that stores each distinct pattern
+    once (`unique`, in order of first appearance) and, where heads differ, one index per head.
+    Heads that all share one pattern cost nothing per head."""
+
+    def __init__(self, unique: tuple[Pattern, ...], index: tuple[int, ...] | None, length: int):
+        self._unique, self._index, self._len = unique, index, length
+
+    @property
+    def unique(self) -> tuple[Pattern, ...]:
+        """The distinct patterns in order of first appearance (what `dict.fromkeys(self)` gives)."""
+        return self._unique
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[h] for h in range(*i.indices(self._len)))
+        h = operator.index(i)
+        if h < 0:
+            h += self._len
+        if not 0 <= h < self._len:
+            raise IndexError(f"head index {i} out of range for {self._len} head(s)")
+        return self._unique[0] if self._index is None else self._unique[self._index[h]]
+
+    def __iter__(self):
+        if self._index is None:
+            return itertools.repeat(self._unique[0], self._len)
+        return map(self._unique.__getitem__, self._index)
+
+    def __contains__(self, pattern) -> bool:
+        return self._len > 0 and pattern in self._unique
+
+    def count(self, pattern) -> int:
+        if pattern not in self:
+            return 0
+        return self._len if self._index is None else self._index.count(self._unique.index(pattern))
+
+    def __eq__(self, other):
+        if isinstance(other, HeadPatterns):  # both canonical: same unique order, same index
+            return self._len == other._len and self._unique == other._unique and self._index == other._index
+        if isinstance(other, tuple):
+            return len(other) == self._len and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+    def __repr__(self):
+        if self._index is None:
+            return f"({self._unique[0]!r},) * {self._len}"
+        return repr(tuple(self))
+
+
+def head_patterns(pattern: Pattern, num_heads: int) -> HeadPatterns:
+    """`resolve_heads(pattern, h, num_heads)` for every head h, as a HeadPatterns: in time
+    independent of num_heads when the tree holds no Heads node, and linear in it otherwise."""
+    res = _resolve_all(pattern, num_heads)
+    if isinstance(res, Pattern):
+        return HeadPatterns((res,), None, num_heads)
+    pats, index = res
+    new: list[int | None] = [None] * len(pats)  # canonical: distinct by equality, first appearance first
+    distinct: dict[Pattern, int] = {}
+    todo = len(pats)
+    for i in index:
+        if new[i] is None:
+            new[i] = distinct.setdefault(pats[i], len(distinct))
+            todo -= 1
+            if not todo:
+                break
+    unique = tuple(distinct)
+    if len(unique) == 1:
+        return HeadPatterns(unique, None, num_heads)
+    return HeadPatterns(unique, tuple(map(new.__getitem__, index)), num_heads)
+
+
+def _resolve_all(pattern: Pattern, num_heads: int):
+    """The pattern of every head: one Pattern when all heads share it, else (patterns, index)
+    with index[h] the position in patterns of head h's pattern (patterns may repeat)."""
+    if isinstance(pattern, Heads):
+        owner = pattern.head_entries(num_heads)
+        # entries that name no head (an empty range) are never resolved, as resolve_heads does
+        subs = [_resolve_all(p, num_heads) if Heads.key_heads(k, num_heads) else None for k, p in pattern.entries]
+        if all(s is None or isinstance(s, Pattern) for s in subs):
+            return subs, owner
+        pats, index, seen = [], [], {}  # nested Heads: resolve each entry for the head it serves
+        for h, e in enumerate(owner):
+            s = subs[e]
+            key = (e, 0 if isinstance(s, Pattern) else s[1][h])
+            if key not in seen:
+                seen[key] = len(pats)
+                pats.append(s if isinstance(s, Pattern) else s[0][key[1]])
+            index.append(seen[key])
+        return pats, index
+    if isinstance(pattern, _Composite):
+        subs = [_resolve_all(p, num_heads) for p in pattern.parts]
+        if all(isinstance(s, Pattern) for s in subs):
+            return type(pattern).of(*subs)
+        varying = [s for s in subs if not isinstance(s, Pattern)]
+        pats, index, seen = [], [], {}
+        for key in zip(*(s[1] for s in varying)):
+            i = seen.get(key)
+            if i is None:
+                it = iter(key)
+                parts = [s if isinstance(s, Pattern) else s[0][next(it)] for s in subs]
+                i = seen[key] = len(pats)
+                pats.append(type(pattern).of(*parts))
+            index.append(i)
+        return pats, index
     return pattern
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
-from .patterns import Pattern, Routed, Window, resolve_heads
+from .patterns import HeadPatterns, Pattern, Routed, Window, head_patterns
 
 
 def _shape(name: str, value) -> tuple[int, ...]:
@@ -14,26 +15,37 @@ def _shape(name: str, value) -> tuple[int, ...]:
         value = (value,)
     if not isinstance(value, (tuple, list)) or len(value) == 0:
         raise TypeError(f"Spec: {name} must be an int or a non-empty tuple of ints, got {value!r}")
+    out = []
     for i, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"Spec: {name}[{i}] must be an int, got {v!r}")
-        if v < 1:
-            raise ValueError(f"Spec: {name}[{i}] must be >= 1, got {v}")
-    return tuple(value)
+        v = _static(v)
+        if v < 0:
+            raise ValueError(f"Spec: {name}[{i}] must be >= 0, got {v}")
+        out.append(v)
+    return tuple(out)
 
 
-def _positive(name: str, value) -> int:
+def _static(v: int) -> int:
+    """`v` itself; under torch.compile, a symbolic size (a dynamic tensor dim) specializes to its
+    value here (operator.index does that in Dynamo; int() would not), since a Spec is static."""
+    return operator.index(v)
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"Spec: {name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"Spec: {name} must be >= 1, got {value}")
+    value = _static(value)
+    if value < minimum:
+        raise ValueError(f"Spec: {name} must be >= {minimum}, got {value}")
     return value
 
 
 @dataclass(frozen=True)
 class Spec:
     """A pattern on a query grid and a key grid (row-major flattening), with head
-    counts (GQA: num_heads % num_kv_heads == 0) and head dim."""
+    counts (GQA: num_heads % num_kv_heads == 0) and head dim. Extents and head counts
+    may be 0 (an empty input, as scaled_dot_product_attention takes); head_dim may not."""
 
     pattern: Pattern
     q_shape: tuple[int, ...]
@@ -41,7 +53,7 @@ class Spec:
     num_heads: int = 1
     num_kv_heads: int | None = None
     head_dim: int = 64
-    _heads: tuple[Pattern, ...] = field(default=(), init=False, repr=False, compare=False, hash=False)
+    _heads: HeadPatterns = field(default=(), init=False, repr=False, compare=False, hash=False)
     routed: Routed | None = field(default=None, init=False, repr=False, compare=False, hash=False)
     """The Routed node of this spec (all share block and topk), or None."""
 
@@ -50,20 +62,23 @@ class Spec:
             raise TypeError(f"Spec: pattern must be a patterngen pattern, got {self.pattern!r}")
         q_shape = _shape("q_shape", self.q_shape)
         kv_shape = q_shape if self.kv_shape is None else _shape("kv_shape", self.kv_shape)
-        num_heads = _positive("num_heads", self.num_heads)
-        num_kv_heads = num_heads if self.num_kv_heads is None else _positive("num_kv_heads", self.num_kv_heads)
-        if num_heads % num_kv_heads:
+        num_heads = _count("num_heads", self.num_heads, 0)  # zero heads, like zero tokens: an empty result
+        num_kv_heads = num_heads if self.num_kv_heads is None else _count("num_kv_heads", self.num_kv_heads, 0)
+        if num_kv_heads == 0 and num_heads:
+            raise ValueError(f"Spec: num_kv_heads must be >= 1 when num_heads is {num_heads}, got 0")
+        if num_kv_heads and num_heads % num_kv_heads:
             raise ValueError(f"Spec: num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads}) for grouped-query attention")
-        _positive("head_dim", self.head_dim)
+        head_dim = _count("head_dim", self.head_dim)
         object.__setattr__(self, "q_shape", q_shape)
         object.__setattr__(self, "kv_shape", kv_shape)
         object.__setattr__(self, "num_heads", num_heads)
         object.__setattr__(self, "num_kv_heads", num_kv_heads)
-        heads = tuple(resolve_heads(self.pattern, h, num_heads) for h in range(num_heads))
+        object.__setattr__(self, "head_dim", head_dim)
+        heads = head_patterns(self.pattern, num_heads)  # O(1) in num_heads without a Heads node
         object.__setattr__(self, "_heads", heads)
         routed = set()
-        for pat in set(heads):
+        for pat in heads.unique:
             for node in pat.walk():
                 self._check_node(node)
                 if isinstance(node, Routed):
@@ -72,7 +87,8 @@ class Spec:
             raise ValueError(f"Spec: all Routed nodes must share (block, topk), since one index tensor "
                              f"serves them all; got {sorted(routed)}")
         # a plain attribute, not a cached property: torch.compile traces reads of it
-        object.__setattr__(self, "routed", next((n for p in heads for n in p.walk() if isinstance(n, Routed)), None))
+        object.__setattr__(self, "routed", next((n for p in heads.unique for n in p.walk() if isinstance(n, Routed)),
+                                                None))
 
     # -- geometry --------------------------------------------------------------
     @property
@@ -88,8 +104,9 @@ class Spec:
         return math.prod(self.kv_shape)
 
     @property
-    def head_patterns(self) -> tuple[Pattern, ...]:
-        """The Heads-free pattern of each query head."""
+    def head_patterns(self) -> HeadPatterns:
+        """The Heads-free pattern of each query head: a sequence of num_heads patterns, equal to
+        their tuple, that stores each distinct pattern once (`.unique`, in order of first appearance)."""
         return self._heads
 
     # -- validation against shapes ---------------------------------------------
@@ -102,6 +119,9 @@ class Spec:
                 raise ValueError(f"Spec: {node!r} has {node.ndim} dimension(s) but q_shape={self.q_shape} "
                                  f"has {self.ndim}")
             for k, ((w, s, d, _), n) in enumerate(zip(node.dims(self.ndim), self.q_shape)):
+                if n == 0:
+                    raise ValueError(f"Spec: {node!r} needs a non-empty grid; dimension {k} of "
+                                     f"q_shape={self.q_shape} is 0")
                 if w > n:
                     raise ValueError(f"Spec: {node!r}: window size {w} in dimension {k} is larger than the "
                                      f"grid extent {n} (valid sizes: {'2..' if n > 1 else ''}{n})")
@@ -113,7 +133,7 @@ class Spec:
                                      f"larger than the grid extent {n}")
         elif isinstance(node, Routed):
             nkb = -(-self.nkv // node.block)
-            if node.topk > nkb:
+            if node.topk > nkb and self.nkv:  # without keys there is nothing to route
                 raise ValueError(f"Spec: {node!r}: topk {node.topk} exceeds the {nkb} key blocks of "
                                  f"{node.block} tokens (valid: 1..{nkb})")
 
@@ -126,3 +146,13 @@ class Spec:
             args.append(f"num_kv_heads={self.num_kv_heads}")
         args.append(f"head_dim={self.head_dim}")
         return f"Spec({', '.join(args)})"
+
+    def to_dict(self) -> dict:
+        """The versioned JSON-able dict form (ir/serialize.py); `from_json` restores an equal Spec."""
+        from .serialize import to_dict
+        return to_dict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        """`to_dict()` as JSON text; `from_json` restores an equal Spec."""
+        from .serialize import to_json
+        return to_json(self, indent)

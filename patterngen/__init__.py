@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
+from .ir import from_json
 from .oracle import dense_mask
 from .plan import Plan, TilePlan, build_plan
 from .routing import route

@@ -16,7 +16,7 @@ import torch
 from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale, head_selection
 from .backends.reference import reference_attention
 from .ir import Spec
-from .op import attention_op, spec_key
+from .op import attention_op, spec_from_repr, spec_key
 from .plan import Plan, build_plan
 from .routing import block_counts
 from .tiles import Tiling
@@ -32,9 +32,7 @@ def _check_spec(spec) -> Spec:
 
 def _op_key(spec: Spec, has_indices: bool) -> str:
     """The op's key for `spec`, after checking that block indices come exactly with Routed specs.
-
-    Run eagerly even under torch.compile (its result is a constant of the graph): the key is a
-    hash of the spec's repr, which Dynamo need not trace."""
+    Eager only: under torch.compile `attention` calls `_op_key_of_repr`."""
     if spec.routed is None and has_indices:
         raise ValueError("block_indices: given, but the spec has no Routed pattern")
     if spec.routed is not None and not has_indices:
@@ -43,10 +41,20 @@ def _op_key(spec: Spec, has_indices: bool) -> str:
     return spec_key(spec)
 
 
+def _op_key_of_repr(text: str, has_indices: bool) -> str:
+    """`_op_key` under torch.compile, from the spec's repr: Dynamo runs it eagerly and keeps the
+    key as a constant of the graph, so a fixed spec never causes a recompile.
+
+    It takes the repr, a string Dynamo traces, and not the Spec: a Spec built inside the compiled
+    code (even by a cached factory, which Dynamo traces through) exists only in Dynamo's trace,
+    and the object Dynamo would hand over is an empty shell without fields."""
+    return _op_key(spec_from_repr(text), has_indices)
+
+
 # What torch.compiler.assume_constant_result sets; the decorator itself would import
 # torch._dynamo, and with it triton, at `import patterngen`, before a user can set
 # TRITON_INTERPRET.
-_op_key._dynamo_marked_constant = True
+_op_key_of_repr._dynamo_marked_constant = True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
@@ -69,7 +77,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     if block_indices is not None and not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     check_head_indices(head_indices, q)
-    out, lse = attention_op(q, k, v, _op_key(spec, block_indices is not None), scale, block_indices, head_indices)
+    has_indices = block_indices is not None
+    key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
+    out, lse = attention_op(q, k, v, key, scale, block_indices, head_indices)
     return (out, lse) if return_lse else out
 
 

@@ -30,6 +30,7 @@ import torch
 from .backends.inputs import check_head_values, head_selection
 from .backends.reference import reference_attention
 from .ir import Spec
+from .ir.parse import parse_repr
 from .plan import Plan, build_plan
 
 _LOCK = threading.Lock()
@@ -62,6 +63,29 @@ def lookup_spec(key: str) -> Spec:
     except KeyError:
         raise ValueError(f"spec_key: {key!r} names no registered spec; register it with "
                          f"patterngen.op.spec_key(spec) in this process first") from None
+
+
+_REBUILT: dict[str, Spec] = {}
+
+
+def spec_from_repr(text: str) -> Spec:
+    """The Spec whose repr is `text`, rebuilt from that Python with the IR's constructors.
+
+    For torch.compile: a Spec built inside compiled code (directly, or by a cached factory that
+    Dynamo traces through) exists only in Dynamo's trace, so eager code receives its repr, a
+    string Dynamo computes; every IR object prints as the Python that builds it."""
+    spec = _REBUILT.get(text)
+    if spec is not None:
+        return spec
+    try:
+        spec = parse_repr(text)
+    except ValueError as e:
+        raise ValueError(f"spec: a Spec built inside torch.compile is rebuilt from its repr, and that failed: "
+                         f"{e}; build the Spec outside the compiled function") from None
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: expected a patterngen.Spec, got the pattern {text[:200]}")
+    with _LOCK:
+        return _REBUILT.setdefault(text, spec)
 
 
 _PLANS: dict[str, Plan] = {}
@@ -293,5 +317,5 @@ def _backward(ctx, dout, dlse):
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_key",
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_from_repr", "spec_key",
            "triton_forward", "triton_heads"]

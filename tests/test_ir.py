@@ -80,14 +80,16 @@ def test_heads_construction_validation():
 
 # -- specs -----------------------------------------------------------------------------
 @pytest.mark.parametrize("build, exc, fragments", [
-    (lambda: pg.Spec(pg.Causal(), 0), ValueError, ["q_shape", "0"]),
+    (lambda: pg.Spec(pg.Causal(), -1), ValueError, ["q_shape", ">= 0", "-1"]),
     (lambda: pg.Spec(pg.Causal(), (4, -2)), ValueError, ["q_shape[1]", "-2"]),
-    (lambda: pg.Spec(pg.Causal(), 4, kv_shape=(0,)), ValueError, ["kv_shape", "0"]),
+    (lambda: pg.Spec(pg.Causal(), 4, kv_shape=(-3,)), ValueError, ["kv_shape", "-3"]),
     (lambda: pg.Spec(pg.Causal(), ()), TypeError, ["q_shape"]),
     (lambda: pg.Spec(pg.Causal(), 4.0), TypeError, ["q_shape", "4.0"]),
     (lambda: pg.Spec(pg.Causal(), True), TypeError, ["q_shape", "True"]),
     (lambda: pg.Spec("causal", 4), TypeError, ["pattern", "causal"]),
-    (lambda: pg.Spec(pg.Causal(), 4, num_heads=0), ValueError, ["num_heads", "0"]),
+    (lambda: pg.Spec(pg.Causal(), 4, num_heads=-1), ValueError, ["num_heads", ">= 0", "-1"]),
+    (lambda: pg.Spec(pg.Causal(), 4, num_heads=2, num_kv_heads=0), ValueError, ["num_kv_heads", ">= 1", "2"]),
+    (lambda: pg.Spec(pg.Window(3), (4, 0)), ValueError, ["non-empty grid", "dimension 1"]),
     (lambda: pg.Spec(pg.Causal(), 4, num_heads=4, num_kv_heads=3), ValueError, ["num_heads (4)", "num_kv_heads (3)"]),
     (lambda: pg.Spec(pg.Causal(), 4, num_heads=2, num_kv_heads=4), ValueError, ["num_heads (2)", "num_kv_heads (4)"]),
     (lambda: pg.Spec(pg.Causal(), 4, head_dim=0), ValueError, ["head_dim", "0"]),
@@ -311,3 +313,146 @@ def test_spec_geometry():
     assert pg.Spec(pg.Causal(), 6).kv_shape == (6,) and pg.Spec(pg.Causal(), [2, 3]).q_shape == (2, 3)
     assert spec.routed is None
     assert pg.Spec(pg.Heads([pg.Causal(), pg.Routed(2, 1)]), 8, num_heads=2).routed == pg.Routed(2, 1)
+
+
+# -- head keys and per-head patterns (issue 10, items 13 and 16) ---------------------------------
+HEAD_PATTERNS = (pg.Causal(), pg.Band(2), pg.Full(), pg.Sink(1) | pg.Band(1, 1), pg.Strided(2) & pg.Causal())
+
+
+@st.composite
+def head_pairs(draw):
+    """(num_heads, [(key, pattern)], per-head patterns): keys int, range or slice (open ends,
+    steps, negative steps) covering every head exactly once."""
+    n = draw(st.integers(1, 9))
+    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=n - 1))) if n > 1 else []
+    pairs, per_head = [], [None] * n
+    for a, b in zip([0] + cuts, cuts + [n]):
+        groups = [range(a, b)]
+        if b - a >= 2 and draw(st.booleans()):  # two interleaved progressions
+            groups = [range(a, b, 2), range(a + 1, b, 2)]
+        for g in groups:
+            pat = draw(st.sampled_from(HEAD_PATTERNS))
+            form = draw(st.sampled_from(["int", "range", "slice", "open", "reversed"]))
+            if len(g) == 1 and form == "int":
+                key = g[0]
+            elif form in ("int", "range"):
+                key = g
+            elif form == "slice":
+                key = slice(g.start, g.stop, g.step if g.step > 1 else None)
+            elif form == "open":
+                key = slice(None if g.start == 0 else g.start, None if g.stop >= n else g.stop,
+                            g.step if g.step > 1 else None)
+            else:  # the same heads, walked backwards
+                key = slice(g[-1], g.start - 1 if g.start > 0 else None, -g.step)
+            pairs.append((key, pat))
+            for h in g:
+                per_head[h] = pat
+    order = draw(st.permutations(range(len(pairs))))
+    return n, [pairs[i] for i in order], per_head
+
+
+@settings(max_examples=scaled(200))
+@given(head_pairs(), st.booleans())
+def test_heads_key_forms_agree(case, compose):
+    """(key, pattern) pairs with int, range or slice keys, on every Python, give each head
+    the pattern of the one-pattern-per-head list; the repr rebuilds an equal node."""
+    n, pairs, per_head = case
+    node = pg.Heads(pairs)
+    spec = pg.Spec(node & pg.Sink(2) if compose else node, 12, num_heads=n)
+    want = tuple((p & pg.Sink(2)) if compose else p for p in per_head)
+    assert spec.head_patterns == want
+    assert spec.head_patterns == pg.Spec(pg.Heads(per_head) & pg.Sink(2) if compose else pg.Heads(per_head), 12,
+                                         num_heads=n).head_patterns
+    rebuilt = eval(repr(node), dict(NAMESPACE))
+    assert rebuilt == node and hash(rebuilt) == hash(node) and repr(rebuilt) == repr(node)
+    assert eval(repr(spec), dict(NAMESPACE)) == spec
+    has_slice = any(isinstance(k, slice) for k, _ in pairs)
+    assert repr(node).startswith("Heads([(" if has_slice else "Heads({")
+    if not has_slice or sys.version_info >= (3, 12):
+        assert pg.Heads(dict(pairs)) == node
+
+
+@pytest.mark.parametrize("build, exc, fragments", [
+    (lambda: pg.Heads({(0, 1): pg.Causal()}), TypeError, ["(0, 1)", "tuple", "range", "pairs", "3.12"]),
+    (lambda: pg.Heads({"0": pg.Causal()}), TypeError, ["'0'", "int, range or slice", "pairs"]),
+    (lambda: pg.Heads([(0, pg.Causal()), pg.Full()]), TypeError, ["mixes", "pairs", "Full()"]),
+    (lambda: pg.Heads([(0, pg.Causal(), 1)]), TypeError, ["(key, pattern) pairs", "(0, Causal(), 1)"]),
+    (lambda: pg.Heads([(slice(0, 2), "causal")]), TypeError, ["slice(0, 2, None)", "'causal'"]),
+    (lambda: pg.Heads([(slice(0, 2.5), pg.Causal())]), TypeError, ["slice(0, 2.5, None)", "ints or None"]),
+    (lambda: pg.Heads([(slice(0, 4, 0), pg.Causal())]), ValueError, ["slice(0, 4, 0)", "step", "0"]),
+    (lambda: pg.Heads(pg.Causal()), TypeError, ["Causal", "list", "dict", "pairs"]),
+])
+def test_heads_key_errors_say_which_forms_work(build, exc, fragments):
+    with raises(exc, "Heads", *fragments):
+        build()
+
+
+def test_heads_slice_pairs_on_every_python():
+    node = pg.Heads([(slice(None, 2), pg.Causal()), (slice(2, None), pg.Band(1))])
+    spec = pg.Spec(node, 8, num_heads=4)
+    assert spec.head_patterns == (pg.Causal(), pg.Causal(), pg.Band(1), pg.Band(1))
+    assert repr(node) == "Heads([(slice(None, 2, None), Causal()), (slice(2, None, None), Band(1))])"
+    assert eval(repr(spec), dict(NAMESPACE)) == spec
+    assert pg.Heads([(range(0, 2), pg.Causal()), (range(2, 4), pg.Band(1))]) == pg.Heads(
+        {range(0, 2): pg.Causal(), range(2, 4): pg.Band(1)})
+    with raises(ValueError, "head 1", "twice"):
+        pg.Spec(pg.Heads([(slice(0, 2), pg.Causal()), (slice(1, None, 2), pg.Full())]), 8, num_heads=4)
+
+
+@settings(max_examples=scaled(150))
+@given(specs())
+def test_head_patterns_act_as_the_tuple_of_resolved_heads(spec):
+    from patterngen.ir import resolve_heads
+    want = tuple(resolve_heads(spec.pattern, h, spec.num_heads) for h in range(spec.num_heads))
+    hp = spec.head_patterns
+    assert hp == want and want == hp and tuple(hp) == want and list(hp) == list(want)
+    assert len(hp) == len(want) and hash(hp) == hash(want) and eval(repr(hp), dict(NAMESPACE)) == want
+    assert [hp[h] for h in range(-len(want), len(want))] == list(want) * 2
+    assert hp[1::2] == want[1::2] and hp[::-1] == want[::-1]
+    assert hp.unique == tuple(dict.fromkeys(want))
+    for p in hp.unique:
+        assert p in hp and hp.count(p) == want.count(p) and hp.index(p) == want.index(p)
+    assert pg.Full() in hp or hp.count(pg.Full()) == 0
+    with pytest.raises(IndexError):
+        hp[len(want)]
+    again = eval(repr(spec), dict(NAMESPACE))
+    assert again.head_patterns == hp and again == spec and hash(again) == hash(spec) and repr(again) == repr(spec)
+
+
+def test_spec_construction_is_independent_of_the_head_count():
+    """All heads sharing one pattern: nothing per head (10^7 heads took 11 s)."""
+    import time
+    pattern = pg.Band(3) & pg.Causal()
+    start = time.perf_counter()
+    spec = pg.Spec(pattern, 64, num_heads=10**7, num_kv_heads=10**5, head_dim=16)
+    assert time.perf_counter() - start < 0.5
+    hp = spec.head_patterns
+    assert len(hp) == 10**7 and hp[0] == hp[-1] == hp[5 * 10**6] == pattern and hp.unique == (pattern,)
+    assert hp[10**7 - 2:] == (pattern, pattern) and hp.count(pattern) == 10**7 and spec.routed is None
+    assert repr(hp) == "((Band(3) & Causal()),) * 10000000"
+    same = pg.Spec(pattern, 64, num_heads=10**7, num_kv_heads=10**5, head_dim=16)
+    assert same == spec and hash(same) == hash(spec) and same.head_patterns == hp
+    assert repr(spec) == "Spec((Band(3) & Causal()), q_shape=(64,), num_heads=10000000, num_kv_heads=100000, head_dim=16)"
+
+
+def test_heads_with_range_keys_resolve_in_linear_time():
+    """Range keys over many heads: linear in the head count (it was quadratic: 10^4 heads took 9 s)."""
+    import time
+    n = 20_000
+    start = time.perf_counter()
+    spec = pg.Spec(pg.Heads({range(0, n, 2): pg.Causal(), range(1, n, 2): pg.Band(2)}) | pg.Sink(1), 16,
+                   num_heads=n)
+    assert time.perf_counter() - start < 1.0
+    hp = spec.head_patterns
+    assert hp.unique == (pg.Causal() | pg.Sink(1), pg.Band(2) | pg.Sink(1))
+    assert hp[0] == hp[n - 2] == pg.Causal() | pg.Sink(1) and hp[1] == hp[n - 1] == pg.Band(2) | pg.Sink(1)
+
+
+def test_nested_heads_and_unused_entries_resolve_as_per_head():
+    from patterngen.ir import resolve_heads
+    inner = pg.Heads({range(0, 4, 2): pg.Full(), range(1, 4, 2): pg.Sink(1)})
+    pattern = pg.Heads({range(0, 0): pg.Heads([pg.Causal()] * 3), range(0, 2): inner, range(2, 4): pg.Band(1)})
+    for p in (pattern, pattern & pg.Causal(), pg.Band(2) | (pattern & inner)):
+        spec = pg.Spec(p, 8, num_heads=4)  # the entry naming no head is never resolved (its 3 heads != 4)
+        assert spec.head_patterns == tuple(resolve_heads(p, h, 4) for h in range(4))
+    assert pg.Spec(pattern, 8, num_heads=4).head_patterns.unique == (pg.Full(), pg.Sink(1), pg.Band(1))

@@ -3,6 +3,10 @@ download) with patterngen attention gives the logits of the same model's eager
 attention fed the pattern's dense mask as a 4-D additive mask."""
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,9 +15,10 @@ from hypothesis import strategies as st
 import patterngen as pg
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
+                          MistralForCausalLM, StaticCache)
 
-from patterngen.integrations.transformers import register, spec_for  # noqa: E402
+from patterngen.integrations.transformers import PATTERN_ATTR, SPEC_ATTR, register, spec_for  # noqa: E402
 
 HEADS, KV_HEADS, HIDDEN, VOCAB = 4, 2, 64, 100
 HEAD_DIM = HIDDEN // HEADS
@@ -153,3 +158,208 @@ def test_refuses_what_it_would_ignore(model):
         run(model, ids, NAME, [pg.Causal()])
     with pytest.raises(ValueError, match="name"):
         register("eager")
+
+
+# -- masks the pattern would drop: packed documents, overlays ---------------------------------------
+def packed_position_ids(batch, lengths=(10, 14)):
+    """Several documents in each row: positions restart at 0 at each document."""
+    return torch.cat([torch.arange(n) for n in lengths])[None].expand(batch, -1)
+
+
+def test_packed_documents_are_refused(model):
+    """position_ids restarting within a row, no mask, no cache: transformers asks for a mask
+    that keeps the documents apart (eager then equals each document run alone). patterngen
+    replaces the mask, so it would attend across documents: refused (before: silently
+    different logits from eager's)."""
+    ids, pos = ids_for(2, 24), packed_position_ids(2)
+    model.config.patterngen_pattern, model.config.patterngen_spec = pg.Causal(), None
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, use_cache=False).logits
+        alone = torch.cat([model(ids[:, :10], use_cache=False).logits, model(ids[:, 10:], use_cache=False).logits], 1)
+    assert (packed - alone).abs().max() < TOL
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="packed in one row.*one document per row.*cu_seqlens"):
+            model(ids, position_ids=pos, use_cache=False)
+        with pytest.raises(ValueError, match="packed in one row"):  # one row of positions for the batch
+            model(ids, position_ids=packed_position_ids(1, (5, 9, 10)), use_cache=False)
+        # flash-attention packing kwargs reach the attention itself: refused there
+        cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+        with pytest.raises(ValueError, match="cu_seq_lens_q: the batch holds packed documents"):
+            model(ids[:1], position_ids=pos[:1], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=14,
+                  max_length_k=14)
+        # with a cache (use_cache defaults to True) transformers does not look for packing and asks
+        # for the plain causal mask: eager crosses the documents too, and patterngen matches it
+        ours = model(ids, position_ids=pos).logits
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        assert (model(ids, position_ids=pos).logits - ours).abs().max() < TOL
+
+
+def test_explicit_position_ids_of_one_document_run(model):
+    ids = ids_for(2, 24)
+    plain = run(model, ids, NAME, streaming())
+    with torch.no_grad():
+        for pos in (torch.arange(24)[None], torch.arange(24)[None].expand(2, -1)):
+            assert torch.equal(model(ids, position_ids=pos, use_cache=False).logits, plain)
+
+
+def test_mask_builder_takes_only_base_masks():
+    """Straight through transformers' mask creation: the base masks the pattern replaces
+    (causal, bidirectional, sliding-window, chunked) build no mask; an or/and mask
+    function, a blockwise overlay or packing is refused, naming what was found."""
+    from transformers import masking_utils as mu
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                         num_key_value_heads=KV_HEADS, vocab_size=VOCAB, sliding_window=4, attention_chunk_size=4)
+    config._attn_implementation = NAME
+    embeds = torch.zeros(2, 6, HIDDEN)
+    causal_kinds = (mu.create_causal_mask, mu.create_sliding_window_causal_mask, mu.create_chunked_causal_mask)
+    for create in causal_kinds + (mu.create_bidirectional_mask, mu.create_bidirectional_sliding_window_mask):
+        assert create(config, embeds, None, None) is None
+
+    def image_tokens(batch_idx, head_idx, q_idx, kv_idx):
+        return q_idx >= 0
+
+    refused = [({"or_mask_function": image_tokens}, "mask functions of the model .*image_tokens"),
+               ({"and_mask_function": functools.partial(image_tokens)}, "mask functions of the model .*partial"),
+               ({"block_sequence_ids": torch.tensor([[-1, 0, 0, -1, -1, -1]] * 2)}, "blockwise overlay"),
+               ({"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}, "packed in one row")]
+    for kwargs, what in refused:
+        for create in causal_kinds:
+            with pytest.raises(ValueError, match=f"mask_function|position_ids: .*{what}"):
+                create(config, embeds, None, None, **kwargs)
+    for kwargs, what in refused[:2]:
+        with pytest.raises(ValueError, match=what):
+            mu.create_bidirectional_mask(config, embeds, None, **kwargs)
+
+
+# -- KV caches: static and sliding-window ----------------------------------------------------------
+PROMPT, NEW = 12, 20
+
+
+def generate(model, ids, pattern, cache=None):
+    """Greedy tokens after the prompt, patterngen attention, with a dynamic (None) or static cache."""
+    model.set_attn_implementation(NAME)
+    model.config.patterngen_pattern, model.config.patterngen_spec = pattern, None
+    kw = {} if cache is None else {"cache_implementation": cache}
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def generate_eager(model, ids, pattern):
+    """The same greedy decoding by eager attention fed the pattern's dense mask, no cache."""
+    model.set_attn_implementation("eager")
+    seq = ids
+    with torch.no_grad():
+        for _ in range(NEW):
+            logits = model(seq, attention_mask=additive_mask(pattern, seq.shape[1], seq.shape[0])).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[:, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("pattern", [streaming(), DUO], ids=["streaming_llm", "duo_attention"])
+def test_static_cache_generates_the_dynamic_caches_tokens(model, pattern):
+    """A static cache hands the attention all its preallocated slots; only the filled ones
+    count, so static (and the deprecated "sliding_window", a static cache too), dynamic and
+    eager with the dense mask generate the same tokens."""
+    ids = ids_for(2, PROMPT, seed=3) % (VOCAB - 1) + 1  # no pad token (0): generate would see padding
+    dynamic = generate(model, ids, pattern)
+    assert generate(model, ids, pattern, "static") == dynamic
+    assert generate_eager(model, ids, pattern) == dynamic
+    if pattern is DUO:
+        return
+    assert generate(model, ids, pattern, "sliding_window") == dynamic
+    # and with the 2-D attention mask a tokenizer passes
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=0, cache_implementation="static")
+    assert out[:, PROMPT:].tolist() == dynamic
+
+
+def test_static_cache_never_reads_unfilled_slots(model):
+    """Prefill and decode by hand on a StaticCache whose empty slots hold NaN: the logits are
+    finite and equal the full forward's."""
+    ids = ids_for(2, 30)
+    full = run(model, ids, NAME, DUO)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        out = model(ids[:, :20], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.keys[:, :, 20:] = float("nan")
+            layer.values[:, :, 20:] = float("nan")
+        steps = [out.logits]
+        for t in range(20, 30):
+            steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    assert (torch.cat(steps, 1) - full).abs().max() < TOL
+
+
+def test_sliding_window_cache_is_refused_once_it_drops_keys():
+    """A model whose config sets sliding_window gets sliding-window cache layers, which drop
+    keys the pattern still addresses: exact until the window fills, then refused."""
+    torch.manual_seed(0)
+    config = MistralConfig(num_hidden_layers=1, hidden_size=HIDDEN, intermediate_size=128, num_attention_heads=HEADS,
+                           num_key_value_heads=KV_HEADS, vocab_size=VOCAB, sliding_window=16)
+    mistral = MistralForCausalLM(config).eval()
+    mistral.config.patterngen_pattern = streaming(4, 6)
+    mistral.set_attn_implementation(NAME)
+    ids = ids_for(1, 8)
+    for cache in (None, "static"):
+        kw = {} if cache is None else {"cache_implementation": cache}
+        with torch.no_grad():
+            fits = mistral.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
+            with pytest.raises(ValueError, match="sliding-window cache layer.*sliding_window is set"):
+                mistral.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+        mistral.config.sliding_window = None  # a cache that keeps every key
+        with torch.no_grad():
+            longer = mistral.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+        mistral.config.sliding_window = 16
+        assert longer[:, :14].tolist() == fits.tolist()
+
+
+# -- saving: the pattern in config.json --------------------------------------------------------------
+def test_save_pretrained_round_trip(model, tmp_path):
+    """The config stores each pattern's JSON form; from_pretrained runs the same patterns."""
+    ids = ids_for(2, 30)
+    for pattern in (DUO, (streaming(), DUO), [streaming().to_dict(), DUO]):
+        before = run(model, ids, NAME, pattern)
+        model.save_pretrained(tmp_path)
+        saved = json.loads((tmp_path / "config.json").read_text())[PATTERN_ATTR]
+        assert pg.from_json(saved if isinstance(saved, dict) else saved[1]) == DUO
+        loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=NAME).eval()
+        with torch.no_grad():
+            after = loaded(ids).logits
+        assert torch.equal(before, after)
+        assert repr(loaded.config)  # prints as JSON
+
+
+def test_dict_form_on_the_config_runs(model):
+    ids = ids_for(1, 24)
+    assert torch.equal(run(model, ids, NAME, DUO.to_dict()), run(model, ids, NAME, DUO))
+    with pytest.raises(ValueError, match="patterngen_pattern: not a valid patterngen pattern.*unknown type"):
+        run(model, ids, NAME, {"patterngen": 1, "type": "Banana"})
+    with pytest.raises(ValueError, match=r"patterngen_pattern\[1\]: holds the JSON form of a Spec"):
+        run(model, ids, NAME, [streaming(), pg.Spec(DUO, 24, num_heads=HEADS).to_dict()])
+
+
+@pytest.mark.parametrize("setting", [
+    {PATTERN_ATTR: lambda i: streaming()},
+    {PATTERN_ATTR: [streaming(), lambda i: DUO]},
+    {PATTERN_ATTR: None, SPEC_ATTR: lambda i, nq, nkv: pg.Spec(pg.Causal(), nq, kv_shape=nkv)},
+], ids=["callable", "callable_in_list", "spec_factory"])
+def test_save_refuses_what_json_cannot_hold(model, tmp_path, setting):
+    """Refused with a ValueError before config.json is opened: an earlier checkpoint stays whole."""
+    run(model, ids_for(1, 8), NAME, streaming())
+    model.save_pretrained(tmp_path)
+    good = (tmp_path / "config.json").read_text()
+    for k, v in setting.items():
+        setattr(model.config, k, v)
+    with pytest.raises(ValueError, match="has no JSON form"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no JSON form"):
+        model.save_pretrained(tmp_path / "fresh")
+    assert (tmp_path / "config.json").read_text() == good
+    assert not os.path.exists(tmp_path / "fresh" / "config.json")
+    model.config.patterngen_pattern, model.config.patterngen_spec = streaming(), None

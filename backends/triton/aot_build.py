@@ -30,7 +30,6 @@ otherwise (and for a gradient flowing into the returned lse).
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import io
@@ -44,7 +43,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-from ...ir import (Band, Causal, Full, Global, Heads, Intersection, Routed, Sink, Spec, Strided, Union, Window)
+from ...ir import Spec
+from ...ir.parse import parse_repr
 from ...plan import build_plan
 from ...tiles import TileGrid, Tiling
 from ..inputs import check_inputs, check_scale
@@ -276,37 +276,13 @@ def _safe(name: str) -> str:
 
 
 # -- reading specs back, without eval ---------------------------------------------------
-_NODES = {c.__name__: c for c in (Band, Causal, Full, Global, Heads, Intersection, Routed, Sink, Spec, Strided,
-                                  Union, Window)}
-
-
 def parse_spec(text: str) -> Spec:
-    """Rebuild a Spec from its repr, accepting only pattern constructors, literals, `range`,
-    `|` and `&` (a manifest is data: nothing in it is executed)."""
-    def ev(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str, type(None))):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, ast.Tuple):
-            return tuple(ev(e) for e in node.elts)
-        if isinstance(node, ast.List):
-            return [ev(e) for e in node.elts]
-        if isinstance(node, ast.Dict):
-            return {ev(k): ev(v) for k, v in zip(node.keys, node.values)}
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
-            a, b = ev(node.left), ev(node.right)
-            return a | b if isinstance(node.op, ast.BitOr) else a & b
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            fn = range if node.func.id == "range" else _NODES.get(node.func.id)
-            if fn is not None:
-                return fn(*(ev(a) for a in node.args), **{k.arg: ev(k.value) for k in node.keywords})
-        raise ValueError(f"unexpected {ast.dump(node)[:80]}")
+    """Rebuild a manifest's Spec from its repr (a manifest is data: nothing in it is executed)."""
     try:
-        spec = ev(ast.parse(text, mode="eval").body)
-    except (SyntaxError, ValueError, TypeError, RecursionError) as exc:
-        raise AOTError(f"manifest: cannot read the spec {text[:200]!r}: {exc}") from None
-    if not isinstance(spec, Spec) or repr(spec) != text:
+        spec = parse_repr(text)
+    except (TypeError, ValueError) as exc:
+        raise AOTError(f"manifest: cannot read the spec: {exc}") from None
+    if not isinstance(spec, Spec):
         raise AOTError(f"manifest: {text[:200]!r} does not describe a patterngen Spec of this version")
     return spec
 

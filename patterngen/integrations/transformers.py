@@ -17,15 +17,52 @@ changed after loading):
 - `config.patterngen_pattern`: one pattern for every layer, a sequence with one
   pattern per layer, or a callable `layer_idx -> pattern`. Sequences are 1-D;
   Causal and Band align the last query with the last key, as decoding with a
-  KV cache needs.
+  KV cache needs. A pattern may also be given in its JSON dict form
+  (`pattern.to_dict()`), which is what a saved config holds.
 - `config.patterngen_spec`: a callable `(layer_idx, q_len, kv_len) -> Spec` for
   full control (n-D grids, cross attention); its Spec is checked against the
   model's heads, head dim and the call's lengths.
 
+Saving: `register()` teaches `PreTrainedConfig` to write patterns (and per-layer
+sequences of them) in their versioned JSON form (`patterngen.ir.serialize`), so
+`save_pretrained` writes a valid config.json and `from_pretrained` (with
+`attn_implementation="patterngen"`) runs the same pattern. A callable pattern or
+a Spec factory has no JSON form: saving refuses it with a ValueError before any
+file is written.
+
+KV caches: keys must sit at their positions from 0 on. A static cache
+(`cache_implementation="static"`, `StaticCache`) hands every call all of its
+preallocated slots; the mask builder registered with the attention reads the
+real length from the cache (tokens already cached + the new queries) and the
+attention attends only that filled prefix, so static and dynamic caches give the
+same tokens (reading the length is one host sync per forward, and a graph break
+under torch.compile: each length gets its own Spec). A sliding-window cache layer that has started dropping old keys
+(the config sets `sliding_window`) is refused with a ValueError: the pattern
+addresses positions the cache no longer holds.
+
 What it refuses rather than silently ignoring: padding (a 2-D attention mask
 with zeros), custom 4-D attention masks, attention dropout, soft-capping and
-learned sink logits, none of which `pg.attention` takes. Patterns live on the
-config object; they are not JSON, so remove them before `save_pretrained`.
+learned sink logits, none of which `pg.attention` takes; and every mask that
+transformers asks for other than the base mask the pattern replaces (causal,
+bidirectional, sliding-window or chunked, whatever its window): packed sequences
+(several documents in one row, which transformers detects from position_ids that
+restart within a row when there is no attention_mask and no cache, or flash-
+attention `cu_seq_lens_*` kwargs), blockwise overlays (`block_sequence_ids`, e.g.
+image tokens attending bidirectionally) and a model's own `or_mask_function` /
+`and_mask_function`. The mask builder recognises the base masks by the structure
+of the `mask_function` transformers hands it (compared with what the installed
+`transformers.masking_utils` builds) and refuses any other, known or not, with a
+ValueError saying what it found. Run one document per row; patterngen's
+packed-document support (cu_seqlens) is planned but not used here yet. With a
+cache (as `use_cache` defaults to), transformers itself does not look for packing
+and asks for the plain causal mask, so eager attention crosses documents too, and
+patterngen gives the same answer.
+
+Older transformers (before `masking_utils.AttentionMaskInterface`, < 4.53) have no
+mask builder to register: a model (Llama and its kin, as read in 4.52) then builds
+its own 4-D mask for an unknown attention implementation, which the attention
+refuses (custom 4-D masks), so patterngen does not run there at all rather than
+run with a dropped mask.
 """
 from __future__ import annotations
 
@@ -35,7 +72,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..api import attention
-from ..ir import Pattern, Spec
+from ..ir import Pattern, Spec, from_json
 
 PATTERN_ATTR = "patterngen_pattern"
 SPEC_ATTR = "patterngen_spec"
@@ -55,14 +92,48 @@ def _spec_from_factory(factory: Callable, layer_idx, nq: int, nkv: int) -> Spec:
     return spec
 
 
+def _frozen(value):
+    """A hashable copy of a JSON value (dicts keep their key order)."""
+    if isinstance(value, dict):
+        return ("{",) + tuple((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ("[",) + tuple(_frozen(v) for v in value)
+    return value
+
+
+_PARSED: dict = {}
+
+
+def _pattern_from_dict(value: dict, where: str = f"config.{PATTERN_ATTR}") -> Pattern:
+    """The pattern of a JSON dict form (as config.json stores it), parsed once per distinct dict."""
+    key = _frozen(value)
+    pattern = _PARSED.get(key)
+    if pattern is None:
+        try:
+            pattern = from_json(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: not a valid patterngen pattern: {e}") from e
+        if not isinstance(pattern, Pattern):
+            raise ValueError(f"{where}: holds the JSON form of a {type(pattern).__name__}, "
+                             f"not of a pattern")
+        if len(_PARSED) > 256:
+            _PARSED.clear()
+        _PARSED[key] = pattern
+    return pattern
+
+
 def _layer_pattern(value, layer_idx) -> Pattern:
     if isinstance(value, Pattern):
         return value
+    if isinstance(value, dict):
+        return _pattern_from_dict(value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if layer_idx is None or not 0 <= layer_idx < len(value):
             raise ValueError(f"config.{PATTERN_ATTR}: a per-layer sequence of {len(value)} patterns has no "
                              f"entry for layer_idx={layer_idx!r}")
         pattern = value[layer_idx]
+        if isinstance(pattern, dict):
+            pattern = _pattern_from_dict(pattern, f"config.{PATTERN_ATTR}[{layer_idx}]")
     elif callable(value):
         pattern = value(layer_idx)
     else:
@@ -105,11 +176,25 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     """The `transformers` attention-function contract: query [B, H, Nq, D], key/value
     [B, Hkv, Nkv, D] -> (output [B, Nq, H, D] as eager attention returns it, None)."""
     if attention_mask is not None:
-        raise ValueError(f"attention_mask: the patterngen attention takes its mask from the pattern; got a "
-                         f"{tuple(attention_mask.shape)} mask (custom 4-D masks are not supported)")
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
+                and attention_mask.dtype == torch.bool):
+            shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+            raise ValueError(f"attention_mask: the patterngen attention takes its mask from the pattern; got a "
+                             f"{shape} mask (custom 4-D masks are not supported)")
+        # from our mask builder: the keys that hold tokens are the first `real` slots (a static cache)
+        real = attention_mask.shape[-1]
+        if not query.shape[2] <= real <= key.shape[2]:
+            raise ValueError(f"attention_mask: the cache says {real} keys are filled, but this call has "
+                             f"{query.shape[2]} queries and {key.shape[2]} key slots (valid: queries <= filled "
+                             f"<= slots)")
+        key, value = key[:, :, :real], value[:, :, :real]
     if dropout and module.training:
         raise ValueError(f"dropout: the patterngen attention has no attention dropout, got {dropout} "
                          f"(set the config's attention_dropout to 0.0)")
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # flash-attention kwargs of packed batches: free to check
+        if kwargs.get(name) is not None:
+            raise ValueError(_packed_error(f"{name}: the batch holds packed documents (flash-attention "
+                                           f"cu_seq_lens kwargs, e.g. from DataCollatorWithFlattening)"))
     for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: not supported by the patterngen attention (got a value for it)")
@@ -123,13 +208,252 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     return out.transpose(1, 2).contiguous(), None
 
 
-def _padding_guard(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
-    """Mask builder for our name: no dense mask is built (the pattern is the mask), but a
-    padding mask would be silently dropped, so one with any masked position is refused."""
+def _as_int(value) -> int:
+    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def _packed_error(detected: str) -> str:
+    return (f"{detected}; the patterngen attention replaces the mask with its pattern over the whole row, so "
+            f"attention would silently cross document boundaries. Run one document per row (no padding: equal "
+            f"lengths, or one document at a time); patterngen's packed-document support (cu_seqlens) is "
+            f"planned but not yet used by this integration")
+
+
+# -- the mask transformers asks for: only a base mask, which the pattern replaces --------------------
+_DEPTH = 8  # nested deeper than any mask transformers builds: left unexplored, so unknown
+
+
+def _inner_masks(fn, depth: int):
+    """The mask functions `fn`'s closure holds, in order (`and_masks` / `or_masks` keep theirs
+    in a tuple; the packed-sequence remapping wraps one). Other closure values (a window
+    size, index tensors) are skipped."""
+    if depth >= _DEPTH or getattr(fn, "__code__", None) is None:
+        return
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if callable(item) and not isinstance(item, torch.Tensor):
+                yield item
+
+
+def _mask_tree(fn, depth: int = 0):
+    """The structure of a mask function as a hashable tree: its code object and the trees of
+    the mask functions it holds. Base masks differ by structure only; their sizes (window,
+    chunk) are what the pattern replaces. A callable without Python code (a partial, an
+    object with __call__) is a leaf that matches no known mask."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ("opaque", type(fn).__qualname__, ())
+    return (code, tuple(_mask_tree(f, depth + 1) for f in _inner_masks(fn, depth)))
+
+
+def _mask_parts(fn, depth: int = 0):
+    """`fn` and every mask function nested in it."""
+    yield fn
+    for f in _inner_masks(fn, depth):
+        yield from _mask_parts(f, depth + 1)
+
+
+def _build(factory, *tries):
+    """`factory(*args)` for the first of the argument lists it accepts (signatures differ
+    across transformers versions); None if it is missing or accepts none."""
+    for args in tries if factory is not None else ():
+        try:
+            return factory(*args)
+        except TypeError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _known_masks():
+    """From the installed `transformers.masking_utils`: the trees of the base masks that the
+    pattern replaces, and the code objects of the overlays that deviate from them (to name
+    what was detected). Built from its own factories, so the check follows the installed
+    version's structure rather than a copy of it."""
+    from transformers import masking_utils as mu
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    causal = getattr(mu, "causal_mask_function", None)
+    base = [causal, getattr(mu, "bidirectional_mask_function", None),
+            _build(getattr(mu, "sliding_window_causal_mask_function", None), (1,)),
+            _build(getattr(mu, "sliding_window_bidirectional_mask_function", None), (1,)),
+            _build(getattr(mu, "chunked_causal_mask_function", None), (1, idx[0]), (1,))]
+    overlays = {
+        "packed": _build(getattr(mu, "packed_sequence_mask_function", None), (idx,)),
+        "remapped": _build(getattr(mu, "remap_positions_for_packed_sequence", None), (causal, idx)),
+        "blockwise": _build(getattr(mu, "blockwise_overlay", None), (idx,)),
+        "or": _build(getattr(mu, "or_masks", None), (causal,)),
+        "and": _build(getattr(mu, "and_masks", None), (causal,)),
+    }
+    trees = {_mask_tree(fn) for fn in base if fn is not None}
+    codes = {name: fn.__code__ for name, fn in overlays.items() if fn is not None}
+    known = set(codes.values()) | {f.__code__ for fn in base if fn is not None for f in _mask_parts(fn)}
+    return trees, codes, known
+
+
+def _check_mask_function(mask_function) -> None:
+    """Refuse a mask other than a base mask (causal, bidirectional, sliding-window or chunked,
+    as the installed transformers builds them), since the pattern replaces the mask: packed
+    sequences, blockwise overlays and a model's `or_mask_function` / `and_mask_function`
+    would otherwise be silently dropped. Any mask function it does not recognise is refused."""
+    if mask_function is None:  # transformers' mask builders default to the causal mask
+        return
+    trees, codes, known = _known_masks()
+    if _mask_tree(mask_function) in trees:
+        return
+    parts = list(_mask_parts(mask_function))
+    found = {name for name, code in codes.items() if any(getattr(f, "__code__", None) is code for f in parts)}
+    if found & {"packed", "remapped"}:
+        raise ValueError(_packed_error("position_ids: several documents are packed in one row, so transformers "
+                                       "asks for a packed-sequence mask that keeps them apart (it does so when "
+                                       "position_ids restart within a row and there is no attention_mask and no "
+                                       "cache, or when the model passes sequence ids)"))
+    what = []
+    if "blockwise" in found:
+        what.append("a blockwise overlay (block_sequence_ids: the tokens of a block attend to each other "
+                    "bidirectionally, e.g. image tokens)")
+    foreign = [f"{getattr(f, '__module__', None) or '?'}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+               for f in parts if getattr(f, "__code__", None) not in known]
+    if foreign:
+        what.append(f"mask functions of the model ({', '.join(dict.fromkeys(foreign))}), passed as "
+                    f"or_mask_function / and_mask_function, e.g. bidirectional attention among image tokens")
+    if not what:
+        what.append("a combination of transformers' mask functions that is not a plain causal, bidirectional, "
+                    "sliding-window or chunked mask")
+    raise ValueError(
+        f"mask_function: transformers asks for a mask that differs from the causal / bidirectional / "
+        f"sliding-window / chunked base mask which the patterngen pattern replaces: {'; and '.join(what)}. "
+        f"The patterngen attention would silently drop it. Run inputs that need no such mask (e.g. text only), "
+        f"or use another attn_implementation for this model")
+
+
+def _padding_guard(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
+                   kv_offset=0, attention_mask=None, **kwargs):
+    """Mask builder for our name. No dense mask is built (the pattern is the mask), but
+    what the pattern cannot see is settled here, once per forward:
+
+    - a mask function other than a base mask (causal, bidirectional, sliding-window,
+      chunked), which the pattern replaces, is refused: packed sequences (position_ids
+      restarting within a row), blockwise overlays (block_sequence_ids) and a model's
+      or_mask_function / and_mask_function would be silently dropped;
+    - a padding mask (a 2-D mask with zeros) would be silently dropped: refused;
+    - the real key length is read from the cache: tokens it already holds
+      (`q_offset`) plus the new queries. A static cache hands the attention all of
+      its `kv_length` preallocated slots; then an all-True bool mask [B, real] is
+      returned (the flash-attention convention), and the attention keeps only
+      those first `real` keys. Otherwise None, as before;
+    - a cache whose keys no longer start at position 0 (a sliding-window layer that
+      dropped old keys, `kv_offset` > 0) is refused.
+    """
+    _check_mask_function(kwargs.get("mask_function"))
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("attention_mask: the patterngen attention does not take padding masks (the given 2-D "
                          "mask has zeros); run unpadded sequences or one sequence per batch")
-    return None
+    if q_length is None:  # transformers 4.5x: the queries' cache positions instead of lengths and offsets
+        cache_position = kwargs.get("cache_position")
+        if cache_position is None or kv_length is None:
+            raise ValueError("the patterngen mask builder got neither q_length nor cache_position from "
+                             "transformers, so it cannot tell how many keys the cache holds")
+        q_length, q_offset = cache_position.shape[-1], _as_int(cache_position[0])
+    kv_offset = _as_int(kv_offset)
+    config = kwargs.get("config")
+    if kv_offset:
+        window = getattr(config, "sliding_window", None)
+        raise ValueError(f"past_key_values: this cache layer no longer holds the keys before position {kv_offset} "
+                         f"(a sliding-window cache layer, DynamicSlidingWindowLayer or StaticSlidingWindowLayer, "
+                         f"which transformers builds when config.sliding_window is set (here {window!r}) and "
+                         f"which drops old keys); "
+                         f"the patterngen pattern addresses every key position from 0, so it cannot run on it. "
+                         f"Use a cache that keeps every key, e.g. set config.sliding_window = None before "
+                         f"building the cache")
+    real = _as_int(q_offset) + q_length
+    if kv_length is None or real > kv_length:
+        raise ValueError(f"past_key_values: the cache holds {_as_int(q_offset)} tokens and this call adds "
+                         f"{q_length}, but transformers sizes the keys at {kv_length}; patterngen cannot tell "
+                         f"which keys are real")
+    if attention_mask is not None and attention_mask.shape[-1] != real:
+        raise ValueError(f"attention_mask: the 2-D mask covers {attention_mask.shape[-1]} tokens, but the cache "
+                         f"holds {_as_int(q_offset)} and this call adds {q_length} ({real} in all); pass a mask "
+                         f"over exactly those tokens")
+    if real == kv_length:
+        return None
+    return torch.ones(batch_size, real, dtype=torch.bool, device=kwargs.get("device"))
+
+
+# -- saving: the JSON form of the config's patterns -------------------------------------------------
+def _json_form(value, where: str, strict: bool):
+    """A config's patterngen setting with its patterns in JSON dict form. What has no JSON
+    form (a callable) is kept as it is, or refused with a ValueError if `strict`."""
+    if value is None:
+        return None
+    if isinstance(value, Pattern):
+        return value.to_dict()
+    if isinstance(value, dict):
+        if strict:
+            _pattern_from_dict(value, where)  # refuse a dict that would not load back
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_form(v, f"{where}[{i}]", strict) for i, v in enumerate(value)]
+    if not strict:
+        return value
+    if callable(value):
+        raise ValueError(f"{where}: a callable has no JSON form, so this config cannot be written as JSON "
+                         f"(config.json would not restore it); set a pattern or a list with one pattern per layer "
+                         f"instead (for example pg.Causal(), or [pattern_0, pattern_1, ...]), or remove it "
+                         f"before save_pretrained")
+    raise ValueError(f"{where}: {value!r} ({type(value).__name__}) has no JSON form; expected a patterngen pattern "
+                     f"or a list with one pattern per layer")
+
+
+def _json_settings(config_dict: dict, strict: bool = False, where: str = "config") -> dict:
+    """`config_dict` (from `PreTrainedConfig.to_dict`) with its patterngen patterns in JSON form;
+    if `strict`, a ValueError for settings without one, in nested configs too."""
+    if PATTERN_ATTR in config_dict:
+        config_dict[PATTERN_ATTR] = _json_form(config_dict[PATTERN_ATTR], f"{where}.{PATTERN_ATTR}", strict)
+    if strict and config_dict.get(SPEC_ATTR) is not None:
+        raise ValueError(f"{where}.{SPEC_ATTR}: a Spec factory (a callable) has no JSON form, so this config cannot "
+                         f"be written as JSON; set {where}.{PATTERN_ATTR} to the pattern (or one pattern per "
+                         f"layer) instead, or set {where}.{SPEC_ATTR} = None before save_pretrained")
+    if strict:
+        for key, value in config_dict.items():
+            if isinstance(value, dict):
+                _json_settings(value, True, f"{where}.{key}")
+    return config_dict
+
+
+def _install_config_hooks() -> None:
+    """Teach `PreTrainedConfig` the JSON form of patterngen settings: `to_dict` gives patterns
+    as dicts (callables stay as they are: transformers calls `to_dict` when it builds a
+    model), `to_json_string` (config.json, `repr`) refuses what has no JSON form with a
+    clear ValueError, and `to_json_file` checks before it opens the file, so a refused
+    setting never leaves a truncated config.json behind."""
+    import transformers
+    cls = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    if getattr(cls.to_dict, "_patterngen_hook", False):
+        return
+    to_dict, to_json_string, to_json_file = cls.to_dict, cls.to_json_string, cls.to_json_file
+
+    @functools.wraps(to_dict)
+    def to_dict_with_patterns(self, *args, **kwargs):
+        return _json_settings(to_dict(self, *args, **kwargs))
+
+    @functools.wraps(to_json_string)
+    def to_json_string_checked(self, *args, **kwargs):
+        _json_settings(self.to_dict(), strict=True)
+        return to_json_string(self, *args, **kwargs)
+
+    @functools.wraps(to_json_file)
+    def to_json_file_checked(self, *args, **kwargs):
+        _json_settings(self.to_dict(), strict=True)  # before the file is opened (and truncated)
+        return to_json_file(self, *args, **kwargs)
+
+    to_dict_with_patterns._patterngen_hook = True
+    cls.to_dict = to_dict_with_patterns
+    cls.to_json_string = to_json_string_checked
+    cls.to_json_file = to_json_file_checked
 
 
 def register(name: str = "patterngen") -> str:
@@ -140,9 +464,10 @@ def register(name: str = "patterngen") -> str:
                          f"(not 'eager', 'sdpa' or a flash attention name)")
     from transformers import AttentionInterface
     AttentionInterface.register(name, patterngen_attention_forward)
+    _install_config_hooks()
     try:
         from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:  # older transformers build no masks for unknown implementations
+    except ImportError:  # older transformers: models build their own 4-D masks, which the attention refuses
         return name
     AttentionMaskInterface.register(name, _padding_guard)
     return name
