@@ -35,8 +35,11 @@ def dense_mask(spec: Spec, block_indices: torch.Tensor | None = None, *,
     q = torch.arange(spec.nq)[:, None]
     kv = torch.arange(spec.nkv)[None, :]
     indices = normalize_block_indices(spec, block_indices)
+    if spec.num_heads == 0:
+        return torch.zeros((batch, 0, spec.nq, spec.nkv) if block_indices is not None and block_indices.dim() == 4
+                           else (0, spec.nq, spec.nkv), dtype=torch.bool)
     if indices is None:
-        masks = {p: visible(p, q, kv, spec) for p in dict.fromkeys(spec.head_patterns)}
+        masks = {p: visible(p, q, kv, spec) for p in spec.head_patterns.unique}
         return torch.stack([masks[p] for p in spec.head_patterns])
     bm = block_masks(spec, indices)
     out = torch.stack([torch.stack([visible(p, q, kv, spec, bm[b, h]) for h, p in enumerate(spec.head_patterns)])

@@ -111,6 +111,10 @@ def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Te
         raise TypeError(f"tiling must be a patterngen Tiling, got {type(tiling).__name__}")
     qg = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
     kg = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
+    if qg.count == 0 or kg.count == 0 or spec.num_heads == 0:  # no pair to classify: one empty plan
+        none = torch.zeros(0, dtype=torch.long)
+        empty = TilePlan.from_pairs(qg.count, none, none, torch.zeros(0, dtype=torch.int8))
+        return Plan(spec, tiling, qg, kg, (empty,), torch.zeros(1, spec.num_heads, dtype=torch.long))
     indices = normalize_block_indices(spec, block_indices)
     static = TileAnalysis(spec, qg, kg)
     groups: list[TilePlan] = []

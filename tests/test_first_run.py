@@ -49,6 +49,23 @@ def test_empty_batch_forward_and_backward(kind):
         assert t.grad is not None and t.grad.shape == t.shape
 
 
+@pytest.mark.parametrize("nq, nkv, heads, kv_heads", [(0, 0, 2, 1), (8, 0, 2, 2), (0, 8, 2, 2), (8, 8, 0, 0)],
+                         ids=["no_tokens", "no_keys", "no_queries", "no_heads"])
+def test_zero_tokens_or_heads_forward_and_backward(nq, nkv, heads, kv_heads):
+    """Like SDPA on empty inputs; queries without keys give zeros and lse -inf, never NaN."""
+    spec = pg.Spec(STREAM, q_shape=nq, kv_shape=nkv, num_heads=heads, num_kv_heads=kv_heads, head_dim=16)
+    assert pg.dense_mask(spec).shape == (heads, nq, nkv)
+    assert pg.build_plan(spec).counts()["visited"] == 0
+    for fn in (lambda *a, **kw: pg.attention(*a, spec, **kw), pg.compile(spec)):
+        q, k, v = _qkv(2, heads, kv_heads, nq, nkv)
+        out, lse = fn(q, k, v, return_lse=True)
+        assert out.shape == q.shape and lse.shape == q.shape[:3]
+        assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+        out.sum().backward()
+        for t in (q, k, v):
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
 def test_empty_inputs_on_the_kernel_path_take_the_empty_result():
     """The CUDA registration (called directly here) must not launch a kernel on B = 0."""
     spec = pg.Spec(STREAM, q_shape=32, num_heads=2, head_dim=16)
