@@ -138,14 +138,10 @@ def complementary(q_shape, kv_shape, window: bool = True):
     return st.one_of(opts)
 
 
-# slice objects are hashable (usable as dict keys) only from Python 3.12 on.
-SLICE_KEYS = sys.version_info >= (3, 12)
-
-
 # -- heads ------------------------------------------------------------------------
 @st.composite
 def head_keys(draw, num_heads: int) -> list:
-    """A partition of range(num_heads) written as Heads dict keys (int, range or slice)."""
+    """A partition of range(num_heads) written as Heads keys (int, range or slice)."""
     groups: dict[int, list[int]] = {}
     for h in range(num_heads):
         groups.setdefault(draw(st.integers(0, num_heads - 1)), []).append(h)
@@ -153,14 +149,14 @@ def head_keys(draw, num_heads: int) -> list:
     for members in groups.values():
         if len(members) == 1:
             h = members[0]
-            keys.append(draw(st.sampled_from([h, range(h, h + 1)] + ([slice(h, h + 1)] if SLICE_KEYS else []))))
+            keys.append(draw(st.sampled_from([h, range(h, h + 1), slice(h, h + 1)])))
             continue
         steps = {b - a for a, b in zip(members, members[1:])}
         if len(steps) > 1:  # not an arithmetic progression: one int key per head
             keys.extend(members)
             continue
         start, step, stop = members[0], steps.pop(), members[-1] + 1
-        kind = draw(st.sampled_from(["range", "slice", "slice-open"] if SLICE_KEYS else ["range"]))
+        kind = draw(st.sampled_from(["range", "slice", "slice-open"]))
         if kind == "range":
             keys.append(range(start, stop, step) if step > 1 else range(start, stop))
         elif kind == "slice":
@@ -173,10 +169,15 @@ def head_keys(draw, num_heads: int) -> list:
 
 @st.composite
 def heads_patterns(draw, num_heads: int, inner) -> pg.Heads:
-    """Heads as a list (one pattern per head) or as a dict with int/range/slice keys."""
-    if draw(st.booleans()):
+    """Heads as a list (one pattern per head), as (key, pattern) pairs with int/range/slice keys,
+    or as a dict where its keys are hashable (slices only from Python 3.12)."""
+    form = draw(st.sampled_from(["list", "pairs", "dict"]))
+    if form == "list":
         return pg.Heads([draw(inner) for _ in range(num_heads)])
-    return pg.Heads({k: draw(inner) for k in draw(head_keys(num_heads))})
+    pairs = [(k, draw(inner)) for k in draw(head_keys(num_heads))]
+    if form == "dict" and (sys.version_info >= (3, 12) or not any(isinstance(k, slice) for k, _ in pairs)):
+        return pg.Heads(dict(pairs))
+    return pg.Heads(pairs)
 
 
 def resolve_head(pattern, head: int, num_heads: int):
