@@ -271,7 +271,7 @@ def dense_mask_on(spec: Spec, device: torch.device, block_indices: torch.Tensor 
         table = block_masks(spec, normalize_block_indices(spec, block_indices).to(device))[0]
         patterns = list(spec.head_patterns)
     else:
-        patterns = list(dict.fromkeys(spec.head_patterns))
+        patterns = list(spec.head_patterns.unique)
     out = torch.empty(len(patterns), spec.nq, spec.nkv, dtype=torch.bool, device=device)
     kv = torch.arange(spec.nkv, device=device)[None, :]
     rows = max(1, max_chunk // spec.nkv)
@@ -288,7 +288,7 @@ def dense_mask_on(spec: Spec, device: torch.device, block_indices: torch.Tensor 
 
 def _mask_bytes(spec: Spec) -> int:
     """Memory of the dense-mask SDPA run: the bool mask plus the additive mask SDPA makes of it."""
-    heads = 1 if (spec.routed is None and len(set(spec.head_patterns)) == 1) else spec.num_heads
+    heads = 1 if (spec.routed is None and len(spec.head_patterns.unique) == 1) else spec.num_heads
     return heads * spec.nq * spec.nkv * (1 + 2 + 2)
 
 

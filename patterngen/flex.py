@@ -81,7 +81,7 @@ def mask_mod_for(spec: Spec, block_indices: torch.Tensor | None = None,
 
         routed_mask_mod.__name__ = routed_mask_mod.__qualname__ = "patterngen_routed_mask_mod"
         return routed_mask_mod
-    patterns = list(dict.fromkeys(spec.head_patterns))
+    patterns = list(spec.head_patterns.unique)
     # the most common pattern is the default branch: it needs no head test
     members = {p: [h for h, hp in enumerate(spec.head_patterns) if hp == p] for p in patterns}
     patterns.sort(key=lambda p: -len(members[p]))
@@ -104,7 +104,7 @@ def mask_mod_for(spec: Spec, block_indices: torch.Tensor | None = None,
 
 def shared_pattern(spec: Spec) -> bool:
     """True when every head has the same pattern (the block mask then needs no head dim)."""
-    return len(set(spec.head_patterns)) == 1
+    return len(spec.head_patterns.unique) == 1
 
 
 def block_mask_for(spec: Spec, block_size: int | tuple[int, int] = 128, device: str | torch.device = "cpu",
