@@ -8,11 +8,15 @@ tiling, so it is counted at the pattern level, never on an Nq x Nkv mask:
   functions, which are idempotent). `Global(n)` is the union of two atoms,
   `kv < n` and `q < n`; `Sink(n)` is `kv < n`; `Routed(causal=True)` is the
   routed block mask times `Causal()`.
-* A conjunction without n-D windows is counted row by row on the flattened
-  index: for each query the keys form one interval (bands, causal, prefixes,
-  1-D windows, routed blocks: one interval per selected block) intersected with
-  one residue class (window dilations and `Strided` combine into a single
-  congruence), so each row costs O(1) and a million rows a few milliseconds.
+* A conjunction of flattened-index atoms alone (bands, causal, prefixes,
+  `Strided`) is counted in closed form: for each query the keys form one
+  interval, intersected with one residue class (the strides combine into a single
+  congruence), and the interval's ends are linear in the query on a few stretches,
+  so the sum over queries is a sum of floors of arithmetic progressions, O(1)
+  whatever the token count.
+* With 1-D windows or routed blocks it is counted row by row: each row's keys are
+  still one interval (one per selected block) and one residue class (window
+  dilations join the congruence), so each row costs O(1), in chunks of rows.
 * A conjunction of windows alone factors over dimensions: the count is the
   product of per-dimension counts, each a sum over the L coordinates of one
   dimension.
@@ -286,6 +290,46 @@ def _count_rows(conj: _Conj, spec: Spec, routes: Routes | None) -> int | None:
     return total
 
 
+def _floor_sum(n: int, m: int) -> int:
+    """sum of floor(x / m) for x in [0, n), extended to every integer n so that
+    _floor_sum(b + 1, m) - _floor_sum(a, m) sums x in [a, b] whatever their signs."""
+    a, b = divmod(n, m)
+    return m * a * (a - 1) // 2 + a * b
+
+
+def _count_closed(conj: _Conj) -> int | None:
+    """Conjunction of flattened-index atoms without windows or routed blocks, in closed form:
+    sum over queries q < q_end of the keys j in [max(0, q + dlo), min(kv_end - 1, q + dhi)]
+    with j = c (mod M). Each end is linear in q or constant, switching once, so on each of at
+    most four stretches of queries the sum is a difference of sums of floors of arithmetic
+    progressions (None: congruence too large)."""
+    first, M = _congruence(conj.strides, 1)
+    if first is None:
+        return None
+    c = int(first[0])
+    if c < 0:
+        return 0
+    dlo, dhi, kv_last = conj.dlo, conj.dhi, conj.kv_end - 1
+    q_lo, q_hi = max(0, -dhi), min(conj.q_end - 1, kv_last - dlo)  # queries whose key range is not empty
+    total = 0
+    for a, b in ((q_lo, min(q_hi, -dlo - 1)), (max(q_lo, -dlo), q_hi)):  # lower end 0, then q + dlo
+        for a2, b2, top_linear in ((a, min(b, kv_last - dhi), True), (max(a, kv_last - dhi + 1), b, False)):
+            if a2 > b2:
+                continue
+            n = b2 - a2 + 1
+            # keys <= upper end that are = c (mod M): floor((upper - c) / M) + const
+            if top_linear:
+                total += _floor_sum(b2 + dhi - c + 1, M) - _floor_sum(a2 + dhi - c, M)
+            else:
+                total += n * ((kv_last - c) // M)
+            # minus keys < lower end
+            if a >= -dlo:
+                total -= _floor_sum(b2 + dlo - 1 - c + 1, M) - _floor_sum(a2 + dlo - 1 - c, M)
+            else:
+                total -= n * ((-1 - c) // M)
+    return total
+
+
 def _count_window_product(conj: _Conj, spec: Spec) -> int:
     """Conjunction of windows only: the product of per-dimension counts."""
     total = 1
@@ -421,7 +465,7 @@ def count_conjunction(atoms: frozenset, spec: Spec, block_mask=None) -> int:
         if conj.blocks is None and conj.q_end * _box_volume(conj, spec) <= _QUERY_ROWS:
             return _count_window_query_rows(conj, spec)
         return _count_tiles_fallback(conj, spec, routes)
-    n = _count_rows(conj, spec, routes)
+    n = _count_closed(conj) if not conj.windows and conj.blocks is None else _count_rows(conj, spec, routes)
     return _count_tiles_fallback(conj, spec, routes) if n is None else n
 
 

@@ -38,9 +38,10 @@ import torch
 
 from . import counting
 from . import head_routing_model
+from .analysis import flat_form, flat_terms, kv_tile_status
 from .ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Union, Window
 from .plan import Plan, build_plan
-from .semantics import depends_on_kv_only, visible
+from .semantics import depends_on_kv_only
 from .tiles import TileGrid, Tiling
 
 DEVICE_DIR = Path(__file__).with_name("devices")
@@ -285,18 +286,18 @@ def _outer(arrays: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def closed_form_profile(pattern: Pattern, spec: Spec, qg: TileGrid, kg: TileGrid):
     """(visited, full) kv tiles of each q tile, int64 [Tq], without a plan; None when the
-    pattern needs one (compositions, Routed, windows on flat n-D tiles)."""
+    pattern needs one (Routed, windows on flat n-D tiles, windows composed with other
+    primitives, flattened-index compositions on box tiles)."""
     Tq, Tk = qg.count, kg.count
     if isinstance(pattern, Full):
         return torch.full((Tq,), Tk, dtype=torch.long), torch.full((Tq,), Tk, dtype=torch.long)
     if depends_on_kv_only(pattern):
-        tok = kg.tokens(torch.arange(Tk))
-        valid = tok >= 0
-        vis = visible(pattern, torch.zeros((), dtype=torch.long), tok.clamp_min(0), spec)
-        kany = (vis & valid).any(1)
-        kall = (vis | ~valid).all(1) & kany
-        return torch.full((Tq,), int(kany.sum()), dtype=torch.long), torch.full((Tq,), int(kall.sum()),
+        kany, kall = kv_tile_status(pattern, kg, spec)
+        return torch.full((Tq,), int(kany.sum()), dtype=torch.long), torch.full((Tq,), int((kall & kany).sum()),
                                                                                  dtype=torch.long)
+    flat = flat_form(pattern, spec, qg, kg)  # flattened-index compositions on contiguous tiles
+    if flat is not None:
+        return flat.profile()
     if isinstance(pattern, Window):
         qd, kd = _box_dims(qg), _box_dims(kg)
         if qd is None or kd is None:
@@ -946,7 +947,7 @@ def _cheap(pattern: Pattern, qg: TileGrid, kg: TileGrid) -> bool:
         return True
     if isinstance(pattern, Band):
         return qg.contiguous and kg.contiguous
-    return False
+    return flat_terms(pattern) is not None and qg.contiguous and kg.contiguous
 
 
 def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int = 1,
@@ -973,6 +974,10 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
     t0 = time.perf_counter()
     if not isinstance(spec, Spec):
         raise TypeError(f"simulate: spec must be a patterngen.Spec, got {type(spec).__name__}")
+    if spec.nq == 0 or spec.nkv == 0 or spec.num_heads == 0:
+        raise ValueError(f"simulate: {spec!r} has no (query, key) pair (q_shape={spec.q_shape}, "
+                         f"kv_shape={spec.kv_shape}, num_heads={spec.num_heads}), so there is no speedup to "
+                         f"estimate; give it at least one query, key and head")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"simulate: batch must be an int >= 1, got {batch!r}")
     if isinstance(max_plans, bool) or not isinstance(max_plans, int) or max_plans < 1:

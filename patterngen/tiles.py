@@ -140,6 +140,9 @@ class TileGrid:
     @cached_property
     def span(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest and largest flattened index of each tile, both non-decreasing in tile id."""
+        if self.flat:
+            start = torch.arange(self.count) * self.tile
+            return start, torch.clamp(start + self.tile - 1, max=self.n - 1)
         start, end, valid = self.runs
         big = torch.iinfo(torch.long).max
         return torch.where(valid, start, big).amin(1), torch.where(valid, end, -1).amax(1)
@@ -147,6 +150,8 @@ class TileGrid:
     @cached_property
     def contiguous(self) -> bool:
         """Whether every tile's tokens are consecutive flattened indices."""
+        if self.flat:
+            return True
         lo, hi = self.span
         return bool((hi - lo + 1 == self.sizes).all())
 

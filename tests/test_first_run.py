@@ -56,6 +56,8 @@ def test_zero_tokens_or_heads_forward_and_backward(nq, nkv, heads, kv_heads):
     spec = pg.Spec(STREAM, q_shape=nq, kv_shape=nkv, num_heads=heads, num_kv_heads=kv_heads, head_dim=16)
     assert pg.dense_mask(spec).shape == (heads, nq, nkv)
     assert pg.build_plan(spec).counts()["visited"] == 0
+    with pytest.raises(ValueError, match="no \\(query, key\\) pair"):
+        pg.simulate(spec)
     for fn in (lambda *a, **kw: pg.attention(*a, spec, **kw), pg.compile(spec)):
         q, k, v = _qkv(2, heads, kv_heads, nq, nkv)
         out, lse = fn(q, k, v, return_lse=True)

@@ -86,6 +86,7 @@ def write_atomic(path: Path, data: str) -> None:
     if path.is_dir():
         raise CacheError(f"kernel cache: {str(path)!r} is a directory where a cache entry belongs; remove it "
                          f"or set {ENV} to another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
