@@ -197,6 +197,20 @@ def test_packed_documents_are_refused(model):
         assert (model(ids, position_ids=pos).logits - ours).abs().max() < TOL
 
 
+def test_compiled_model_has_one_graph_and_refuses_packing_at_run_time(model):
+    """torch.compile(fullgraph=True) over the whole model (specs built inside the graph): the
+    logits of eager; packed positions, which Dynamo cannot tell apart while tracing, trip a
+    run-time assertion in the graph instead of being silently attended across documents."""
+    ids = ids_for(2, 24)
+    want = run(model, ids, NAME, streaming())
+    compiled = torch.compile(lambda x, p: model(x, position_ids=p, use_cache=False).logits, fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad():
+        assert (compiled(ids, torch.arange(24)[None]) - want).abs().max() < TOL
+        with pytest.raises(RuntimeError, match="packed documents"):
+            compiled(ids, packed_position_ids(2))
+
+
 def test_explicit_position_ids_of_one_document_run(model):
     ids = ids_for(2, 24)
     plain = run(model, ids, NAME, streaming())

@@ -56,7 +56,11 @@ ValueError saying what it found. Run one document per row; patterngen's
 packed-document support (cu_seqlens) is planned but not used here yet. With a
 cache (as `use_cache` defaults to), transformers itself does not look for packing
 and asks for the plain causal mask, so eager attention crosses documents too, and
-patterngen gives the same answer.
+patterngen gives the same answer. Under torch.compile (a model compiled with
+fullgraph=True runs as one graph) the structural check cannot be traced, and
+transformers composes its packed-sequence mask for every input while tracing;
+there the attention asserts inside the graph, at run time, that position_ids rise
+by one along each row, so packed documents stop with a RuntimeError.
 
 Older transformers (before `masking_utils.AttentionMaskInterface`, < 4.53) have no
 mask builder to register: a model (Llama and its kin, as read in 4.52) then builds
@@ -198,6 +202,8 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: not supported by the patterngen attention (got a value for it)")
+    if torch.compiler.is_compiling():
+        _assert_one_document(kwargs.get("position_ids"))
     config = getattr(module, "config", None)
     if config is None:
         raise ValueError(f"module: {type(module).__name__} has no `config` to read the patterngen pattern from")
@@ -206,6 +212,17 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     spec = spec_for(config, getattr(module, "layer_idx", None), nq, nkv, heads, kv_heads, head_dim)
     out = attention(query, key, value, spec, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _assert_one_document(position_ids) -> None:
+    """Under torch.compile: transformers cannot tell packed from unpacked positions while tracing
+    (it always composes its packed-sequence mask then), and the mask builder's structural check
+    cannot be traced, so the positions are checked inside the graph instead: a run-time assertion
+    that they rise by one along each row (one document per row)."""
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] > 1:
+        torch._assert_async((position_ids.diff(dim=-1) == 1).all(),
+                            "patterngen: position_ids restart within a row (packed documents); the patterngen "
+                            "attention runs one document per row")
 
 
 def _as_int(value) -> int:
@@ -348,7 +365,8 @@ def _padding_guard(batch_size: int, q_length: int | None = None, kv_length: int 
     - a cache whose keys no longer start at position 0 (a sliding-window layer that
       dropped old keys, `kv_offset` > 0) is refused.
     """
-    _check_mask_function(kwargs.get("mask_function"))
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace the introspection: see _assert_one_document
+        _check_mask_function(kwargs.get("mask_function"))
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("attention_mask: the patterngen attention does not take padding masks (the given 2-D "
                          "mask has zeros); run unpadded sequences or one sequence per batch")
