@@ -148,7 +148,7 @@ def triton_forward(key: str):
         from .backends.triton import TritonForward
         try:
             kern = TritonForward(lookup_spec(key))
-        except (NotImplementedError, ValueError):
+        except (NotImplementedError, ValueError, ImportError):  # ImportError: no triton here
             kern = None
         with _LOCK:
             _FORWARD.setdefault(key, kern)
@@ -169,7 +169,7 @@ def triton_heads(key: str, role: str):
             if role == "backward":
                 tiling = backward_tiling(tiling, spec.head_dim)
             kern = TritonHeads(spec, tiling)
-        except (NotImplementedError, ValueError):
+        except (NotImplementedError, ValueError, ImportError):  # ImportError: no triton here
             kern = None
         with _LOCK:
             _HEADS.setdefault((key, role), kern)
@@ -265,7 +265,7 @@ def triton_backward(key: str):
             tiling = backward_tiling(Tiling(fwd.q_grid.tile, fwd.kv_grid.tile), spec.head_dim, spec)
             try:
                 kern = TritonBackward(TritonForward(spec, tiling))
-            except (NotImplementedError, ValueError):
+            except (NotImplementedError, ValueError, ImportError):  # ImportError: no triton here
                 kern = None
         with _LOCK:
             _BACKWARD.setdefault(key, kern)
