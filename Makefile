@@ -35,7 +35,7 @@ test: $(STAMP)
 run: $(STAMP)
 	$(PYTHON) -m patterngen.cli run
 
-# On a lent GPU machine (torch, triton, jinja2, sympy, networkx preinstalled; no network): install
+# On a lent GPU machine (torch, triton, jinja2 and sympy preinstalled; no network): install
 # the project without touching those, run the GPU tests and a quick benchmark against
 # FlexAttention and SDPA, and leave everything in $(GPU_OUT)/.
 gpu-check:

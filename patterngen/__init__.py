@@ -10,5 +10,6 @@ from .routing import route
 from .head_routing import gate_heads, route_heads
 from .tiles import TileGrid, Tiling
 from .api import attention, compile
+from .dispatch import explain
 from .simulate import simulate
 from .aot import load

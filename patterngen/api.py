@@ -15,6 +15,7 @@ import torch
 
 from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale, head_selection
 from .backends.reference import reference_attention
+from .dispatch import can_run_kernel
 from .ir import Spec
 from .op import attention_op, spec_from_repr, spec_key
 from .plan import Plan, build_plan
@@ -120,7 +121,7 @@ class CompiledAttention:
     def _use_triton(self, q, k, v) -> bool:
         if self.backend == "triton":
             return True
-        return (self.backend == "auto" and q.is_cuda and q.dtype != torch.float64
+        return (self.backend == "auto" and q.is_cuda and can_run_kernel(q, k) is None
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -5,7 +5,8 @@ graph breaks only if the attention is one opaque node with a fake (meta)
 implementation and a registered backward. The op's CPU body (and the body on
 any device without a generated kernel) is the exact reference backend; on
 CUDA it launches the generated Triton kernels, built once per spec and cached
-(with `head_indices`, the head-routed MoH kernels). The backward is a second
+(with `head_indices`, the head-routed MoH kernels); `patterngen.dispatch` makes that
+choice and keeps why a call takes the reference (`pg.explain`). The backward is a second
 op, so compiled backward graphs stay opaque too: the generated backward
 kernels when no lse gradient flows, else the reference recomputed under
 autograd (`BACKWARD_KERNELS` overrides both).
@@ -28,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from .backends.inputs import check_head_values, head_selection
+from . import dispatch
 from .backends.reference import reference_attention
 from .ir import Spec
 from .ir.parse import parse_repr
@@ -137,65 +139,16 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: st
     return out.contiguous(), lse.contiguous()
 
 
-# Triton forward kernels per spec key: a TritonForward, or None where the spec has no
-# generated kernel (unsupported Routed form or tile shape), which then runs the reference.
-_FORWARD: dict[str, object] = {}
-
-
-def triton_forward(key: str):
-    """The cached Triton forward kernel of a spec (default tiling), or None if it has none."""
-    if key not in _FORWARD:
-        from .backends.triton import TritonForward
-        try:
-            kern = TritonForward(lookup_spec(key))
-        except (NotImplementedError, ValueError, ImportError):  # ImportError: no triton here
-            kern = None
-        with _LOCK:
-            _FORWARD.setdefault(key, kern)
-    return _FORWARD[key]
-
-
-_HEADS: dict[tuple[str, str], object] = {}
-
-
-def triton_heads(key: str, role: str):
-    """The cached head-routed kernels of a spec (TritonHeads) for role "forward" (the forward's
-    default tiling) or "backward" (its backward tiling), or None where none is generated."""
-    if (key, role) not in _HEADS:
-        from .backends.triton import TritonHeads, backward_tiling, default_kernel_tiling
-        spec, kern = lookup_spec(key), None
-        try:
-            tiling = default_kernel_tiling(spec)
-            if role == "backward":
-                tiling = backward_tiling(tiling, spec.head_dim)
-            kern = TritonHeads(spec, tiling)
-        except (NotImplementedError, ValueError, ImportError):  # ImportError: no triton here
-            kern = None
-        with _LOCK:
-            _HEADS.setdefault((key, role), kern)
-    return _HEADS[(key, role)]
-
-
-def _kernel_runs(q, k) -> bool:
-    """Whether a generated kernel takes these inputs: a kernel dtype and at least one (query, key) pair."""
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and not _is_empty(q, k)
-
-
 @attention_op.register_kernel("cuda")
 def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None, head_indices=None):
-    if head_indices is not None:
-        kern = triton_heads(spec_key, "forward") if _kernel_runs(q, k) else None
-        if kern is None:
-            out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
-        else:
-            check_head_values(head_indices, q.shape[1])
-            out, lse = kern.forward(q, k, v, head_indices, scale=scale)
-        return out.contiguous(), lse.contiguous()
-    kern = triton_forward(spec_key) if _kernel_runs(q, k) else None
-    if kern is None:
-        out, lse = _reference(q, k, v, spec_key, scale, block_indices)
+    routed_heads = head_indices is not None
+    if dispatch.choose(spec_key, q, k, head_indices=routed_heads).backend == "reference":
+        out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
+    elif routed_heads:
+        check_head_values(head_indices, q.shape[1])
+        out, lse = dispatch.kernel(spec_key, "heads_forward").forward(q, k, v, head_indices, scale=scale)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
-        out, lse = kern(q, k, v, scale=scale, block_indices=block_indices)
+        out, lse = dispatch.kernel(spec_key, "forward")(q, k, v, scale=scale, block_indices=block_indices)
     # the fake kernel promises contiguous results whatever the input strides
     return out.contiguous(), lse.contiguous()
 
@@ -211,8 +164,8 @@ def _attention_fake(q, k, v, spec_key, scale=None, block_indices=None, head_indi
 BACKWARD_KERNELS: dict[str, Callable] = {}
 """Override hook: spec key -> callable `(dout, dlse, q, k, v, out, lse, scale, block_indices)
 -> (dq, dk, dv)` on CUDA tensors. Without an entry, CUDA uses the generated Triton backward
-(`triton_backward`) when no lse gradient flows, and otherwise recomputes the reference under
-autograd."""
+(`dispatch.kernel(key, "backward")`) when no lse gradient flows, and otherwise recomputes the
+reference under autograd."""
 
 
 def _autograd_inside_op():
@@ -250,47 +203,23 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
     return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
 
 
-_BACKWARD: dict[str, object] = {}
-
-
-def triton_backward(key: str):
-    """The cached generated backward (dQ, dK/dV kernels) of a spec, or None where the spec has
-    no Triton forward."""
-    if key not in _BACKWARD:
-        from .backends.triton import TritonBackward, TritonForward, backward_tiling
-        from .tiles import Tiling
-        fwd, kern = triton_forward(key), None
-        if fwd is not None:
-            spec = lookup_spec(key)
-            tiling = backward_tiling(Tiling(fwd.q_grid.tile, fwd.kv_grid.tile), spec.head_dim, spec)
-            try:
-                kern = TritonBackward(TritonForward(spec, tiling))
-            except (NotImplementedError, ValueError, ImportError):  # ImportError: no triton here
-                kern = None
-        with _LOCK:
-            _BACKWARD.setdefault(key, kern)
-    return _BACKWARD[key]
-
-
 @attention_backward_op.register_kernel("cuda")
 def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
                              head_indices=None):
-    if head_indices is not None:
-        kern = triton_heads(spec_key, "backward") if dlse is None and _kernel_runs(q, k) else None
-        if kern is None:
-            return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
-        dq, dk, dv = kern.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
-    kern = BACKWARD_KERNELS.get(spec_key)
-    if kern is None and dlse is None and _kernel_runs(q, k):
-        generated = triton_backward(spec_key)  # the lse gradient is not in the kernels: reference then
-        if generated is not None:
-            dq, dk, dv = generated(q, k, v, out, lse, dout, scale=scale, block_indices=block_indices)
-            return dq.contiguous(), dk.contiguous(), dv.contiguous()
-    if kern is None or q.dtype == torch.float64 or _is_empty(q, k):
-        return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices)
-    dq, dk, dv = kern(dout, dlse, q, k, v, out, lse, scale, block_indices)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    override = BACKWARD_KERNELS.get(spec_key) if head_indices is None else None
+    if override is not None and q.dtype != torch.float64 and not _is_empty(q, k):
+        grads = override(dout, dlse, q, k, v, out, lse, scale, block_indices)
+    elif dlse is not None or dispatch.choose(spec_key, q, k, head_indices=head_indices is not None,
+                                             role="backward").backend == "reference":
+        # (the generated backward does not take a gradient flowing into the lse)
+        return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
+    elif head_indices is not None:
+        grads = dispatch.kernel(spec_key, "heads_backward").backward(q, k, v, out, lse, dout, head_indices,
+                                                                     scale=scale)
+    else:
+        grads = dispatch.kernel(spec_key, "backward")(q, k, v, out, lse, dout, scale=scale,
+                                                      block_indices=block_indices)
+    return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward_op.register_fake
@@ -317,5 +246,4 @@ def _backward(ctx, dout, dlse):
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_from_repr", "spec_key",
-           "triton_forward", "triton_heads"]
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_from_repr", "spec_key"]

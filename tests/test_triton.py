@@ -281,13 +281,13 @@ def test_autotune_candidates_and_cache(tmp_path, monkeypatch):
 
 def test_op_backward_uses_generated_kernels():
     """The custom op's CUDA backward takes the generated kernels (here run by the interpreter)."""
-    from patterngen import op
+    from patterngen import dispatch, op
     spec = pg.Spec(pg.Window((5, 5)), (8, 8), num_heads=2, num_kv_heads=1, head_dim=16)
     key = op.spec_key(spec)
-    backward = op.triton_backward(key)
+    backward = dispatch.kernel(key, "backward")
     assert isinstance(backward, TritonBackward)
     q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
-    out, lse = op.triton_forward(key)(q, k, v)
+    out, lse = dispatch.kernel(key, "forward")(q, k, v)
     dout = torch.randn_like(out)
     got = backward(q, k, v, out, lse, dout)
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -295,7 +295,7 @@ def test_op_backward_uses_generated_kernels():
     ref.backward(dout)
     for g, w in zip(got, (qr.grad, kr.grad, vr.grad)):
         assert (g - w).abs().max() < 1e-4
-    assert isinstance(op.triton_backward(op.spec_key(pg.Spec(pg.Routed(16, 1), 32, head_dim=16))), TritonBackward)
+    assert isinstance(dispatch.kernel(op.spec_key(pg.Spec(pg.Routed(16, 1), 32, head_dim=16)), "backward"), TritonBackward)
 
 
 def test_default_kernel_tiling_uses_boxes_on_grids():

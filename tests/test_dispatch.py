@@ -1,0 +1,60 @@
+"""The backend choice: every fallback to the reference comes with its reason."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, as in tests/test_triton.py
+
+import pytest
+import torch
+
+import patterngen as pg
+from patterngen import dispatch
+from patterngen.op import spec_key
+
+STREAM = pg.Spec((pg.Sink(2) | pg.Band(15)) & pg.Causal(), q_shape=64, num_heads=2, head_dim=16)
+
+
+def _qk(spec, dtype=torch.float32, batch=1):
+    q = torch.zeros(batch, spec.num_heads, spec.nq, spec.head_dim, dtype=dtype)
+    return q, torch.zeros(batch, spec.num_kv_heads, spec.nkv, spec.head_dim, dtype=dtype)
+
+
+def test_reasons_for_tensors_no_kernel_takes():
+    q, k = _qk(STREAM)
+    assert "float16, bfloat16 or float32" in dispatch.can_run_kernel(q.double(), k.double())
+    assert "empty" in dispatch.can_run_kernel(q[:0], k[:0])
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert "bfloat16" in dispatch.can_run_kernel(q.bfloat16(), k.bfloat16())
+        assert dispatch.can_run_kernel(q, k) is None
+
+
+def test_explain_says_why_the_op_runs_the_reference_off_cuda():
+    q, k = _qk(STREAM)
+    text = pg.explain(STREAM, q, k)
+    assert text.splitlines() == ["forward reference: device cpu: off CUDA the op runs the exact reference backend",
+                                 "backward reference: device cpu: off CUDA the op runs the exact reference backend"]
+    with pytest.raises(TypeError, match="spec"):
+        pg.explain("spec", q)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
+def test_choice_and_reasons_on_the_kernel_path():
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    q, k = _qk(STREAM)
+    key = spec_key(STREAM)
+    assert dispatch.choose(key, q, k).backend == "triton"
+    assert dispatch.choose(key, q, k, role="backward").backend == "triton"
+    assert dispatch.choose(key, q, k, head_indices=True).backend == "triton"
+    # a routed block the kernels cannot tile: the backend's own message, kept, for every role
+    odd = pg.Spec(pg.Routed(8, 2), q_shape=64, num_heads=1, head_dim=16)
+    q, k = _qk(odd)
+    for role in ("forward", "backward"):
+        choice = dispatch.choose(spec_key(odd), q, k, role=role)
+        assert choice.backend == "reference" and "power of two >= 16" in choice.reason and "block=8" in choice.reason
+    assert dispatch.kernel(spec_key(odd), "forward") is None
+    # head routing over routed blocks is not generated: said so
+    routed = pg.Spec(pg.Routed(16, 2), q_shape=64, num_heads=1, head_dim=16)
+    q, k = _qk(routed)
+    choice = dispatch.choose(spec_key(routed), q, k, head_indices=True)
+    assert choice.backend == "reference" and "head routing with Routed" in choice.reason
+    with pytest.raises(ValueError, match="role"):
+        dispatch.kernel(spec_key(routed), "sideways")
