@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
+from strategies import scaled
 from patterngen.backends.reference import reference_attention
 
 triton = pytest.importorskip("triton")
@@ -73,7 +74,7 @@ def routed_cases(draw):
     return spec, tiling, idx, seed
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=scaled(25), deadline=None)
 @given(routed_cases())
 def test_kernels_equal_all_heads_then_zero(case):
     """Forward (out, lse) and gradients of the head-routed kernels equal the oracle."""
@@ -114,7 +115,7 @@ def test_compaction_is_stable_and_counts_per_tile():
             assert pref[b, h].tolist() == per_tile
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=scaled(15), deadline=None)
 @given(st.integers(1, 40), st.sampled_from(["causal", "window", "full"]), st.integers(1, 3), st.integers(0, 2**16))
 def test_op_reference_and_gradients(n, kind, kslots, seed):
     """`pg.attention(..., head_indices=)` on CPU: the oracle's outputs and gradients."""

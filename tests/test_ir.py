@@ -254,8 +254,7 @@ def test_repr_round_trips(spec):
     assert hash(eval(repr(spec), ns)) == hash(spec)
     assert eval(repr(spec.pattern), ns) == spec.pattern
     for p in spec.head_patterns:
-        assert eval(repr(p), ns) == p
-        hash(p)
+        assert eval(repr(p), ns) == p and hash(eval(repr(p), ns)) == hash(p)
 
 
 @settings(max_examples=scaled(60))

@@ -231,14 +231,15 @@ def test_low_precision_close_to_fp32(dtype):
     assert out.dtype == dtype and lse.dtype == torch.float32
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref, ref_lse = pg.attention(q32, k32, v32, spec, return_lse=True)
-    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    # observed (seed 0): out 4.8e-4 (fp16) / 3.9e-3 (bf16), gradients 3.5e-3 / 3.2e-2: limits 2.5-4x that
+    tol, grad_tol = (2e-3, 1e-2) if dtype == torch.float16 else (1.5e-2, 8e-2)
     assert (out.float() - ref).abs().max() < tol
     assert (lse - ref_lse).abs().max() < 1e-5  # same inputs, scores accumulated in fp32 either way
     out.float().sum().backward()
     ref.sum().backward()
     for t, r in ((q, q32), (k, k32), (v, v32)):
         assert t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all()
-        assert (t.grad.float() - r.grad).abs().max() < 10 * tol
+        assert (t.grad.float() - r.grad).abs().max() < grad_tol
 
 
 def test_scale_is_applied():

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
+from strategies import scaled
 
 transformers = pytest.importorskip("transformers")
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
@@ -74,7 +75,7 @@ def test_logits_equal_eager_with_dense_mask(model, pattern):
     assert (ours - causal).abs().max() > 1e-2  # the pattern really changes the model
 
 
-@settings(max_examples=8)
+@settings(max_examples=scaled(8))
 @given(sinks=st.integers(1, 6), window=st.integers(1, 20), n=st.integers(6, 48), duo=st.booleans())
 def test_streaming_any_size(model, sinks, window, n, duo):
     pattern = streaming(sinks, window)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
+from strategies import scaled
 
 triton = pytest.importorskip("triton")
 from patterngen.backends.reference import reference_attention  # noqa: E402
@@ -83,7 +84,7 @@ def specs(draw):
     return pg.Spec(pat, shape, kv_shape, num_heads, num_kv_heads, head_dim), pg.Tiling(tq, tk)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.integers(0, 2**16))
 def test_forward_matches_oracle(case, seed):
     spec, tiling = case
@@ -99,7 +100,7 @@ def test_forward_matches_oracle(case, seed):
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-4, rtol=0)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.integers(0, 2**16))
 def test_backward_matches_reference(case, seed):
     """dq, dk, dv of the generated backward kernels equal autograd through the reference
@@ -119,7 +120,7 @@ def test_backward_matches_reference(case, seed):
         assert (got - want).abs().max() < 1e-4
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=scaled(12), deadline=None)
 @given(st.integers(1, 80), st.sampled_from([None, 20, 100]), st.integers(1, 4), st.booleans(),
        st.sampled_from(["routed", "routed|band", "heads"]), st.integers(0, 2**16))
 def test_routed_matches_oracle(nq, nkv, topk, causal, form, seed):
