@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 run: $(STAMP)
-	$(PYTHON) -m patterngen.cli run
+	$(PYTHON) -m patterngen.tools.cli run
 
 # On a lent GPU machine (torch, triton, jinja2 and sympy preinstalled; no network): install
 # the project without touching those, run the GPU tests and a quick benchmark against
@@ -45,4 +45,4 @@ gpu-check:
 		| tee $(GPU_OUT)/versions.txt
 	if $(PYTHON) -c "import pytest" 2>/dev/null; then TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -m gpu tests/test_gpu.py; \
 		else TRITON_INTERPRET=0 $(PYTHON) tests/test_gpu.py; fi 2>&1 | tee $(GPU_OUT)/tests.txt
-	TRITON_INTERPRET=0 $(PYTHON) -m patterngen.cli bench --quick --out $(GPU_OUT)/bench 2>&1 | tee $(GPU_OUT)/bench.txt
+	TRITON_INTERPRET=0 $(PYTHON) -m patterngen.tools.cli bench --quick --out $(GPU_OUT)/bench 2>&1 | tee $(GPU_OUT)/bench.txt

@@ -7,7 +7,9 @@ shapes is checked by `Spec` (see `ir/spec.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import operator
 from collections.abc import Sequence as _SequenceABC
 from dataclasses import dataclass
@@ -72,14 +74,63 @@ class Pattern:
             yield from c.walk()
 
     def to_dict(self) -> dict:
-        """The versioned JSON-able dict form (ir/serialize.py); `from_json` restores an equal pattern."""
-        from .serialize import to_dict
-        return to_dict(self)
+        """The versioned JSON-able dict form (described in ir/serialize.py, which reads it back:
+        `from_json` restores an equal pattern)."""
+        return {JSON_VERSION_KEY: JSON_VERSION, **json_node(self, "$")}
 
     def to_json(self, indent: int | None = None) -> str:
-        """`to_dict()` as JSON text; `from_json` restores an equal pattern."""
-        from .serialize import to_json
-        return to_json(self, indent)
+        """`to_dict()` as JSON text (the same object always gives the same text)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# -- the JSON form, written here (ir/serialize.py reads it and documents it) -----------------
+JSON_VERSION = 1
+"""The format version written under the "patterngen" key; readers accept exactly this one."""
+
+JSON_VERSION_KEY = "patterngen"
+
+
+def json_value(value, where: str):
+    """A field value as JSON: patterns as nodes, tuples as lists, scalars as they are."""
+    if isinstance(value, Pattern):
+        return json_node(value, where)
+    if isinstance(value, (tuple, list)):
+        return [json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    raise TypeError(f"to_dict: {where} holds {value!r} ({type(value).__name__}), which has no JSON form "
+                    f"(expected a pattern, an int, a bool, None or a tuple of them)")
+
+
+def _json_head_key(key, where: str):
+    if isinstance(key, bool):
+        raise TypeError(f"to_dict: {where} is the head key {key!r}; expected an int, range or slice")
+    if isinstance(key, int):
+        return key
+    if isinstance(key, range):
+        return {"range": [key.start, key.stop, key.step]}
+    if isinstance(key, HeadSlice):
+        return {"slice": [key.start, key.stop, key.step]}
+    raise TypeError(f"to_dict: {where} is the head key {key!r} ({type(key).__name__}); expected an int, "
+                    f"range or slice")
+
+
+def json_node(node: Pattern, where: str) -> dict:
+    """One pattern node as {"type": ..., <constructor fields>...}; Heads as its keyed entries."""
+    cls = type(node)
+    if cls.__module__ != __name__ or not dataclasses.is_dataclass(cls):
+        raise TypeError(f"to_dict: {where} is a {cls.__name__}, which is not a patterngen pattern type with a "
+                        f"JSON form")
+    out: dict = {"type": cls.__name__}
+    if isinstance(node, Heads):
+        out["listed"] = node.listed
+        out["entries"] = [[_json_head_key(k, f"{where}.entries[{i}][0]"), json_node(p, f"{where}.entries[{i}][1]")]
+                          for i, (k, p) in enumerate(node.entries)]
+        return out
+    for f in dataclasses.fields(cls):
+        if f.init:
+            out[f.name] = json_value(getattr(node, f.name), f"{where}.{f.name}")
+    return out
 
 
 def _as_pattern(other, op: str) -> Pattern:

@@ -37,70 +37,22 @@ import dataclasses
 import functools
 import json
 from collections.abc import Mapping
-from typing import Any
 
 from . import patterns as _patterns
-from .patterns import HeadSlice, Heads, Pattern
+from .patterns import JSON_VERSION, JSON_VERSION_KEY, Heads, Pattern
 from .spec import Spec
 
-VERSION = 1
+VERSION = JSON_VERSION
 """The format version written under the "patterngen" key; readers accept exactly this one."""
 
-VERSION_KEY = "patterngen"
-
-
-# -- writing ------------------------------------------------------------------------------
-def _value(value, where: str):
-    """A field value as JSON: patterns as nodes, tuples as lists, scalars as they are."""
-    if isinstance(value, Pattern):
-        return _node(value, where)
-    if isinstance(value, (tuple, list)):
-        return [_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    raise TypeError(f"to_dict: {where} holds {value!r} ({type(value).__name__}), which has no JSON form "
-                    f"(expected a pattern, an int, a bool, None or a tuple of them)")
-
-
-def _head_key(key, where: str):
-    if isinstance(key, bool):
-        raise TypeError(f"to_dict: {where} is the head key {key!r}; expected an int, range or slice")
-    if isinstance(key, int):
-        return key
-    if isinstance(key, range):
-        return {"range": [key.start, key.stop, key.step]}
-    if isinstance(key, HeadSlice):
-        return {"slice": [key.start, key.stop, key.step]}
-    raise TypeError(f"to_dict: {where} is the head key {key!r} ({type(key).__name__}); expected an int, "
-                    f"range or slice")
-
-
-def _node(node: Pattern, where: str) -> dict:
-    cls = type(node)
-    if _types().get(cls.__name__) is not cls:
-        raise TypeError(f"to_dict: {where} is a {cls.__name__}, which is not a patterngen pattern type with a "
-                        f"JSON form (known types: {', '.join(sorted(_types()))})")
-    out: dict[str, Any] = {"type": cls.__name__}
-    if isinstance(node, Heads):
-        out["listed"] = node.listed
-        out["entries"] = [[_head_key(k, f"{where}.entries[{i}][0]"), _node(p, f"{where}.entries[{i}][1]")]
-                          for i, (k, p) in enumerate(node.entries)]
-        return out
-    for f in _init_fields(cls):
-        out[f.name] = _value(getattr(node, f.name), f"{where}.{f.name}")
-    return out
+VERSION_KEY = JSON_VERSION_KEY
 
 
 def to_dict(obj: Pattern | Spec) -> dict:
-    """The versioned dict form of a pattern or a Spec: JSON values only (see the module notes)."""
-    if isinstance(obj, Spec):
-        out: dict[str, Any] = {VERSION_KEY: VERSION, "type": "Spec"}
-        for f in _init_fields(Spec):
-            out[f.name] = _value(getattr(obj, f.name), f"$.{f.name}")
-        return out
-    if isinstance(obj, Pattern):
-        return {VERSION_KEY: VERSION, **_node(obj, "$")}
-    raise TypeError(f"to_dict: obj must be a patterngen pattern or Spec, got {obj!r} ({type(obj).__name__})")
+    """The versioned dict form of a pattern or a Spec (`obj.to_dict()`): JSON values only."""
+    if not isinstance(obj, (Pattern, Spec)):
+        raise TypeError(f"to_dict: obj must be a patterngen pattern or Spec, got {obj!r} ({type(obj).__name__})")
+    return obj.to_dict()
 
 
 def to_json(obj: Pattern | Spec, indent: int | None = None) -> str:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 
-from .patterns import HeadPatterns, Pattern, Routed, Window, head_patterns
+from .patterns import (JSON_VERSION, JSON_VERSION_KEY, HeadPatterns, Pattern, Routed, Window, head_patterns,
+                       json_value)
 
 
 def _shape(name: str, value) -> tuple[int, ...]:
@@ -148,11 +150,10 @@ class Spec:
         return f"Spec({', '.join(args)})"
 
     def to_dict(self) -> dict:
-        """The versioned JSON-able dict form (ir/serialize.py); `from_json` restores an equal Spec."""
-        from .serialize import to_dict
-        return to_dict(self)
+        """The versioned JSON-able dict form (read back by `from_json`, ir/serialize.py)."""
+        return {JSON_VERSION_KEY: JSON_VERSION, "type": "Spec",
+                **{f.name: json_value(getattr(self, f.name), f"$.{f.name}") for f in fields(self) if f.init}}
 
     def to_json(self, indent: int | None = None) -> str:
-        """`to_dict()` as JSON text; `from_json` restores an equal Spec."""
-        from .serialize import to_json
-        return to_json(self, indent)
+        """`to_dict()` as JSON text (the same Spec always gives the same text)."""
+        return json.dumps(self.to_dict(), indent=indent)

@@ -1,5 +1,5 @@
 """patterngen: a compiler for sparse attention patterns."""
-__version__ = "0.1.0"
+from .version import __version__
 
 from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
@@ -11,5 +11,5 @@ from .head_routing import gate_heads, route_heads
 from .tiles import TileGrid, Tiling
 from .api import attention, compile
 from .dispatch import explain
-from .simulate import simulate
+from .sim import simulate
 from .aot import load

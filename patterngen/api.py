@@ -17,7 +17,8 @@ from .backends.inputs import check_head_indices, check_head_values, check_inputs
 from .backends.reference import reference_attention
 from .dispatch import can_run_kernel
 from .ir import Spec
-from .op import attention_op, spec_from_repr, spec_key
+from .op import attention_op
+from .registry import spec_from_repr, spec_key
 from .plan import Plan, build_plan
 from .routing import block_counts
 from .tiles import Tiling

@@ -51,7 +51,7 @@ def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 def _build(key: str, role: str):
     from .backends.triton import TritonBackward, TritonForward, TritonHeads, backward_tiling, default_kernel_tiling
-    from .op import lookup_spec
+    from .registry import lookup_spec
     from .tiles import Tiling
     spec = lookup_spec(key)
     if role == "forward":
@@ -114,7 +114,7 @@ def choose(key: str, q: torch.Tensor, k: torch.Tensor, *, head_indices: bool = F
 
 def explain(spec: Spec, q: torch.Tensor, k: torch.Tensor | None = None, *, head_indices=None) -> str:
     """What `pg.attention(q, k, v, spec, ...)` runs for these tensors, forward and backward, and why."""
-    from .op import spec_key
+    from .registry import spec_key
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
     if not isinstance(q, torch.Tensor) or (k is not None and not isinstance(k, torch.Tensor)):

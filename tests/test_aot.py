@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import patterngen as pg
-from patterngen.cli import main
+from patterngen.tools.cli import main
 
 pytest.importorskip("triton")
 from patterngen.aot import AOTError  # noqa: E402

@@ -1,4 +1,4 @@
-"""`patterngen bench`: the suite is the issue's, and the CPU smoke path runs end to end.
+"""`patterngen bench`: the suite has the real models' sizes, and the CPU smoke path runs end to end.
 No timing is asserted: on this machine the numbers mean nothing."""
 import json
 import math
@@ -11,7 +11,11 @@ import torch
 from hypothesis import given, settings
 
 import patterngen as pg
-from patterngen import bench
+from patterngen.tools.bench.measure import device_model_name
+from patterngen.tools.bench.runners import default_tiling, dense_mask_on
+from patterngen.tools.bench.suite import moh_routing, suite
+from patterngen.tools.bench.timing import SMOKE_NOTE
+from patterngen.tools.cli import main
 from strategies import routed_specs, scaled, specs
 
 pytest.importorskip("triton")
@@ -23,11 +27,11 @@ NAMES = ["causal-sliding-window", "sinks-window", "neighborhood-2d", "gna-3d", "
 
 
 def by_name(scale):
-    return {c.name: c for c in bench.suite(scale)}
+    return {c.name: c for c in suite(scale)}
 
 
 def test_full_suite_matches_issue():
-    """Issue 3 item 8: bf16, head dim 128, batch 1, and these sizes, windows and heads."""
+    """bf16, head dim 128, batch 1, and these sizes, windows and heads."""
     cases = by_name("full")
     assert list(cases) == NAMES
     assert all(c.spec.head_dim == 128 for c in cases.values())
@@ -61,7 +65,7 @@ def test_full_suite_matches_issue():
     dense = cases["dense-causal"].spec
     assert (dense.q_shape, dense.pattern) == ((8192,), pg.Causal())
 
-    # issue 6: MoH at 50% and 75% of 32 heads, on 32K causal and the 2-D neighbourhood
+    # MoH at 50% and 75% of 32 heads, on 32K causal and the 2-D neighbourhood
     for f in (50, 75):
         causal, na2 = cases[f"moh-causal-{f}"], cases[f"moh-neighborhood-2d-{f}"]
         assert (causal.spec.q_shape, causal.spec.pattern, causal.spec.num_heads) == ((32768,), pg.Causal(), 32)
@@ -72,7 +76,7 @@ def test_full_suite_matches_issue():
 @pytest.mark.parametrize("fraction", [0.5, 0.75])
 def test_moh_routing_uses_the_fraction_of_heads(fraction):
     spec = by_name("full")["moh-causal-50"].spec
-    idx = bench.moh_routing(pg.Spec(spec.pattern, 64, num_heads=32), fraction, torch.Generator().manual_seed(0))
+    idx = moh_routing(pg.Spec(spec.pattern, 64, num_heads=32), fraction, torch.Generator().manual_seed(0))
     chosen = pg.gate_heads(idx, torch.ones(idx.shape), 32) > 0
     assert chosen.float().mean().item() == fraction
     assert chosen[:, :4].all()  # the shared heads
@@ -90,7 +94,7 @@ def test_smaller_suites_have_the_same_cases(scale):
 
 def test_causal_flag_is_true_exactly_for_causal_patterns():
     """SDPA is_causal=True is only a fair floor when the pattern never looks ahead."""
-    for case in bench.suite("smoke"):
+    for case in suite("smoke"):
         spec = case.spec
         idx = None
         if spec.routed is not None:
@@ -104,7 +108,7 @@ def test_causal_flag_is_true_exactly_for_causal_patterns():
 @settings(max_examples=scaled(15))
 @given(specs())
 def test_chunked_dense_mask_is_the_oracle(spec):
-    got = bench.dense_mask_on(spec, torch.device("cpu"), max_chunk=50)
+    got = dense_mask_on(spec, torch.device("cpu"), max_chunk=50)
     want = pg.dense_mask(spec)
     assert torch.equal(got.expand_as(want), want)
 
@@ -115,12 +119,12 @@ def test_chunked_dense_mask_is_the_oracle_routed(spec_and_indices):
     spec, idx = spec_and_indices
     want = pg.dense_mask(spec, idx)
     want = want[0] if want.dim() == 4 else want
-    assert torch.equal(bench.dense_mask_on(spec, torch.device("cpu"), idx, max_chunk=50), want)
+    assert torch.equal(dense_mask_on(spec, torch.device("cpu"), idx, max_chunk=50), want)
 
 
 def test_default_tiling_is_runnable():
-    for case in bench.suite("full"):
-        t = bench.default_tiling(case.spec)
+    for case in suite("full"):
+        t = default_tiling(case.spec)
         for tile in (t.q_tile, t.kv_tile):
             vol = math.prod(tile) if isinstance(tile, tuple) else tile
             assert vol >= 16 and vol & (vol - 1) == 0
@@ -129,14 +133,14 @@ def test_default_tiling_is_runnable():
 
 
 def test_device_model_names():
-    assert bench.device_model_name("NVIDIA H100 80GB HBM3") == "h100"
-    assert bench.device_model_name("NVIDIA H200") == "h200"
-    assert bench.device_model_name("Tesla T4") is None
+    assert device_model_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert device_model_name("NVIDIA H200") == "h200"
+    assert device_model_name("Tesla T4") is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_no_gpu_says_so(capsys):
-    assert bench.main([]) == 1
+    assert main(["bench"]) == 1
     out = capsys.readouterr().out
     assert "no CUDA device" in out and "no timing" in out
 
@@ -144,15 +148,15 @@ def test_no_gpu_says_so(capsys):
 def test_cpu_smoke_runs(tmp_path, capsys):
     """Two small cases end to end: a table with finite numbers, patterngen matching FlexAttention."""
     out = tmp_path / "smoke"
-    rc = bench.main(["--quick", "--cpu-smoke", "--case", "sinks-window", "--case", "gna-3d-strided",
+    rc = main(["bench", "--quick", "--cpu-smoke", "--case", "sinks-window", "--case", "gna-3d-strided",
                      "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
-    assert bench.SMOKE_NOTE in text
+    assert SMOKE_NOTE in text
     assert "sinks-window" in text and "gna-3d-strided" in text
     doc = json.loads((tmp_path / "smoke.json").read_text())
-    assert (tmp_path / "smoke.md").read_text().count(bench.SMOKE_NOTE) >= 1
-    assert doc["note"] == bench.SMOKE_NOTE and doc["environment"]["torch"] == torch.__version__
+    assert (tmp_path / "smoke.md").read_text().count(SMOKE_NOTE) >= 1
+    assert doc["note"] == SMOKE_NOTE and doc["environment"]["torch"] == torch.__version__
     assert [c["case"] for c in doc["cases"]] == ["sinks-window", "gna-3d-strided"]
     for c in doc["cases"]:
         assert c["status"] == "ok"

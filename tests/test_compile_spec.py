@@ -19,7 +19,7 @@ import torch._dynamo
 import torch._dynamo.testing
 
 import patterngen as pg
-from patterngen.op import lookup_spec, spec_key
+from patterngen.registry import lookup_spec, spec_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 
@@ -139,7 +139,7 @@ def test_compiled_routed_spec_built_inside():
 
 
 def test_spec_from_repr_rebuilds_or_refuses():
-    from patterngen.op import spec_from_repr
+    from patterngen.registry import spec_from_repr
     spec = pg.Spec(pg.Heads([(slice(0, 2), pg.Causal()), (range(2, 4), pg.Window(3))]), 8, num_heads=4)
     rebuilt = spec_from_repr(repr(spec))
     assert rebuilt == spec and lookup_spec(spec_key(rebuilt)) == spec and spec_key(rebuilt) == spec_key(spec)

@@ -8,7 +8,7 @@ import torch
 
 import patterngen as pg
 from patterngen import dispatch
-from patterngen.op import spec_key
+from patterngen.registry import spec_key
 
 STREAM = pg.Spec((pg.Sink(2) | pg.Band(15)) & pg.Causal(), q_shape=64, num_heads=2, head_dim=16)
 

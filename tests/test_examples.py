@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import patterngen as pg
-from patterngen.cli import check_plan_rows, choose_tiling, demo_block_indices, load_specs
+from patterngen.plan import default_tiling
 from patterngen.routing import block_masks, normalize_block_indices
 from patterngen.semantics import visible
+from patterngen.tools.checks import check_plan_rows, demo_block_indices
+from patterngen.tools.specfiles import load_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FILES = sorted(EXAMPLES.glob("*.py"))
@@ -44,7 +46,7 @@ def test_example_loads_plans_and_checks(path):
     for name, spec in specs:
         assert isinstance(spec, pg.Spec)
         idx = demo_block_indices(spec)
-        tiling = choose_tiling(spec, None)  # flat 64 x 64 on sequences, 64-token boxes on grids
+        tiling = default_tiling(spec)  # flat 64 x 64 on sequences, 64-token boxes on grids
         t0 = time.perf_counter()
         plan = pg.build_plan(spec, tiling, idx)
         assert time.perf_counter() - t0 < 30, f"{path.name}:{name} planned too slowly"

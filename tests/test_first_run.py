@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import op
-from patterngen.cli import main
+from patterngen.registry import spec_key
+from patterngen.tools.cli import main
 from patterngen.oracle import MAX_ELEMENTS
 
 from strategies import scaled
@@ -72,9 +73,9 @@ def test_empty_inputs_on_the_kernel_path_take_the_empty_result():
     """The CUDA registration (called directly here) must not launch a kernel on B = 0."""
     spec = pg.Spec(STREAM, q_shape=32, num_heads=2, head_dim=16)
     q, k, v = _qkv(0, 2, 2, 32, 32, grad=False)
-    out, lse = op._attention_cuda(q, k, v, op.spec_key(spec))
+    out, lse = op._attention_cuda(q, k, v, spec_key(spec))
     assert out.shape == q.shape and lse.shape == q.shape[:3]
-    dq, dk, dv = op._attention_backward_cuda(out, None, q, k, v, out, lse, op.spec_key(spec))
+    dq, dk, dv = op._attention_backward_cuda(out, None, q, k, v, out, lse, spec_key(spec))
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 

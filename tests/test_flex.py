@@ -1,4 +1,4 @@
-"""patterngen.flex: the FlexAttention mask_mod and block mask of a spec mean what the oracle means."""
+"""patterngen.integrations.flex: the FlexAttention mask_mod and block mask of a spec mean what the oracle means."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen.flex import block_mask_for, dense_mask_via_flex, mask_mod_for
+from patterngen.integrations.flex import block_mask_for, dense_mask_via_flex, mask_mod_for
 from strategies import routed_specs, scaled, specs
 
 pytest.importorskip("torch.nn.attention.flex_attention")

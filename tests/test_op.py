@@ -22,8 +22,8 @@ from torch._dynamo.utils import counters
 import patterngen as pg
 from patterngen.backends.reference import reference_attention
 from patterngen import dispatch
-from patterngen.op import (_attention_backward_cuda, _attention_cuda, attention_backward_op, attention_op,
-                           lookup_spec, spec_key)
+from patterngen.op import _attention_backward_cuda, _attention_cuda, attention_backward_op, attention_op
+from patterngen.registry import lookup_spec, spec_key
 
 TOL = 1e-5
 

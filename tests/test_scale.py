@@ -21,9 +21,10 @@ from hypothesis import currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen import analysis, counting
+from patterngen import analysis
 from patterngen.analysis import KvCount, flat_form, flat_terms
 from patterngen.semantics import visible
+from patterngen.sim import counting
 from patterngen.tiles import TileGrid
 from strategies import patterns, scaled
 from test_analysis import check_plan

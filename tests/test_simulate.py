@@ -6,7 +6,6 @@ tile and reducing the mask per tile pair.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import runpy
@@ -18,11 +17,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import patterngen as pg
-from patterngen import counting
-from patterngen.advisor import advise_strides
+from patterngen import sim
+from patterngen.sim import atoms, counting, profiles
+from patterngen.sim.advisor import advise_strides
 from strategies import routed_specs, scaled, specs, specs_and_tilings, windows
 
-sim = importlib.import_module("patterngen.simulate")  # pg.simulate is the function
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -127,7 +126,7 @@ def test_closed_form_profiles_equal_plan_per_q_tile(case, device):
         if prof is None:
             continue
         plan = pg.build_plan(pg.Spec(p, spec.q_shape, spec.kv_shape), tiling)
-        visited, full = sim._plan_profiles(plan)[0]
+        visited, full = sim.plan_profiles(plan)[0]
         assert prof[0].tolist() == visited.tolist()
         assert prof[1].tolist() == full.tolist()
     r = pg.simulate(spec, tiling.q_tile, tiling.kv_tile, device=device)
@@ -142,14 +141,14 @@ def test_window_dim_tiles_mask_and_interval_paths_agree(L, data):
     s = data.draw(st.integers(1, w))
     c = data.draw(st.booleans())
     tq, tk = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
-    raw = counting.window_dim_tiles.__wrapped__
+    raw = profiles.window_dim_tiles.__wrapped__
     a = raw(L, w, s, d, c, tq, tk)
-    old = counting._MASK_EXTENT
-    counting._MASK_EXTENT = 0
+    old = profiles._MASK_EXTENT
+    profiles._MASK_EXTENT = 0
     try:
         b = raw(L, w, s, d, c, tq, tk)
     finally:
-        counting._MASK_EXTENT = old
+        profiles._MASK_EXTENT = old
     assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
 
 
@@ -202,7 +201,7 @@ def assert_report_matches_oracle_counts_by_plan(r):
 
 
 # -- the optimizer --------------------------------------------------------------------------------
-SMALL_DEVICE = {**json.loads((ROOT / "patterngen" / "devices" / "h100.json").read_text()),
+SMALL_DEVICE = {**json.loads((ROOT / "patterngen" / "sim" / "devices" / "h100.json").read_text()),
                 "name": "small", "tile_volumes": [[16, 16], [32, 16], [16, 32]]}
 
 
@@ -296,7 +295,7 @@ def test_shipped_device_models(name):
 
 
 def test_device_from_path_and_bad_devices(tmp_path):
-    data = json.loads((ROOT / "patterngen" / "devices" / "h100.json").read_text())
+    data = json.loads((ROOT / "patterngen" / "sim" / "devices" / "h100.json").read_text())
     data["name"] = "mygpu"
     p = tmp_path / "mygpu.json"
     p.write_text(json.dumps(data))
@@ -417,7 +416,7 @@ def test_simulate_bad_input():
 
 # -- command line and calibration ------------------------------------------------------------------
 def _cli(argv, capsys):
-    from patterngen.cli import main
+    from patterngen.tools.cli import main
     code = main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -488,13 +487,13 @@ def test_counting_fallbacks_match_dense_mask(spec):
     """The slower exact paths (tile analysis + element-wise, whole-pattern tiles, and the
     congruence fallback) give the oracle's counts too."""
     expected = pg.dense_mask(spec).sum((1, 2)).tolist()
-    for name in ("_QUERY_ROWS", "_MAX_TERMS", "_MAX_MODULUS"):
-        old = getattr(counting, name)
-        setattr(counting, name, 0)
+    for module, name in ((counting, "_QUERY_ROWS"), (atoms, "_MAX_TERMS"), (counting, "_MAX_MODULUS")):
+        old = getattr(module, name)
+        setattr(module, name, 0)
         try:
             assert counting.visible_pairs(spec).tolist() == expected, name
         finally:
-            setattr(counting, name, old)
+            setattr(module, name, old)
 
 
 @settings(max_examples=scaled(30), deadline=None)
@@ -503,13 +502,13 @@ def test_counting_routed_fallbacks_match_dense_mask(case):
     spec, idx = case
     expected = pg.dense_mask(spec, idx).sum((-1, -2))
     expected = expected if expected.dim() == 2 else expected[None]
-    for name in ("_QUERY_ROWS", "_MAX_TERMS"):
-        old = getattr(counting, name)
-        setattr(counting, name, 0)
+    for module, name in ((counting, "_QUERY_ROWS"), (atoms, "_MAX_TERMS")):
+        old = getattr(module, name)
+        setattr(module, name, 0)
         try:
             assert counting.visible_pairs(spec, idx).tolist() == expected.tolist(), name
         finally:
-            setattr(counting, name, old)
+            setattr(module, name, old)
 
 
 @settings(max_examples=scaled(30), deadline=None)

@@ -112,7 +112,7 @@ def forward_tiling(spec: Spec) -> Tiling:
     Routed specs need tiles equal to their block."""
     if spec.routed is not None:
         return Tiling(spec.routed.block, spec.routed.block)
-    from ...simulate import simulate
+    from ...sim import simulate
     report = simulate(spec)
     if _pow2_volume(report.q_tile) and _pow2_volume(report.kv_tile):
         return Tiling(report.q_tile, report.kv_tile)
@@ -167,7 +167,7 @@ def _no_line_info():
 
 def versions() -> dict:
     import triton
-    from ... import __version__
+    from ...version import __version__
     return {"patterngen": __version__, "torch": torch.__version__.split("+")[0], "triton": triton.__version__}
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ...ir import Spec
-from ...simulate import simulate
+from ...sim import simulate
 from ...tiles import Tiling
 from .cache import subdir, write_atomic
 from .runtime import KernelConfig, TritonForward

@@ -101,7 +101,7 @@ def write_atomic(path: Path, data: str) -> None:
 def source_key(source: str) -> str:
     import torch
     import triton
-    from ... import __version__
+    from ...version import __version__
     h = hashlib.sha256()
     for part in (source, __version__, torch.__version__, triton.__version__):
         h.update(part.encode())

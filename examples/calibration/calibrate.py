@@ -1,7 +1,7 @@
 """Fit a device model's kernel parameters to measured kernel times.
 
     python examples/calibration/calibrate.py MEASUREMENTS.json --device h100 \
-        --out patterngen/devices/h100.json --errors examples/calibration/h100_errors.md
+        --out patterngen/sim/devices/h100.json --errors examples/calibration/h100_errors.md
 
 MEASUREMENTS is a JSON list (or JSON lines) of records, one per measured case
 (see README.md beside this file for how to write it from `patterngen bench`):
@@ -10,10 +10,10 @@ MEASUREMENTS is a JSON list (or JSON lines) of records, one per measured case
      "q_tile": [16, 8], "kv_tile": [16, 8], "batch": 1, "time_ms": 0.213}
 
 `spec` is the spec's repr (or give "spec_file" and optionally "spec_name" to
-load it with `patterngen.cli.load_specs`); `"kind": "dense"` marks a dense
+load it with `patterngen.tools.specfiles.load_specs`); `"kind": "dense"` marks a dense
 baseline measurement (SDPA / cuDNN / FlashAttention), which fits the dense
 parameters instead. Times are fitted in log space (relative error) with Adam
-on the same time model `patterngen.simulate` uses; the fitted model is written
+on the same time model `patterngen.sim` uses; the fitted model is written
 with "calibrated": true, and every case's error to the --errors file.
 
 `--synthetic N` makes N measurements from a perturbed copy of the device model
@@ -22,7 +22,6 @@ instead (a self-check of the fitting: the printed errors should be ~0).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 import patterngen as pg
-sim = importlib.import_module("patterngen.simulate")  # the module (pg.simulate is the function)
+from patterngen import sim
 
 # fitted parameters and how each is kept in range: fraction in (0, 1), factor >= 1, or overhead >= 0
 FIT = {"mma_efficiency": "fraction", "softmax_overlap": "fraction", "partial_tile_factor": "factor",
@@ -62,7 +61,7 @@ def _from_raw(kind: str, r: torch.Tensor) -> torch.Tensor:
 
 def _spec_of(rec: dict) -> pg.Spec:
     if "spec_file" in rec:
-        from patterngen.cli import load_specs
+        from patterngen.tools.specfiles import load_specs
         specs = load_specs(rec["spec_file"])
         if "spec_name" in rec:
             specs = [s for n, s in specs if n == rec["spec_name"]]

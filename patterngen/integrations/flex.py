@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from .ir import Spec
-from .routing import block_masks, normalize_block_indices
-from .semantics import visible
+from ..ir import Spec
+from ..routing import block_masks, normalize_block_indices
+from ..semantics import visible
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -17,9 +17,10 @@ from itertools import product
 
 import torch
 
-from .counting import window_dim_tiles, window_dim_visible
-from .ir import Window
-from .semantics import window_bounds
+from ..ir import Window
+from ..semantics import window_bounds
+from .counting import window_dim_visible
+from .profiles import window_dim_tiles
 
 
 @dataclass(frozen=True)

@@ -1,175 +1,39 @@
-"""Exact counts for the simulator: visible (q, kv) pairs and per-dimension tile pairs.
+"""Exact visible (q, kv) pairs, the FLOP bound, counted at the pattern level, never on an Nq x Nkv mask.
 
-The FLOP bound needs the number of visible pairs, which does not depend on the
-tiling, so it is counted at the pattern level, never on an Nq x Nkv mask:
+The count does not depend on the tiling. A pattern is expanded into a signed sum of
+conjunctions of atoms (`atoms.expand`), and each conjunction is counted:
 
-* A Heads-free pattern is expanded into a signed sum of conjunctions of atoms
-  (inclusion-exclusion: `a | b` = a + b - a*b, `a & b` = a*b, on indicator
-  functions, which are idempotent). `Global(n)` is the union of two atoms,
-  `kv < n` and `q < n`; `Sink(n)` is `kv < n`; `Routed(causal=True)` is the
-  routed block mask times `Causal()`.
-* A conjunction of flattened-index atoms alone (bands, causal, prefixes,
-  `Strided`) is counted in closed form: for each query the keys form one
-  interval, intersected with one residue class (the strides combine into a single
-  congruence), and the interval's ends are linear in the query on a few stretches,
-  so the sum over queries is a sum of floors of arithmetic progressions, O(1)
-  whatever the token count.
-* With 1-D windows or routed blocks it is counted row by row: each row's keys are
-  still one interval (one per selected block) and one residue class (window
-  dilations join the congruence), so each row costs O(1), in chunks of rows.
-* A conjunction of windows alone factors over dimensions: the count is the
-  product of per-dimension counts, each a sum over the L coordinates of one
-  dimension.
-* Anything else (n-D windows mixed with flattened-index atoms) falls back to
-  the tile analysis of the conjunction and element-wise evaluation of the
-  semantics on its partial tiles, chunked; its cost is bounded by the partial
-  tile pairs times the tile volume squared.
-
-Tile pairs of a `Window` on box tiles also factor over dimensions (a box pair is
-visited, or full, iff it is in every dimension), which `window_dim_tiles`
-exploits so that the tiling search can score many box shapes without plans.
+* flattened-index atoms alone (bands, causal, prefixes, `Strided`) in closed form: for
+  each query the keys form one interval, intersected with one residue class (the strides
+  combine into a single congruence), and the interval's ends are linear in the query on a
+  few stretches, so the sum over queries is a sum of floors of arithmetic progressions,
+  O(1) whatever the token count;
+* with 1-D windows or routed blocks row by row: each row's keys are still one interval (one
+  per selected block) and one residue class (window dilations join the congruence), so each
+  row costs O(1), in chunks of rows;
+* windows alone as the product of per-dimension counts, each a sum over the L coordinates
+  of one dimension;
+* anything else (n-D windows mixed with flattened-index atoms) by the tile analysis of the
+  conjunction and element-wise evaluation of the semantics on its partial tiles, chunked;
+  its cost is bounded by the partial tile pairs times the tile volume squared.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
 
 import torch
 
-from .analysis import window_hull, window_interval_status
-from .ir import (Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
-                 Window)
-from .plan import build_plan
-from .routing import normalize_block_indices
-from .semantics import group_length, unravel, visible, window_1d, window_bounds
-from .tiles import Tiling
+from ..ir import Band, Causal, Full, Intersection, Pattern, Routed, Sink, Spec, Strided, Window
+from ..plan import build_plan
+from ..routing import normalize_block_indices
+from ..semantics import group_length, unravel, visible, window_bounds
+from ..tiles import Tiling
+from .atoms import KvBelow, QBelow, RoutedBlocks, Routes, TooManyTerms, as_routes, expand
 
 _ROWS = 1 << 21          # rows per chunk of the row counter
 _CHUNK = 1 << 22         # token pairs per chunk of element-wise evaluation
-_MAX_TERMS = 4096        # inclusion-exclusion terms before falling back to tiles
 _MAX_MODULUS = 1 << 22   # largest combined congruence modulus handled in closed form
-_MASK_EXTENT = 1024      # window_dim_tiles reduces a 1-D mask up to this extent, else uses intervals
 _QUERY_ROWS = 1 << 25    # n-D windows mixed with other atoms: enumerate window boxes up to this many pairs
-
-
-# -- atoms ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KvBelow:
-    """Atom kv < n (Sink, and the key half of Global)."""
-    n: int
-
-
-@dataclass(frozen=True)
-class QBelow:
-    """Atom q < n (the query half of Global)."""
-    n: int
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Atom: the run-time routed block mask (without Routed's causal part)."""
-    block: int
-
-
-class Routes:
-    """The routed kv blocks of one (batch, head), per q block, without duplicates: a CSR
-    (`ptr`, `kb`) built from the index rows, so that nothing of size q blocks x kv blocks is
-    made unless an element-wise fallback asks for `mask`."""
-
-    def __init__(self, rows: torch.Tensor, num_kv_blocks: int):
-        self.rows = rows
-        self.num_kv_blocks = num_kv_blocks
-        srt = rows.sort(1).values
-        keep = srt >= 0
-        keep[:, 1:] &= srt[:, 1:] != srt[:, :-1]
-        self.kb = srt[keep]
-        self.counts = keep.sum(1)
-        self.ptr = torch.zeros(len(rows) + 1, dtype=torch.long)
-        self.ptr[1:] = torch.cumsum(self.counts, 0)
-
-    @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "Routes":
-        k = max(1, int(mask.sum(1).max())) if mask.numel() else 1
-        order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True)
-        return cls(torch.where(order.values[:, :k] > 0, order.indices[:, :k], -1), mask.shape[1])
-
-    @property
-    def max_per_row(self) -> int:
-        return max(1, int(self.counts.max())) if len(self.counts) else 1
-
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q block, kv block) of every selected pair."""
-        return torch.repeat_interleave(torch.arange(len(self.counts)), self.counts), self.kb
-
-    @cached_property
-    def mask(self) -> torch.Tensor:
-        m = torch.zeros(len(self.counts), self.num_kv_blocks, dtype=torch.bool)
-        qb, kb = self.pairs()
-        m[qb, kb] = True
-        return m
-
-
-def _routes(block_mask) -> "Routes | None":
-    if block_mask is None or isinstance(block_mask, Routes):
-        return block_mask
-    if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 2:
-        raise TypeError(f"block_mask: expected a bool tensor [q_blocks, kv_blocks] or Routes, got {block_mask!r}")
-    return Routes.from_mask(block_mask)
-
-
-Poly = dict  # frozenset of atoms -> integer coefficient
-
-
-def _mul(a: Poly, b: Poly) -> Poly:
-    out: Poly = {}
-    for ka, ca in a.items():
-        for kb, cb in b.items():
-            k = ka | kb
-            out[k] = out.get(k, 0) + ca * cb
-            if len(out) > _MAX_TERMS:
-                raise _TooManyTerms
-    return {k: c for k, c in out.items() if c}
-
-
-def _add(*polys: tuple[int, Poly]) -> Poly:
-    out: Poly = {}
-    for sign, p in polys:
-        for k, c in p.items():
-            out[k] = out.get(k, 0) + sign * c
-    return {k: c for k, c in out.items() if c}
-
-
-class _TooManyTerms(Exception):
-    pass
-
-
-def expand(pattern: Pattern) -> Poly:
-    """The indicator of a Heads-free pattern as a signed sum of products of atoms."""
-    one = frozenset()
-    if isinstance(pattern, Full):
-        return {one: 1}
-    if isinstance(pattern, Sink):
-        return {frozenset({KvBelow(pattern.n)}): 1}
-    if isinstance(pattern, Global):
-        kv, q = {frozenset({KvBelow(pattern.n)}): 1}, {frozenset({QBelow(pattern.n)}): 1}
-        return _add((1, kv), (1, q), (-1, _mul(kv, q)))
-    if isinstance(pattern, Routed):
-        atoms = {Blocks(pattern.block)} | ({Causal()} if pattern.causal else set())
-        return {frozenset(atoms): 1}
-    if isinstance(pattern, (Causal, Band, Window, Strided)):
-        return {frozenset({pattern}): 1}
-    if isinstance(pattern, Intersection):
-        out = {one: 1}
-        for p in pattern.parts:
-            out = _mul(out, expand(p))
-        return out
-    if isinstance(pattern, Union):  # 1 - prod(1 - p)
-        rest = {one: 1}
-        for p in pattern.parts:
-            rest = _mul(rest, _add((1, {one: 1}), (-1, expand(p))))
-        return _add((1, {one: 1}), (-1, rest))
-    raise TypeError(f"pattern: unsupported node {pattern!r} (resolve Heads per head first)")
 
 
 # -- integer helpers ----------------------------------------------------------------
@@ -227,7 +91,7 @@ class _Conj:
                 self.strides.append((a.stride, a.offset))
             elif isinstance(a, Window):
                 self.windows.append(a)
-            elif isinstance(a, Blocks):
+            elif isinstance(a, RoutedBlocks):
                 self.blocks = a.block
             else:  # pragma: no cover - atoms come from `expand`
                 raise TypeError(f"unknown atom {a!r}")
@@ -384,7 +248,7 @@ def _atom_visible(atom, q: torch.Tensor, kv: torch.Tensor, spec: Spec, routes) -
         return kv < atom.n
     if isinstance(atom, QBelow):
         return q < atom.n
-    if isinstance(atom, Blocks):
+    if isinstance(atom, RoutedBlocks):
         return routes.mask[q // atom.block, kv // atom.block]
     return visible(atom, q, kv, spec)
 
@@ -419,7 +283,7 @@ def _count_tiles_fallback(conj: _Conj, spec: Spec, routes: Routes | None) -> int
             kt = kb[:, None] * blk + ar
             qt = torch.where(qt < spec.nq, qt, -1)
             kt = torch.where(kt < spec.nkv, kt, -1)
-            total += _elementwise(conj.atoms - {Blocks(blk)}, spec, None, qt, kt)
+            total += _elementwise(conj.atoms - {RoutedBlocks(blk)}, spec, None, qt, kt)
         return total
     ir_atoms = [a if not isinstance(a, KvBelow) else Sink(a.n) for a in conj.atoms if not isinstance(a, QBelow)]
     pattern = Intersection.of(*ir_atoms) if ir_atoms else Full()
@@ -454,7 +318,7 @@ def _counting_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...] |
 
 def count_conjunction(atoms: frozenset, spec: Spec, block_mask=None) -> int:
     """Exact number of (q, kv) pairs that satisfy every atom (`block_mask`: see count_pattern)."""
-    routes = _routes(block_mask)
+    routes = as_routes(block_mask)
     conj = _Conj(atoms, spec)
     if conj.q_end <= 0 or conj.kv_end <= 0 or conj.dlo > conj.dhi:
         return 0
@@ -473,10 +337,10 @@ def count_pattern(pattern: Pattern, spec: Spec, block_mask=None) -> int:
     """Exact number of visible (q, kv) pairs of a Heads-free pattern on `spec`'s grids
     (`block_mask`: the routed blocks of one batch and head, as a bool [q_blocks, kv_blocks]
     tensor or `Routes`)."""
-    routes = _routes(block_mask)
+    routes = as_routes(block_mask)
     try:
         poly = expand(pattern)
-    except _TooManyTerms:
+    except TooManyTerms:
         return _count_pattern_tiles(pattern, spec, routes)
     return sum(c * count_conjunction(atoms, spec, routes) for atoms, c in poly.items())
 
@@ -528,47 +392,6 @@ def visible_pairs(spec: Spec, block_indices: torch.Tensor | None = None) -> torc
     return out
 
 
-# -- tile pairs of a Window along one dimension ---------------------------------------
-@lru_cache(maxsize=4096)
-def window_dim_tiles(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For q tiles of `tq` and kv tiles of `tk` consecutive coordinates along one dimension
-    of extent L: the number of visited and of full kv tiles of each q tile (int64 [Tq]).
-
-    A box tile pair of an n-D Window is visited (full) iff it is visited (full) along
-    every dimension, so the n-D numbers of a q tile are the products over dimensions.
-    """
-    Tq, Tk = -(-L // tq), -(-L // tk)
-    if L <= _MASK_EXTENT:  # small extents: reduce the 1-D mask over tiles
-        i = torch.arange(L)
-        m = window_1d(i[:, None], i[None, :], L, w, s, d, causal)
-        pad_q, pad_k = Tq * tq - L, Tk * tk - L
-        any_ = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=False)
-        all_ = torch.nn.functional.pad(m, (0, pad_k, 0, pad_q), value=True)
-        any_ = any_.view(Tq, tq, Tk, tk).any(3).any(1)
-        all_ = all_.view(Tq, tq, Tk, tk).all(3).all(1) & any_
-        return any_.sum(1), all_.sum(1)
-    qa = torch.arange(Tq) * tq
-    qb = (qa + tq - 1).clamp(max=L - 1)
-    jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
-    first, last = jmin // tk, jmax // tk
-    cnt = (last - first + 1).clamp_min(0)
-    rows = torch.repeat_interleave(torch.arange(Tq), cnt)
-    kt = first[rows] + torch.arange(len(rows)) - (torch.cumsum(cnt, 0) - cnt)[rows]
-    ka = kt * tk
-    kb = (ka + tk - 1).clamp(max=L - 1)
-    if d == 1:  # consecutive windows overlap or touch, so the hull is exactly the union
-        lo_last, _ = window_bounds(qb[rows], torch.tensor(L), w, s, causal)
-        _, hi_first = window_bounds(qa[rows], torch.tensor(L), w, s, causal)
-        any_ = torch.ones(len(rows), dtype=torch.bool)
-        all_ = (lo_last <= ka) & (hi_first >= kb)
-    else:
-        any_, all_ = window_interval_status(qa[rows], qb[rows], ka, kb, L, w, s, d, causal)
-    visited = torch.bincount(rows[any_], minlength=Tq)
-    full = torch.bincount(rows[any_ & all_], minlength=Tq)
-    return visited, full
-
-
 def window_dim_visible(L: int, w: int, s: int, d: int, causal: bool) -> int:
     """Visible (i, j) coordinate pairs of one window dimension of extent L."""
     i = torch.arange(L)
@@ -576,5 +399,4 @@ def window_dim_visible(L: int, w: int, s: int, d: int, causal: bool) -> int:
     return int(_count_congruent(A, B, i % D, D).sum())
 
 
-__all__ = ["visible_pairs", "count_pattern", "count_conjunction", "expand", "window_dim_tiles",
-           "window_dim_visible", "KvBelow", "QBelow", "Blocks", "Routes"]
+__all__ = ["visible_pairs", "count_pattern", "count_conjunction", "window_dim_visible"]

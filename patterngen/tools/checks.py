@@ -1,0 +1,126 @@
+"""The checks behind `patterngen run`: a full-size plan against the element-wise semantics on
+sampled rows, and the reference attention against dense SDPA on a scaled copy.
+
+A user's spec is checked on what patterngen will really do with it (the plan at full size),
+without the Nq x Nkv mask that the oracle needs; only the attention check needs the oracle,
+so it runs on a copy small enough for a CPU (see `shrink`).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..api import attention
+from ..ir import Spec
+from ..oracle import dense_mask
+from ..plan import Plan
+from ..routing import block_masks, normalize_block_indices, route
+from ..semantics import unravel, visible
+from ..tiles import TileGrid
+
+
+def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.Tensor | None:
+    """Block indices for a Routed spec, from `patterngen.route` on random queries and keys.
+
+    Real routing depends on the model's activations; random ones give a
+    representative count of tiles, not the model's. Small head dims keep this cheap.
+    """
+    r = spec.routed
+    if r is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, spec.num_heads, spec.nq, head_dim, generator=g)
+    k = torch.randn(1, spec.num_kv_heads, spec.nkv, head_dim, generator=g)
+    return route(q, k, r.block, r.topk, r.causal)
+
+
+def kv_tile_ids(grid: TileGrid) -> torch.Tensor:
+    """Tile id of every token of a grid, [n]."""
+    tok = torch.arange(grid.n)
+    if grid.flat:
+        return tok // grid.tile
+    ids = torch.zeros_like(tok)
+    for c, t, n in zip(unravel(tok, grid.shape), grid.tile, grid.counts):
+        ids = ids * n + c // t
+    return ids
+
+
+def check_plan_rows(spec: Spec, plan: Plan, block_indices: torch.Tensor | None = None, max_tiles: int = 6,
+                    budget: int = 1 << 26, seed: int = 0) -> tuple[bool, str]:
+    """Recompute, from the element-wise semantics, the status of every kv tile for a
+    few q tiles of each distinct head plan, and compare with the plan's rows.
+
+    This checks the full-size plan exactly on those rows without an Nq x Nkv mask:
+    each q tile costs (tile volume x Nkv) element evaluations.
+    """
+    qg, kg = plan.q_grid, plan.kv_grid
+    kid = kv_tile_ids(kg)
+    sizes = kg.sizes
+    idx = normalize_block_indices(spec, block_indices)
+    masks = block_masks(spec, idx) if idx is not None else None
+    reps: dict[int, tuple[int, int]] = {}
+    for b, row in enumerate(plan.head_group.tolist()):
+        for h, g in enumerate(row):
+            reps.setdefault(g, (b, h))
+    groups = sorted(reps)
+    if len(groups) > 8:
+        groups = [groups[round(i * (len(groups) - 1) / 7)] for i in range(8)]
+    per_tile = qg.volume * spec.nkv * len(groups)
+    n_tiles = max(2, min(max_tiles, budget // max(1, per_tile), qg.count))
+    gen = torch.Generator().manual_seed(seed)
+    picks = [0, qg.count - 1, qg.count // 2] + torch.randint(qg.count, (n_tiles,), generator=gen).tolist()
+    tiles = list(dict.fromkeys(picks))[:min(n_tiles, qg.count)]
+    kv = torch.arange(spec.nkv)[None, :]
+    for g in groups:
+        b, h = reps[g]
+        pattern = spec.head_patterns[h]
+        bm = masks[b, h] if masks is not None else None
+        tp = plan.groups[g]
+        for qt in tiles:
+            tok = qg.tokens(torch.tensor([qt]))[0]
+            tok = tok[tok >= 0]
+            vis = visible(pattern, tok[:, None], kv, spec, bm)
+            vis = vis.expand(len(tok), spec.nkv)
+            t_any = torch.zeros(kg.count, dtype=torch.long).index_add_(0, kid, vis.any(0).long()) > 0
+            t_all = torch.zeros(kg.count, dtype=torch.long).index_add_(0, kid, vis.all(0).long()) == sizes
+            want_kv = torch.nonzero(t_any).flatten()
+            lo, hi = int(tp.q_ptr[qt]), int(tp.q_ptr[qt + 1])
+            got_kv, got_full = tp.kv_tiles[lo:hi], tp.full[lo:hi]
+            if not torch.equal(got_kv, want_kv) or not torch.equal(got_full, t_all[want_kv]):
+                missing = sorted(set(want_kv.tolist()) - set(got_kv.tolist()))[:5]
+                extra = sorted(set(got_kv.tolist()) - set(want_kv.tolist()))[:5]
+                return False, (f"MISMATCH at head {h} (batch {b}), q tile {qt}: kv tiles missing from the plan "
+                               f"{missing}, visited but empty {extra}, or full flags differ")
+    return True, (f"{len(tiles)} q tiles x all {kg.count} kv tiles, for {len(groups)} of {len(plan.groups)} "
+                  f"distinct head plan(s), recomputed from the element semantics: OK")
+
+
+def dense_reference(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with the oracle's boolean mask; rows that see no key give zeros (the contract)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
+
+
+def check_attention(small: Spec, seed: int = 0, tol: float = 1e-4) -> tuple[bool, str]:
+    """pg.attention (reference backend) against dense SDPA on `small`, float32, batch 1."""
+    gen = torch.Generator().manual_seed(seed)
+    shape_q = (1, small.num_heads, small.nq, small.head_dim)
+    shape_kv = (1, small.num_kv_heads, small.nkv, small.head_dim)
+    q, k, v = (torch.randn(s, generator=gen) for s in (shape_q, shape_kv, shape_kv))
+    idx = None
+    if small.routed is not None:
+        r = small.routed
+        idx = route(q, k, r.block, r.topk, r.causal)
+    t0 = time.perf_counter()
+    out = attention(q, k, v, small) if idx is None else attention(q, k, v, small, block_indices=idx)
+    t_ref = time.perf_counter() - t0
+    mask = dense_mask(small, idx)
+    want = dense_reference(q, k, v, mask)
+    err = float((out - want).abs().max()) if out.shape == want.shape else float("inf")
+    ok = err <= tol and bool(torch.isfinite(out).all())
+    routed = ", blocks from pg.route on the same q, k" if idx is not None else ""
+    return ok, (f"pg.attention (reference, {t_ref:.2f} s) vs dense SDPA with the oracle mask, float32{routed}: "
+                f"max |diff| {err:.1e} (tol {tol:.0e}): {'OK' if ok else 'FAILED'}")
