@@ -3,7 +3,8 @@
 This is the single definition of the semantics. The dense oracle, the exact
 refinement of ambiguous tiles and the mask code of partial tiles in the
 reference backend all evaluate it, on broadcastable tensors of flattened
-token indices.
+token indices. NATTEN's window rule below is also the source of the Triton
+kernels' window code: the backend runs the same functions on expression text.
 """
 from __future__ import annotations
 
@@ -22,31 +23,76 @@ def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
     return coords[::-1]
 
 
-def group_length(L: int, d: int, r):
+# -- NATTEN's window rule, written once ----------------------------------------------
+# The rule is generic in its arithmetic: values support + - * // % and comparisons, and
+# `ops` supplies minimum, maximum, select (where) and let (name a value used again).
+# TORCH evaluates it on tensors (the oracle, the analysis); the Triton backend passes ops
+# whose values are expression text, so its mask code and window bounds are generated from
+# these same lines. Only non-negative values are divided, where floor division (torch,
+# Python) and truncating division (Triton) agree.
+
+
+class TorchOps:
+    """The rule's operations on torch tensors and Python ints."""
+
+    @staticmethod
+    def minimum(a, b):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return torch.minimum(a, b)
+        if isinstance(a, torch.Tensor):
+            return a.clamp(max=b)
+        return min(a, b) if not isinstance(b, torch.Tensor) else b.clamp(max=a)
+
+    @staticmethod
+    def maximum(a, b):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return torch.maximum(a, b)
+        if isinstance(a, torch.Tensor):
+            return a.clamp(min=b)
+        return max(a, b) if not isinstance(b, torch.Tensor) else b.clamp(min=a)
+
+    @staticmethod
+    def select(cond, a, b):
+        return torch.where(cond, a, b) if isinstance(cond, torch.Tensor) else (a if cond else b)
+
+    @staticmethod
+    def let(name: str, value):
+        return value
+
+
+TORCH = TorchOps()
+
+
+def group_length(L: int, d: int, r, ops=TORCH):
     """Length of dilation group r (0 <= r < d) in an extent of L."""
-    return L // d + (r < L % d).to(torch.long) if isinstance(r, torch.Tensor) else L // d + (r < L % d)
+    return L // d if L % d == 0 else ops.select(r < L % d, L // d + 1, L // d)
 
 
-def window_bounds(x: torch.Tensor, Lg, w: int, s: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive [lo, hi] of visible group coordinates y for query group coordinate x.
+def window_bounds(x, Lg, w: int, s: int, causal: bool, ops=TORCH):
+    """Inclusive [lo, hi] of visible group coordinates y for query group coordinate x >= 0
+    in a group of length Lg (NATTEN: the non-causal window is centred on the stride
+    group's leader and clamped at the borders; the causal one ends at the query).
 
     Both bounds are non-decreasing in x, which the tile analysis relies on.
     """
+    last = ops.let("last", Lg - 1)
     if causal:
-        leader = torch.minimum((x // s) * s + s - 1, Lg - 1)
-        return (leader - w + 1).clamp_min(0), x
+        leader = ops.let("leader", ops.minimum((x // s) * s + (s - 1), last))
+        return ops.maximum(leader - (w - 1), 0), x
     wl, wr = w // 2, w // 2 + w % 2 - 1
-    leader = torch.minimum((x // s) * s + s // 2, Lg - 1)
-    centre = torch.maximum(torch.minimum(leader, Lg - 1 - wr), torch.full_like(leader, wl))
+    leader = ops.let("leader", ops.minimum((x // s) * s + s // 2, last))
+    centre = ops.let("centre", ops.maximum(ops.minimum(leader, last - wr), wl))
     return centre - wl, centre + wr
 
 
-def window_1d(i: torch.Tensor, j: torch.Tensor, L: int, w: int, s: int, d: int, causal: bool) -> torch.Tensor:
-    """NATTEN's neighborhood rule along one dimension of extent L."""
+def window_1d(i, j, L: int, w: int, s: int, d: int, causal: bool, ops=TORCH):
+    """NATTEN's neighborhood rule along one dimension of extent L: is key coordinate j
+    visible to query coordinate i (dilation d: same residue, then the rule on i // d, j // d)?"""
     r = i % d
-    x, y = i // d, j // d
-    lo, hi = window_bounds(x, group_length(L, d, r), w, s, causal)
-    return (r == j % d) & (lo <= y) & (y <= hi)
+    x, y = ops.let("x", i // d), ops.let("y", j // d)
+    lo, hi = window_bounds(x, group_length(L, d, r, ops), w, s, causal, ops)
+    vis = (y >= lo) & (y <= hi)
+    return vis if d == 1 else vis & (r == j % d)
 
 
 def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,

@@ -7,115 +7,15 @@ code with the analysis beyond `dense_mask`.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from hypothesis import currently_in_test_context, given, note, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from strategies import complementary, grids, routed_specs, scaled, specs, specs_and_tilings, tilings
-
-EMPTY, PARTIAL, FULL = 0, 1, 2
-
-
-def tile_of_token(shape: tuple[int, ...], tile) -> torch.Tensor:
-    """Tile id of every flattened token, straight from the definition of a tiling."""
-    n = math.prod(shape)
-    t = torch.arange(n)
-    if isinstance(tile, int):
-        return t // tile
-    tile = tuple(tile)
-    counts = [-(-L // s) for L, s in zip(shape, tile)]
-    coords = []
-    for L in reversed(shape):
-        coords.append(t % L)
-        t = t // L
-    coords = coords[::-1]
-    out = torch.zeros(n, dtype=torch.long)
-    for c, s, cnt in zip(coords, tile, counts):
-        out = out * cnt + c // s
-    return out
-
-
-def membership(grid: pg.TileGrid) -> torch.Tensor:
-    """[N, count] one-hot of each token's tile, from TileGrid.tokens, after checking
-    that tokens() partitions the grid the way the tiling's definition says."""
-    tok = grid.tokens(torch.arange(grid.count))
-    assert tok.shape == (grid.count, grid.volume)
-    tiles = torch.arange(grid.count)[:, None].expand_as(tok)
-    valid = tok >= 0
-    n = math.prod(grid.shape)
-    assert int(valid.sum()) == n, "tiles must cover every token exactly once"
-    owner = torch.full((n,), -1, dtype=torch.long)
-    owner[tok[valid]] = tiles[valid]
-    assert torch.equal(owner, tile_of_token(grid.shape, grid.tile))
-    assert torch.equal(grid.sizes, valid.sum(1))
-    onehot = torch.zeros(n, grid.count, dtype=torch.float64)
-    onehot[torch.arange(n), owner] = 1.0
-    return onehot
-
-
-def brute_status(mask: torch.Tensor, aq: torch.Tensor, ak: torch.Tensor) -> torch.Tensor:
-    """[Tq, Tk] EMPTY/PARTIAL/FULL of a dense [Nq, Nkv] mask."""
-    visible = aq.T @ mask.double() @ ak
-    pairs = aq.sum(0)[:, None] * ak.sum(0)[None, :]
-    return torch.where(visible == pairs, FULL, torch.where(visible > 0, PARTIAL, EMPTY))
-
-
-def plan_status(tp, tq: int, tk: int) -> torch.Tensor:
-    """[Tq, Tk] status of one TilePlan, after checking its CSR structure."""
-    assert tp.q_ptr.shape == (tq + 1,)
-    assert int(tp.q_ptr[0]) == 0 and int(tp.q_ptr[-1]) == len(tp.kv_tiles) == len(tp.full)
-    assert bool((tp.q_ptr.diff() >= 0).all())
-    rows = torch.repeat_interleave(torch.arange(tq), tp.q_ptr.diff())
-    same_row = rows[1:] == rows[:-1]
-    bad = same_row & (tp.kv_tiles.diff() <= 0)  # ascending, each kv tile at most once per q tile
-    assert not bool(bad.any()), f"q tile {int(rows[1:][bad][0])}: kv tiles not strictly ascending"
-    if len(tp.kv_tiles):
-        assert 0 <= int(tp.kv_tiles.min()) and int(tp.kv_tiles.max()) < tk
-    qt, kt, full = tp.pairs()
-    out = torch.full((tq, tk), EMPTY, dtype=torch.long)
-    out[qt, kt] = torch.where(full, FULL, PARTIAL)
-    assert tp.visited == len(qt) and tp.num_full == int(full.sum()) and tp.num_partial == int((~full).sum())
-    return out
-
-
-def check_plan(spec: pg.Spec, tiling: pg.Tiling | None, indices: torch.Tensor | None = None) -> pg.Plan:
-    """Build the plan and compare every head (and batch) with brute force; returns the plan."""
-    if currently_in_test_context():
-        note(f"spec={spec!r} tiling={tiling!r}")
-        if indices is not None:
-            note(f"block_indices={indices.tolist()}")
-    plan = pg.build_plan(spec, tiling, indices)
-    mask = pg.dense_mask(spec, indices)
-    if mask.dim() == 3:
-        mask = mask[None]
-    qg, kg = plan.q_grid, plan.kv_grid
-    aq, ak = membership(qg), membership(kg)
-    assert plan.total_pairs == qg.count * kg.count
-    rows = plan.head_group.shape[0]
-    assert rows == (mask.shape[0] if indices is not None else 1)
-    assert plan.head_group.shape[1] == spec.num_heads
-    totals = {"visited": 0, "full": 0, "partial": 0}
-    for b in range(rows):
-        for h in range(spec.num_heads):
-            want = brute_status(mask[b, h], aq, ak)
-            got = plan_status(plan.head_plan(h, b), qg.count, kg.count)
-            if not torch.equal(got, want):
-                bad = torch.nonzero(got != want)[:5].tolist()
-                detail = [(q, k, int(got[q, k]), int(want[q, k])) for q, k in bad]
-                raise AssertionError(f"{spec!r} {tiling!r} batch {b} head {h}: "
-                                     f"(q tile, kv tile, plan, brute) = {detail}")
-            totals["visited"] += int((want != EMPTY).sum())
-            totals["full"] += int((want == FULL).sum())
-            totals["partial"] += int((want == PARTIAL).sum())
-    counts = plan.counts()
-    total = plan.total_pairs * rows * spec.num_heads
-    assert counts == {"tile_pairs": total, **totals, "empty": total - totals["visited"]}
-    return plan
-
+from tests.helpers import check_plan
+from tests.strategies import complementary, grids, routed_specs, scaled, specs, specs_and_tilings, tilings
 
 # -- properties ---------------------------------------------------------------------
 @settings(max_examples=scaled(200))

@@ -17,6 +17,7 @@ import patterngen as pg
 from patterngen.tools.cli import main
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.interpreter
 from patterngen.aot import AOTError  # noqa: E402
 from patterngen.backends.triton.aot_build import ENTRY  # noqa: E402
 

@@ -16,10 +16,11 @@ from patterngen.tools.bench.runners import default_tiling, dense_mask_on
 from patterngen.tools.bench.suite import moh_routing, suite
 from patterngen.tools.bench.timing import SMOKE_NOTE
 from patterngen.tools.cli import main
-from strategies import routed_specs, scaled, specs
+from tests.strategies import routed_specs, scaled, specs
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")]
 
 NAMES = ["causal-sliding-window", "sinks-window", "neighborhood-2d", "gna-3d", "gna-3d-strided", "s2-shards",
          "routed-topk", "dense-causal", "moh-causal-50", "moh-causal-75", "moh-neighborhood-2d-50",

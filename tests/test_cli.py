@@ -17,7 +17,7 @@ from patterngen.tools.cli import choose_tiling, main, parse_tile
 from patterngen.tools.draw import EMPTY_CH, FULL_CH, MIXED_CH, PARTIAL_CH
 from patterngen.tools.shrink import shrink_spec
 from patterngen.tools.specfiles import SpecFileError, load_specs
-from strategies import routed_specs, scaled, specs
+from tests.strategies import routed_specs, scaled, specs
 
 
 def write(tmp_path, name: str, body: str):

@@ -17,7 +17,7 @@ from patterngen.registry import spec_key
 from patterngen.tools.cli import main
 from patterngen.oracle import MAX_ELEMENTS
 
-from strategies import scaled
+from tests.strategies import scaled
 
 STREAM = (pg.Sink(2) | pg.Band(5)) & pg.Causal()
 

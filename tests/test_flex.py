@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen.integrations.flex import block_mask_for, dense_mask_via_flex, mask_mod_for
-from strategies import routed_specs, scaled, specs
+from tests.strategies import routed_specs, scaled, specs
 
 pytest.importorskip("torch.nn.attention.flex_attention")
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402

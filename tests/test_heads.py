@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from strategies import scaled
+from tests.strategies import scaled
 from patterngen.backends.reference import reference_attention
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.interpreter
 from patterngen.backends.triton import TritonHeads, backward_tiling  # noqa: E402
-from test_triton import _resources  # noqa: E402
+from tests.helpers import cubin_resources  # noqa: E402
 
 
 def chosen_mask(head_indices, num_heads):
@@ -222,7 +223,7 @@ def test_head_kernels_compile_for_gpu(name, spec, tiling, spill, arch):
     assert [c.name for c in kernels] == ["compact_heads", "attention_fwd_heads", "attention_bwd_dq_heads",
                                          "attention_bwd_dkdv_heads"]
     for compiled in kernels:
-        regs, stack = _resources(compiled)
+        regs, stack = cubin_resources(compiled)
         print(f"{name} {compiled.name} sm_{arch}: {regs} registers, {stack} B stack, {compiled.shared} B shared")
         assert compiled.shared <= (163 if arch == 80 else 227) * 1024
         assert stack <= spill, f"register spills: {stack} bytes of stack"

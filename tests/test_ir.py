@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from strategies import grids, patterns, routed_specs, scaled, specs
+from tests.strategies import grids, patterns, routed_specs, scaled, specs
 
 NAMESPACE: dict = {}
 exec("from patterngen import *", NAMESPACE)

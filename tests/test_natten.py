@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from strategies import scaled, shapes
+from tests.strategies import scaled, shapes
 
 natten_flex = pytest.importorskip("natten.backends.flex")
 

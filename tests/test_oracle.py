@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from strategies import (block_indices, grids, head_counts, heads_patterns, patterns, resolve_head, routed_specs,
+from tests.strategies import (block_indices, grids, head_counts, heads_patterns, patterns, resolve_head, routed_specs,
                         scaled, shapes, specs, strideds, windows)
 
 

@@ -26,8 +26,8 @@ from patterngen.analysis import KvCount, flat_form, flat_terms
 from patterngen.semantics import visible
 from patterngen.sim import counting
 from patterngen.tiles import TileGrid
-from strategies import patterns, scaled
-from test_analysis import check_plan
+from tests.strategies import patterns, scaled
+from tests.helpers import check_plan
 
 TILES = [1, 2, 3, 5, 8, 16, 64]
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen.ir import serialize
-from strategies import routed_specs, scaled, specs
+from tests.strategies import routed_specs, scaled, specs
 
 A = (pg.Sink(4) | pg.Band(15)) & pg.Causal()
 B = pg.Window((3, 5), stride=(1, 2), dilation=(2, 1), causal=(True, False))

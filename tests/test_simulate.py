@@ -20,7 +20,7 @@ import patterngen as pg
 from patterngen import sim
 from patterngen.sim import atoms, counting, profiles
 from patterngen.sim.advisor import advise_strides
-from strategies import routed_specs, scaled, specs, specs_and_tilings, windows
+from tests.strategies import routed_specs, scaled, specs, specs_and_tilings, windows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,9 +2,6 @@
 and compiled for real GPUs (sm_80, sm_90) without running them."""
 import math
 import os
-import re
-import subprocess
-import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -14,9 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from strategies import scaled
+from tests.helpers import cubin_resources
+from tests.strategies import scaled
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.interpreter
 from patterngen.backends.reference import reference_attention  # noqa: E402
 from patterngen.backends.triton import KernelConfig, TritonBackward, TritonForward, backward_tiling  # noqa: E402
 from patterngen.backends.triton.cache import write_source  # noqa: E402
@@ -193,17 +192,6 @@ def test_cache_rebuilds_corrupt_entry(tmp_path, monkeypatch):
     assert write_source(kernel.source) == path and path.read_text() == kernel.source
 
 
-def _resources(compiled) -> tuple[int, int]:
-    """(registers, stack bytes) of a cubin, from the cuobjdump bundled with triton."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.cubin)
-    out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return int(m[1]), int(m[2])
-
-
 GPU_CASES = [
     ("causal 128x64 d128", pg.Spec(pg.Causal(), 4096, num_heads=8, num_kv_heads=2, head_dim=128), pg.Tiling(128, 64)),
     ("sinks+window d128", pg.Spec((pg.Sink(4) | pg.Band(1023)) & pg.Causal(), 4096, head_dim=128), pg.Tiling(64, 64)),
@@ -228,7 +216,7 @@ BACKWARD_CASES = [c for c in GPU_CASES if c[1].head_dim == 128]
 def test_backward_compiles_for_gpu(name, spec, tiling, arch):
     backward = TritonBackward(TritonForward(spec, backward_tiling(tiling, spec.head_dim, spec)))
     for compiled in backward.cross_compile(arch, torch.bfloat16):
-        regs, stack = _resources(compiled)
+        regs, stack = cubin_resources(compiled)
         print(f"{name} {compiled.name} sm_{arch}: {regs} registers, {stack} B stack, {compiled.shared} B shared")
         assert compiled.shared <= (163 if arch == 80 else 227) * 1024
         assert stack == 0, f"register spills: {stack} bytes of stack"
@@ -239,7 +227,7 @@ def test_backward_compiles_for_gpu(name, spec, tiling, arch):
 def test_compiles_for_gpu(name, spec, tiling, arch):
     kernel = TritonForward(spec, tiling)
     compiled = kernel.cross_compile(arch, torch.bfloat16)
-    regs, stack = _resources(compiled)
+    regs, stack = cubin_resources(compiled)
     print(f"{name} sm_{arch}: {regs} registers, {stack} B stack, {compiled.shared} B shared, "
           f"{kernel.config.num_warps} warps")
     assert compiled.shared <= (163 if arch == 80 else 227) * 1024
@@ -282,9 +270,10 @@ def test_autotune_candidates_and_cache(tmp_path, monkeypatch):
 
 def test_op_backward_uses_generated_kernels():
     """The custom op's CUDA backward takes the generated kernels (here run by the interpreter)."""
-    from patterngen import dispatch, op
+    from patterngen import dispatch
+    from patterngen.registry import spec_key
     spec = pg.Spec(pg.Window((5, 5)), (8, 8), num_heads=2, num_kv_heads=1, head_dim=16)
-    key = op.spec_key(spec)
+    key = spec_key(spec)
     backward = dispatch.kernel(key, "backward")
     assert isinstance(backward, TritonBackward)
     q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
@@ -296,7 +285,7 @@ def test_op_backward_uses_generated_kernels():
     ref.backward(dout)
     for g, w in zip(got, (qr.grad, kr.grad, vr.grad)):
         assert (g - w).abs().max() < 1e-4
-    assert isinstance(dispatch.kernel(op.spec_key(pg.Spec(pg.Routed(16, 1), 32, head_dim=16)), "backward"), TritonBackward)
+    assert isinstance(dispatch.kernel(spec_key(pg.Spec(pg.Routed(16, 1), 32, head_dim=16)), "backward"), TritonBackward)
 
 
 def test_default_kernel_tiling_uses_boxes_on_grids():

@@ -1,19 +1,137 @@
 """Render Triton kernels from a plan through the Jinja templates, and cache them on disk.
 
-The Python here decides *what* to emit (mask expressions derived from the
-pattern, tile geometry as constants); the template holds the kernel text.
+The Python here decides *what* to emit: mask expressions derived from the pattern
+(NATTEN's window rule is patterngen.semantics's, emitted as Triton text by TritonOps), tile
+geometry as constants, and the kv walk of each kernel (`Walk`); the templates hold the
+kernel text and read those named values.
 """
 from __future__ import annotations
 
 import importlib.resources
 import math
+import operator
 from dataclasses import dataclass
 
 import jinja2
 
 from ...ir import (Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Strided, Union, Window)
+from ...semantics import window_1d, window_bounds
 from ...tiles import TileGrid
+from ...version import __version__
 
+# -- Triton expression text for the shared window rule (patterngen.semantics) -----------
+# Python's (and Triton's) operator precedence, lowest first, and the folding of constants.
+_CMP, _OR, _AND, _ADD, _MUL, _ATOM = range(6)
+_OPS = {"<": (_CMP, operator.lt), "<=": (_CMP, operator.le), ">": (_CMP, operator.gt), ">=": (_CMP, operator.ge),
+        "==": (_CMP, operator.eq), "|": (_OR, operator.or_), "&": (_AND, operator.and_),
+        "+": (_ADD, operator.add), "-": (_ADD, operator.sub), "*": (_MUL, operator.mul),
+        "//": (_MUL, operator.floordiv), "%": (_MUL, operator.mod)}
+
+
+def _const(v, c) -> bool:
+    return not isinstance(v, Expr) and v == c
+
+
+class Expr:
+    """A Triton expression as text. Python ints and bools stay constants, so the rule's
+    arithmetic on them folds away (x // 1 is x, x % 1 is 0, leader - 0 is leader)."""
+
+    __slots__ = ("text", "level")
+
+    def __init__(self, text: str, level: int = _ATOM):
+        self.text, self.level = text, level
+
+    def __str__(self) -> str:
+        return self.text
+
+    @staticmethod
+    def binary(a, op: str, b):
+        level, fold = _OPS[op]
+        if not isinstance(a, Expr) and not isinstance(b, Expr):
+            return fold(a, b)
+        if op in ("+", "-") and not isinstance(b, Expr) and b < 0:
+            op, b = ("-" if op == "+" else "+"), -b
+        if ((op in ("+", "-") and _const(b, 0)) or (op in ("*", "//") and _const(b, 1))
+                or (op == "&" and b is True)):
+            return a
+        if (op == "+" and _const(a, 0)) or (op == "*" and _const(a, 1)) or (op == "&" and a is True):
+            return b
+        if (op == "%" and _const(b, 1)) or (op == "*" and (_const(a, 0) or _const(b, 0))):
+            return 0
+        if op == "&" and (a is False or b is False):
+            return False
+
+        def operand(v, right: bool) -> str:
+            # parenthesise looser operands, and tighter-or-equal ones where Python would
+            # read them differently (a - (b + c)) or a reader might ((x // s) * s, (a < b) & ...)
+            if isinstance(v, Expr) and v.level != _ATOM and (
+                    v.level < level or (v.level == level and (right or level in (_MUL, _CMP)))):
+                return f"({v})"
+            return str(v)
+        return Expr(f"{operand(a, False)} {op} {operand(b, True)}", level)
+
+    def __add__(self, b): return Expr.binary(self, "+", b)
+    def __radd__(self, a): return Expr.binary(a, "+", self)
+    def __sub__(self, b): return Expr.binary(self, "-", b)
+    def __rsub__(self, a): return Expr.binary(a, "-", self)
+    def __mul__(self, b): return Expr.binary(self, "*", b)
+    def __rmul__(self, a): return Expr.binary(a, "*", self)
+    def __floordiv__(self, b): return Expr.binary(self, "//", b)
+    def __rfloordiv__(self, a): return Expr.binary(a, "//", self)
+    def __mod__(self, b): return Expr.binary(self, "%", b)
+    def __rmod__(self, a): return Expr.binary(a, "%", self)
+    def __and__(self, b): return Expr.binary(self, "&", b)
+    def __rand__(self, a): return Expr.binary(a, "&", self)
+    def __or__(self, b): return Expr.binary(self, "|", b)
+    def __ror__(self, a): return Expr.binary(a, "|", self)
+    def __lt__(self, b): return Expr.binary(self, "<", b)
+    def __le__(self, b): return Expr.binary(self, "<=", b)
+    def __gt__(self, b): return Expr.binary(self, ">", b)
+    def __ge__(self, b): return Expr.binary(self, ">=", b)
+    def __eq__(self, b): return Expr.binary(self, "==", b)  # type: ignore[override]
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TritonOps:
+    """The window rule's operations (see patterngen.semantics.TorchOps) on Triton text;
+    `let` emits a statement through `bind(name, text)`, which returns the variable's name."""
+
+    def __init__(self, bind):
+        self.bind = bind
+
+    @staticmethod
+    def _call(fn: str, a, b, fold):
+        if not isinstance(a, Expr) and not isinstance(b, Expr):
+            return fold(a, b)
+        return Expr(f"{fn}({a}, {b})")
+
+    def minimum(self, a, b):
+        return self._call("tl.minimum", a, b, min)
+
+    def maximum(self, a, b):
+        return self._call("tl.maximum", a, b, max)
+
+    def select(self, cond, a, b):
+        if not isinstance(cond, Expr):
+            return a if cond else b
+        return Expr(f"tl.where({cond}, {a}, {b})")
+
+    def let(self, name: str, value):
+        if not isinstance(value, Expr) or value.text.isidentifier():
+            return value
+        return Expr(self.bind(name, value.text))
+
+
+def window_bounds_lines(L: int, w: int, s: int, causal: bool) -> list[str]:
+    """Body of a kernel function `bounds(x)` returning the visible key coordinates [lo, hi] of
+    query coordinate x along an undilated dimension of extent L, generated from the rule."""
+    lines: list[str] = []
+
+    def bind(name: str, text: str) -> str:
+        lines.append(f"{name} = {text}")
+        return name
+    lo, hi = window_bounds(Expr("x"), L, w, s, causal, TritonOps(bind))
+    return lines + [f"return {lo}, {hi}"]
 
 
 class MaskWriter:
@@ -28,7 +146,11 @@ class MaskWriter:
         self.coords: dict[tuple[str, int], str] = {}
 
     def tmp(self, expr: str) -> str:
-        name = f"t{self.n}"
+        return self.bind("t", expr)
+
+    def bind(self, hint: str, expr: str) -> str:
+        """A new variable `<hint><n>` holding `expr`; returns its name."""
+        name = f"{hint}{self.n}"
         self.n += 1
         self.lines.append(f"{name} = {expr}")
         return name
@@ -74,26 +196,10 @@ class MaskWriter:
         raise NotImplementedError(f"triton backend: no mask lowering for {p!r}")
 
     def window_dim(self, k: int, w: int, s: int, d: int, causal: bool) -> str:
-        """NATTEN's rule along dimension k (see patterngen.semantics.window_1d)."""
-        L = self.spec.q_shape[k]
-        i, j = self.coord("q", k), self.coord("kv", k)
-        x, y = (i, j) if d == 1 else (self.tmp(f"{i} // {d}"), self.tmp(f"{j} // {d}"))
-        if d == 1 or L % d == 0:
-            last = f"{L // d - 1}"
-        else:
-            last = self.tmp(f"{L // d - 1} + ({i} % {d} < {L % d}).to(tl.int32)")
-        start = x if s == 1 else f"({x} // {s}) * {s}"
-        if causal:
-            leader = self.tmp(f"tl.minimum({start} + {s - 1}, {last})")
-            vis = f"({y} <= {x}) & ({leader} - {y} < {w})"
-        else:
-            wl, wr = w // 2, w // 2 + w % 2 - 1
-            leader = self.tmp(f"tl.minimum({start} + {s // 2}, {last})")
-            centre = self.tmp(f"tl.maximum(tl.minimum({leader}, {last} - {wr}), {wl})")
-            vis = f"({y} >= {centre} - {wl}) & ({y} <= {centre} + {wr})"
-        if d > 1:
-            vis = f"{vis} & ({i} % {d} == {j} % {d})"
-        return self.tmp(vis)
+        """NATTEN's rule along dimension k, generated from patterngen.semantics.window_1d."""
+        i, j = Expr(self.coord("q", k)), Expr(self.coord("kv", k))
+        vis = window_1d(i, j, self.spec.q_shape[k], w, s, d, causal, TritonOps(self.bind))
+        return self.tmp(str(vis))
 
 
 def mask_lines(pattern: Pattern | None, spec: Spec) -> list[str]:
@@ -139,7 +245,8 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources
 
 def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_grid: TileGrid) -> dict | None:
     """Per-dimension constants for table-free neighbourhood loops: a single undilated Window on
-    box tiles (or 1-D tiles) of one grid; None otherwise."""
+    box tiles (or 1-D tiles) of one grid; None otherwise. `bounds` is the body of the kernel's
+    bounds function along the dimension, generated from the window rule."""
     if not isinstance(pattern, Window) or spec.q_shape != spec.kv_shape or spec.routed is not None:
         return None
     if len(spec.q_shape) > 1 and (q_grid.flat or kv_grid.flat):
@@ -149,10 +256,52 @@ def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_gri
         return None
     qt = (q_grid.tile,) if q_grid.flat else q_grid.tile
     kt = (kv_grid.tile,) if kv_grid.flat else kv_grid.tile
-    return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "wl": w // 2, "wr": w // 2 + w % 2 - 1,
+    return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "bounds": window_bounds_lines(L, w, s, c),
                       "tq": tq, "tk": tk, "q_count": q_grid.counts[k], "k_count": kv_grid.counts[k],
                       "q_tile_stride": math.prod(q_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:])}
                      for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
+
+
+@dataclass(frozen=True)
+class Walk:
+    """How a kernel reaches the kv tiles of its q tile, decided here; the templates read
+    `walk` (the name) and the data of that walk, and decide nothing.
+
+    - table: the plan's index table, ROWS[group, q tile] into COLS, full tiles first.
+    - routed: the table, then the run-time blocks IDX[b, h, q tile] not yet visited.
+    - closed_form: `segments`, kv-tile ranges as expressions of the q tile (ranges.py).
+    - window: `window`, the neighbourhood per dimension from the window rule.
+    - tile_union (head-routed kernels): the kv tiles of the q tiles a compacted row tile
+      draws from, from the tile-class table.
+    """
+
+    name: str
+    window: dict | None = None
+    segments: tuple | None = None
+
+
+def forward_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+                 segments: list[dict] | None = None) -> Walk:
+    """The forward's walk: an undilated window's neighbourhood, else closed-form `segments`
+    (see ranges.closed_form), else the index table (with routed blocks for Routed specs)."""
+    window = window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+    if window is not None:
+        return Walk("window", window=window)
+    if segments:
+        return Walk("closed_form", segments=tuple(segments))
+    return Walk("table" if spec.routed is None else "routed")
+
+
+def backward_walk(spec: Spec) -> Walk:
+    """The dQ kernel walks the forward's table (and routed blocks); dK/dV its transpose."""
+    return Walk("table" if spec.routed is None else "routed")
+
+
+def heads_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> Walk:
+    """The head-routed forward and dQ: an undilated window's neighbourhood of the rows'
+    bounding box, else the union of their q tiles' kv tiles (needs the tile-class table)."""
+    window = window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+    return Walk("tile_union") if window is None else Walk("window", window=window)
 
 
 def _groups(patterns: list[Pattern | None], spec: Spec) -> list[dict]:
@@ -166,39 +315,33 @@ def _routed_context(spec: Spec) -> dict | None:
     return None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
 
 
+def _render(template: str, spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+            walk: Walk, **extra) -> str:
+    return _env.get_template(template).render(
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=_groups(patterns, spec),
+        routed=_routed_context(spec), walk=walk.name, window=walk.window, segments=walk.segments,
+        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid), **extra)
+
+
 def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
-                   segments: list[dict] | None = None) -> str:
+                   walk: Walk | None = None) -> str:
     """The forward kernel module: one mask function per group of heads (`patterns`,
-    the static part of each group's pattern), tile addressing, and, for Routed
-    specs, the run-time block loop. `segments` (see ranges.py) and undilated windows
-    replace the index table by closed-form kv-tile ranges."""
-    from ... import __version__
-    groups = _groups(patterns, spec)
-    return _env.get_template("attention_fwd.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=_routed_context(spec),
-        q_parts=2 if spec.head_dim > 64 else 1,
-        segments=segments,
-        window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,
-        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
+    the static part of each group's pattern), tile addressing, and the kv walk (see
+    `forward_walk`, its default)."""
+    walk = walk or forward_walk(spec, patterns, q_grid, kv_grid)
+    return _render("attention_fwd.jinja", spec, patterns, q_grid, kv_grid, walk)
 
 
 def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
     """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
     same mask functions and tile addressing as the forward."""
-    from ... import __version__
-    groups = _groups(patterns, spec)
-    return _env.get_template("attention_bwd.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=_routed_context(spec),
-        q_parts=2 if spec.head_dim > 64 else 1,
-        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
+    return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, backward_walk(spec),
+                   q_parts=2 if spec.head_dim > 64 else 1)
 
 
-def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+                 walk: Walk | None = None) -> str:
     """The head-routed kernels (token compaction, forward, dQ, dK/dV over compacted q tiles)
     with the same mask functions, tile addressing and kv-tile steps as the dense-head ones."""
-    from ... import __version__
-    groups = _groups(patterns, spec)
-    return _env.get_template("attention_heads.jinja").render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=groups, routed=None,
-        window=window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None,
-        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid))
+    walk = walk or heads_walk(spec, patterns, q_grid, kv_grid)
+    return _render("attention_heads.jinja", spec, patterns, q_grid, kv_grid, walk)

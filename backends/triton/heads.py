@@ -19,7 +19,7 @@ from ...ir import Spec
 from ...tiles import Tiling
 from .aot import CompiledKernel
 from .cache import load_source
-from .codegen import render_heads, window_context
+from .codegen import heads_walk, render_heads
 from .runtime import LOG2E, KernelConfig, TritonForward, backward_config, check_launch_dtype, cross_compile
 
 MAX_CLASS_TABLE = 1 << 28
@@ -54,21 +54,21 @@ class TritonHeads:
         self.fwd = fwd = TritonForward(spec, tiling, config)  # grids, plan groups, head groups, constants
         self.spec, self.config = spec, fwd.config
         self.backward_config = config or backward_config(fwd.block_d)
-        self.window = window_context(fwd.statics[0], spec, fwd.q_grid, fwd.kv_grid) if len(fwd.statics) == 1 \
-            else None
+        self.walk = heads_walk(spec, fwd.statics, fwd.q_grid, fwd.kv_grid)
+        tables = self.walk.name == "tile_union"  # the tile-class table it walks; windows need none
         nq_t, nkv_t = fwd.q_grid.count, fwd.kv_grid.count
         groups = len(fwd.groups)
-        if self.window is None and groups * nq_t * nkv_t > MAX_CLASS_TABLE:
+        if tables and groups * nq_t * nkv_t > MAX_CLASS_TABLE:
             raise NotImplementedError(f"triton backend: head routing for {spec!r} with these tiles needs a "
                                       f"{groups} x {nq_t} x {nkv_t} tile-class table; use larger tiles")
         # tile classes (0 empty, 1 partial, 2 full) for the table walk; windows need none
-        classes = torch.zeros((groups, nq_t, nkv_t) if self.window is None else (1, 1, 1), dtype=torch.int8)
+        classes = torch.zeros((groups, nq_t, nkv_t) if tables else (1, 1, 1), dtype=torch.int8)
         kv_lo = torch.full((groups, nq_t), nkv_t, dtype=torch.long)
         kv_hi = torch.full((groups, nq_t), -1, dtype=torch.long)
         runs, ptrs, base = [], [], 0
         for g, tp in enumerate(fwd.groups):
             q, kt, full = tp.pairs()
-            if self.window is None:
+            if tables:
                 classes[g, q, kt] = 1 + full.to(torch.int8)
             kv_lo[g].scatter_reduce_(0, q, kt, "amin")
             kv_hi[g].scatter_reduce_(0, q, kt, "amax")
@@ -78,7 +78,7 @@ class TritonHeads:
             base += len(r)
         self.tables = {"KV_LO": kv_lo.to(torch.int32), "KV_HI": kv_hi.to(torch.int32), "CLASSES": classes,
                        "RUN_PTR": torch.stack(ptrs).to(torch.int32), "RUNS": torch.cat(runs).to(torch.int32)}
-        self.source = render_heads(spec, fwd.statics, fwd.q_grid, fwd.kv_grid)
+        self.source = render_heads(spec, fwd.statics, fwd.q_grid, fwd.kv_grid, self.walk)
         self.module = load_source(self.source)
         self._device_tables: dict = {}
 

@@ -14,7 +14,7 @@ from ...tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
 from .ranges import closed_form
 from .cache import load_source, write_source
-from .codegen import render_backward, render_forward
+from .codegen import forward_walk, render_backward, render_forward
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,8 @@ class TritonForward:
         if len(statics) == 1 and spec.routed is None and self.q_grid.flat and self.kv_grid.flat:
             self.segments = closed_form(statics[0], spec, self.block_m, self.block_n, self.groups[0])
         self.statics = statics
-        self.source = render_forward(spec, statics, self.q_grid, self.kv_grid, self.segments)
+        self.walk = forward_walk(spec, statics, self.q_grid, self.kv_grid, self.segments)
+        self.source = render_forward(spec, statics, self.q_grid, self.kv_grid, self.walk)
         self.module = load_source(self.source)
         self.rows, self.cols, self.work = self._tables()
         longest = max(int(g.q_ptr.diff().max()) for g in self.groups)  # static kv tiles of a q tile
