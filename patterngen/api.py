@@ -15,7 +15,7 @@ import torch
 
 from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale, head_selection
 from .backends.reference import reference_attention
-from .dispatch import can_run_kernel
+from .dispatch import can_run_kernel, is_empty
 from .ir import Spec
 from .op import attention_op
 from .registry import spec_from_repr, spec_key
@@ -129,7 +129,7 @@ class CompiledAttention:
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
                  head_indices: torch.Tensor | None = None):
         check_head_indices(head_indices, q)
-        if q.numel() == 0 or k.shape[2] == 0:  # no (query, key) pair: the op's differentiable empty result
+        if is_empty(q, k):  # no (query, key) pair: the op's differentiable empty result
             return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices)
         if self._use_triton(q, k, v):
             check_inputs(q, k, v, self.spec)

@@ -35,9 +35,14 @@ class Choice:
         return f"{self.backend}: {self.reason}"
 
 
+def is_empty(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """No (query, key) pair at all: zero batch entries, heads, queries or keys."""
+    return q.numel() == 0 or k.shape[2] == 0
+
+
 def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """None when the op's generated kernels take these tensors, else why not."""
-    if q.numel() == 0 or k.shape[2] == 0:
+    if is_empty(q, k):
         return "the input is empty (no query-key pair): the result is zeros with lse -inf"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype}: the Triton kernels take float16, bfloat16 or float32"
@@ -131,4 +136,4 @@ def explain(spec: Spec, q: torch.Tensor, k: torch.Tensor | None = None, *, head_
     return f"forward {forward}\nbackward {backward}"
 
 
-__all__ = ["Choice", "KERNEL_DTYPES", "ROLES", "can_run_kernel", "choose", "explain", "kernel", "reason"]
+__all__ = ["Choice", "KERNEL_DTYPES", "ROLES", "can_run_kernel", "choose", "explain", "is_empty", "kernel", "reason"]

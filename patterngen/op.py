@@ -50,11 +50,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _is_empty(q, k) -> bool:
-    """No (query, key) pair at all: zero batch entries, heads, queries or keys."""
-    return q.numel() == 0 or k.shape[2] == 0
-
-
 def _empty_result(q):
     """What attention over no key gives: zeros, and a log-sum-exp of -inf."""
     return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
@@ -62,7 +57,7 @@ def _empty_result(q):
 
 def _reference(q, k, v, key, scale, block_indices, head_indices=None):
     """The reference result; with head routing, unchosen (token, head) rows become 0 and lse -inf."""
-    if _is_empty(q, k):
+    if dispatch.is_empty(q, k):
         return _empty_result(q)
     spec = lookup_spec(key)
     out, lse = reference_attention(q, k, v, spec, plan=_plan(key, spec), scale=scale, block_indices=block_indices)
@@ -122,7 +117,7 @@ def _autograd_inside_op():
 
 def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None):
     """Exact gradients: differentiate the reference forward again (dlse may be None)."""
-    if _is_empty(q, k):  # nothing depends on q, k or v
+    if dispatch.is_empty(q, k):  # nothing depends on q, k or v
         return tuple(torch.zeros_like(t) for t in (q, k, v))
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
@@ -150,7 +145,7 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
 def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
                              head_indices=None):
     override = BACKWARD_KERNELS.get(spec_key) if head_indices is None else None
-    if override is not None and q.dtype != torch.float64 and not _is_empty(q, k):
+    if override is not None and q.dtype != torch.float64 and not dispatch.is_empty(q, k):
         grads = override(dout, dlse, q, k, v, out, lse, scale, block_indices)
     elif dlse is not None or dispatch.choose(spec_key, q, k, head_indices=head_indices is not None,
                                              role="backward").backend == "reference":
