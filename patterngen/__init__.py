@@ -4,11 +4,11 @@ from .version import __version__
 from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 from .ir import from_json
-from .oracle import dense_mask
-from .plan import Plan, TilePlan, build_plan
-from .routing import route
-from .head_routing import gate_heads, route_heads
-from .tiles import TileGrid, Tiling
+from .core.oracle import dense_mask
+from .analysis.plan import Plan, TilePlan, build_plan
+from .routing.blocks import route
+from .routing.heads import gate_heads, route_heads
+from .core.tiles import TileGrid, Tiling
 from .api import attention, compile
 from .dispatch import explain
 from .sim import simulate

@@ -19,9 +19,9 @@ from .dispatch import can_run_kernel, is_empty
 from .ir import Spec
 from .op import attention_op
 from .registry import spec_from_repr, spec_key
-from .plan import Plan, build_plan
-from .routing import block_counts
-from .tiles import Tiling
+from .analysis.plan import Plan, build_plan
+from .routing.blocks import block_counts
+from .core.tiles import Tiling
 
 BACKENDS = ("auto", "reference", "triton")
 

@@ -57,7 +57,7 @@ def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
 def _build(key: str, role: str):
     from .backends.triton import TritonBackward, TritonForward, TritonHeads, backward_tiling, default_kernel_tiling
     from .registry import lookup_spec
-    from .tiles import Tiling
+    from .core.tiles import Tiling
     spec = lookup_spec(key)
     if role == "forward":
         return TritonForward(spec)

@@ -30,7 +30,7 @@ from .backends.inputs import check_head_values, head_selection
 from . import dispatch
 from .backends.reference import reference_attention
 from .ir import Spec
-from .plan import Plan, build_plan
+from .analysis.plan import Plan, build_plan
 from .registry import lookup_spec, spec_from_repr, spec_key
 
 _PLANS: dict[str, Plan] = {}

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen.plan import default_box
+from patterngen.analysis.tiling import default_box
 from patterngen.tools import checks
 from patterngen.tools.checks import check_attention, check_plan_rows
 from patterngen.tools.cli import choose_tiling, main, parse_tile
@@ -260,9 +260,9 @@ def test_scaled_copy_keeps_the_pattern_in_proportion():
 def test_default_box_tiles():
     assert default_box((256, 256)) == (8, 8)
     assert default_box((30, 48, 80)) == (1, 8, 8)
-    assert default_box((3, 5)) == (3, 5)
+    assert default_box((3, 5)) == (4, 8)  # power-of-two sides, padded past the extent
     spec = pg.Spec(pg.Window(3), q_shape=(6, 6))
-    assert choose_tiling(spec, None) == pg.Tiling((6, 6), (6, 6))
+    assert choose_tiling(spec, None) == pg.Tiling((8, 8), (8, 8))  # the one policy: kernel-runnable boxes
     assert choose_tiling(spec, [(2, 3)]) == pg.Tiling((2, 3), (2, 3))
 
 

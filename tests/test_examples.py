@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import patterngen as pg
-from patterngen.plan import default_tiling
-from patterngen.routing import block_masks, normalize_block_indices
-from patterngen.semantics import visible
+from patterngen.analysis.tiling import default_tiling
+from patterngen.routing.blocks import block_masks, normalize_block_indices
+from patterngen.core.semantics import visible
 from patterngen.tools.checks import check_plan_rows, demo_block_indices
 from patterngen.tools.specfiles import load_specs
 

@@ -15,7 +15,7 @@ import patterngen as pg
 from patterngen import op
 from patterngen.registry import spec_key
 from patterngen.tools.cli import main
-from patterngen.oracle import MAX_ELEMENTS
+from patterngen.core.oracle import MAX_ELEMENTS
 
 from tests.strategies import scaled
 

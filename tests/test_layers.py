@@ -17,9 +17,9 @@ PACKAGE_DIRS = {"patterngen": ROOT / "patterngen", "patterngen.ir": ROOT / "ir",
 
 LAYERS = [  # (layer, module name prefixes), bottom first; the longest matching prefix decides
     ("ir", ["patterngen.ir", "patterngen.version"]),
-    ("core", ["patterngen.semantics", "patterngen.tiles", "patterngen.routing", "patterngen.head_routing",
-              "patterngen.oracle"]),
-    ("analysis", ["patterngen.analysis", "patterngen.plan"]),
+    ("routing", ["patterngen.routing"]),
+    ("core", ["patterngen.core"]),
+    ("analysis", ["patterngen.analysis"]),
     ("sim+backends", ["patterngen.sim", "patterngen.backends"]),
     ("api", ["patterngen.registry", "patterngen.dispatch", "patterngen.op", "patterngen.api", "patterngen.aot",
              "patterngen.integrations", "patterngen"]),

@@ -84,7 +84,7 @@ def test_window_matches_natten_sweep(ndim):
 
 # -- the generated kernels against NATTEN's own mask ---------------------------------------
 # The kernels' mask and bounds code is emitted from the same window rule as the oracle
-# (patterngen.semantics), so oracle-based kernel tests cannot see a mistake in the rule
+# (patterngen.core.semantics), so oracle-based kernel tests cannot see a mistake in the rule
 # itself; these cases compare kernel outputs with NATTEN's definition directly, on the
 # table walk (flat tiles) and the table-free window walk (box tiles).
 KERNEL_CASES = [  # shape, size, stride, dilation, causal, (q tile, kv tile)

@@ -1,5 +1,5 @@
 """The dense oracle against formulas written out here, independently of
-patterngen.semantics: one per primitive, for heads, and for composition."""
+patterngen.core.semantics: one per primitive, for heads, and for composition."""
 from __future__ import annotations
 
 import math

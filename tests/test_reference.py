@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen.backends.reference import reference_attention
-from patterngen.routing import block_counts
+from patterngen.routing.blocks import block_counts
 from tests.strategies import scaled
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,11 +21,13 @@ from hypothesis import currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen import analysis
 from patterngen.analysis import KvCount, flat_form, flat_terms
-from patterngen.semantics import visible
+from patterngen.analysis import flat_index
+from patterngen.analysis import key_only as key_counts
+from patterngen.core import tile_eval
+from patterngen.core.semantics import visible
 from patterngen.sim import counting
-from patterngen.tiles import TileGrid
+from patterngen.core.tiles import TileGrid
 from tests.strategies import patterns, scaled
 from tests.helpers import check_plan
 
@@ -67,9 +69,10 @@ def _limits(rows: int | None = None, pairs: int | None = None, kv_table: int | N
     """Force the closed-form paths' batch sizes and fallback limits (flat_terms caches its answer
     per pattern, so its cache is cleared on entry and exit)."""
     stack = ExitStack()
-    for name, value in (("_ROWS", rows), ("_PAIRS", pairs), ("_KV_TABLE", kv_table), ("_MAX_TERMS", max_terms)):
+    for module, name, value in ((flat_index, "ROWS_PER_BATCH", rows), (flat_index, "PAIRS_PER_BATCH", pairs),
+                                (key_counts, "MAX_TABLE", kv_table), (flat_index, "MAX_TERMS", max_terms)):
         if value is not None:
-            stack.enter_context(mock.patch.object(analysis, name, value))
+            stack.enter_context(mock.patch.object(module, name, value))
     flat_terms.cache_clear()
     stack.callback(flat_terms.cache_clear)
     return stack
@@ -182,7 +185,7 @@ def _no_tokens():
         raise AssertionError("per-token work in a closed-form path")
     stack = ExitStack()
     stack.enter_context(mock.patch.object(TileGrid, "tokens", boom))
-    for mod in (analysis, counting):
+    for mod in (tile_eval, counting):
         stack.enter_context(mock.patch.object(mod, "visible", boom))
     stack.enter_context(mock.patch.object(counting, "_count_rows", boom))
     return stack

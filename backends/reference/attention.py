@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ...ir import Routed, Spec
-from ...plan import Plan, TilePlan, build_plan
-from ...routing import block_masks, normalize_block_indices
-from ...semantics import visible
-from ...tiles import TileGrid, Tiling
+from ...analysis.plan import Plan, TilePlan, build_plan
+from ...routing.blocks import block_masks, normalize_block_indices
+from ...core.semantics import visible
+from ...core.tiles import TileGrid, Tiling
 from ..inputs import check_inputs, check_scale
 
 DEFAULT_MAX_SCORES = 1 << 22

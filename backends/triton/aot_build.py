@@ -45,8 +45,8 @@ import torch
 
 from ...ir import Spec
 from ...ir.parse import parse_repr
-from ...plan import build_plan
-from ...tiles import TileGrid, Tiling
+from ...analysis.plan import build_plan
+from ...core.tiles import TileGrid, Tiling
 from ..inputs import check_inputs, check_scale
 from ..reference import reference_attention
 from .cache import import_file

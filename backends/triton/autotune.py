@@ -16,7 +16,7 @@ import torch
 
 from ...ir import Spec
 from ...sim import simulate
-from ...tiles import Tiling
+from ...core.tiles import Tiling
 from .cache import subdir, write_atomic
 from .runtime import KernelConfig, TritonForward
 

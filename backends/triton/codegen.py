@@ -1,7 +1,7 @@
 """Render Triton kernels from a plan through the Jinja templates, and cache them on disk.
 
 The Python here decides *what* to emit: mask expressions derived from the pattern
-(NATTEN's window rule is patterngen.semantics's, emitted as Triton text by TritonOps), tile
+(NATTEN's window rule is patterngen.core.semantics's, emitted as Triton text by TritonOps), tile
 geometry as constants, and the kv walk of each kernel (`Walk`); the templates hold the
 kernel text and read those named values.
 """
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import jinja2
 
 from ...ir import (Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Strided, Union, Window)
-from ...semantics import window_1d, window_bounds
-from ...tiles import TileGrid
+from ...core.semantics import window_1d, window_bounds
+from ...core.tiles import TileGrid
 from ...version import __version__
 
-# -- Triton expression text for the shared window rule (patterngen.semantics) -----------
+# -- Triton expression text for the shared window rule (patterngen.core.semantics) -----------
 # Python's (and Triton's) operator precedence, lowest first, and the folding of constants.
 _CMP, _OR, _AND, _ADD, _MUL, _ATOM = range(6)
 _OPS = {"<": (_CMP, operator.lt), "<=": (_CMP, operator.le), ">": (_CMP, operator.gt), ">=": (_CMP, operator.ge),
@@ -93,7 +93,7 @@ class Expr:
 
 
 class TritonOps:
-    """The window rule's operations (see patterngen.semantics.TorchOps) on Triton text;
+    """The window rule's operations (see patterngen.core.semantics.TorchOps) on Triton text;
     `let` emits a statement through `bind(name, text)`, which returns the variable's name."""
 
     def __init__(self, bind):
@@ -196,7 +196,7 @@ class MaskWriter:
         raise NotImplementedError(f"triton backend: no mask lowering for {p!r}")
 
     def window_dim(self, k: int, w: int, s: int, d: int, causal: bool) -> str:
-        """NATTEN's rule along dimension k, generated from patterngen.semantics.window_1d."""
+        """NATTEN's rule along dimension k, generated from patterngen.core.semantics.window_1d."""
         i, j = Expr(self.coord("q", k)), Expr(self.coord("kv", k))
         vis = window_1d(i, j, self.spec.q_shape[k], w, s, d, causal, TritonOps(self.bind))
         return self.tmp(str(vis))

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ...ir import Spec
-from ...tiles import Tiling
+from ...core.tiles import Tiling
 from .aot import CompiledKernel
 from .cache import load_source
 from .codegen import heads_walk, render_heads

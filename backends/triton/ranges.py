@@ -17,8 +17,8 @@ import sympy as sp
 import torch
 
 from ...ir import Band, Causal, Full, Intersection, Pattern, Sink, Spec, Union
-from ...analysis import _expand
-from ...plan import TilePlan
+from ...core.statuses import expand_ranges
+from ...analysis.plan import TilePlan
 
 qt, j = sp.symbols("qt j", integer=True)
 
@@ -146,7 +146,7 @@ def closed_form(pattern: Pattern, spec: Spec, bm: int, bn: int, plan: TilePlan) 
     rows, cols, full = [], [], []
     for c in code:
         lo, hi, flo, fhi = (_evaluate(c[k], tiles) for k in ("lo", "hi", "flo", "fhi"))
-        r, k = _expand(lo, hi)
+        r, k = expand_ranges(lo, hi)
         rows.append(r)
         cols.append(k)
         full.append((k >= torch.maximum(flo, lo)[r]) & (k <= torch.minimum(fhi, hi)[r]))

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...analysis import TileAnalysis, has_routed
+from ...analysis.classify import TileAnalysis, has_routed
 from ...ir import Pattern, Routed, Spec, Union
-from ...plan import TilePlan, default_tiling
-from ...routing import normalize_block_indices
-from ...tiles import TileGrid, Tiling
+from ...analysis.plan import TilePlan
+from ...analysis.tiling import default_tiling
+from ...routing.blocks import normalize_block_indices
+from ...core.tiles import TileGrid, Tiling
 from .aot import CompiledKernel, compile_kernel
 from .ranges import closed_form
 from .cache import load_source, write_source
@@ -31,13 +32,8 @@ def default_config(block_m: int, block_d: int) -> KernelConfig:
 
 
 def default_kernel_tiling(spec: Spec) -> Tiling:
-    """Routed blocks as tiles; else the plan's default (64-token boxes on grids, so that the
-    analysis stays on its fast path) when its volumes suit tl.dot, else flat 64 x 64."""
-    if spec.routed is not None:
-        return Tiling(spec.routed.block, spec.routed.block)
-    tiling = default_tiling(spec)
-    vols = [math.prod(t) if isinstance(t, tuple) else t for t in (tiling.q_tile, tiling.kv_tile)]
-    return tiling if all(v >= 16 and not v & (v - 1) for v in vols) else Tiling(64, 64)
+    """The tiling policy's default (patterngen.analysis.tiling), which kernels can always run."""
+    return default_tiling(spec)
 
 
 def _check_tiling(spec: Spec, tiling: Tiling) -> None:

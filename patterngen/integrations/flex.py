@@ -1,7 +1,7 @@
 """A spec as PyTorch FlexAttention sees it: a `mask_mod` and a `BlockMask`.
 
 The benchmark compares patterngen with FlexAttention on the *same* pattern, so
-the mask_mod is built from `patterngen.semantics.visible`, the one element-wise
+the mask_mod is built from `patterngen.core.semantics.visible`, the one element-wise
 definition of the semantics, rather than written again by hand. FlexAttention
 calls it on scalar index tensors (under vmap or while tracing its Triton
 template), which `visible` handles since it only broadcasts.
@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from ..ir import Spec
-from ..routing import block_masks, normalize_block_indices
-from ..semantics import visible
+from ..routing.blocks import block_masks, normalize_block_indices
+from ..core.semantics import visible
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -26,11 +26,11 @@ from .plot import plot, tile_map
 from .profiles import closed_form_profile, plan_profiles
 from .report import HeadFigures, SimReport, format_table
 from .search import Candidate
-from .simulator import simulate, workload
+from .simulator import ranked_kernel_tilings, simulate, workload
 from .tile_shapes import box_shapes, flat_as_box
 from .time_model import Workload, dense_params, dense_time, dense_workload, predict_time, wave_time
 
-__all__ = ["simulate", "SimReport", "HeadFigures", "Candidate", "DeviceModel", "Workload", "load_device",
+__all__ = ["simulate", "ranked_kernel_tilings", "SimReport", "HeadFigures", "Candidate", "DeviceModel", "Workload", "load_device",
            "available_devices", "predict_time", "dense_time", "dense_params", "dense_workload", "wave_time",
            "workload", "box_shapes", "flat_as_box", "closed_form_profile", "plan_profiles", "visible_pairs",
            "advise_strides", "StrideAdvice", "format_table", "plot", "tile_map"]

@@ -18,7 +18,7 @@ from itertools import product
 import torch
 
 from ..ir import Window
-from ..semantics import window_bounds
+from ..core.semantics import window_bounds
 from .counting import window_dim_visible
 from .profiles import window_dim_tiles
 

@@ -24,10 +24,10 @@ import math
 import torch
 
 from ..ir import Band, Causal, Full, Intersection, Pattern, Routed, Sink, Spec, Strided, Window
-from ..plan import build_plan
-from ..routing import normalize_block_indices
-from ..semantics import group_length, unravel, visible, window_bounds
-from ..tiles import Tiling
+from ..analysis.plan import build_plan
+from ..routing.blocks import normalize_block_indices
+from ..core.semantics import group_length, unravel, visible, window_bounds
+from ..core.tiles import Tiling
 from .atoms import KvBelow, QBelow, RoutedBlocks, Routes, TooManyTerms, as_routes, expand
 
 _ROWS = 1 << 21          # rows per chunk of the row counter

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import Routed, Spec
-from ..plan import Plan, TilePlan
-from ..routing import block_masks, normalize_block_indices
-from ..semantics import visible
+from ..analysis.plan import Plan, TilePlan
+from ..routing.blocks import block_masks, normalize_block_indices
+from ..core.semantics import visible
 
 _CHUNK = 1 << 22  # token pairs per chunk of element-wise evaluation
 

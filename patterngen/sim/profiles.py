@@ -16,9 +16,9 @@ import torch
 
 from ..analysis import flat_form, flat_terms, kv_tile_status, window_hull, window_interval_status
 from ..ir import Band, Causal, Full, Global, Pattern, Spec, Window
-from ..plan import Plan
-from ..semantics import depends_on_kv_only, window_1d, window_bounds
-from ..tiles import TileGrid
+from ..analysis.plan import Plan
+from ..core.semantics import depends_on_kv_only, window_1d, window_bounds
+from ..core.tiles import TileGrid
 from .tile_shapes import tile_dims
 
 _MASK_EXTENT = 1024  # window_dim_tiles reduces a 1-D mask up to this extent, else uses intervals

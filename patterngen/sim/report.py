@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from ..ir import Pattern, Spec
-from ..plan import Plan, build_plan
-from ..tiles import Tiling
+from ..analysis.plan import Plan, build_plan
+from ..core.tiles import Tiling
 from .device import DeviceModel
 from .search import DEFAULT_TILE_VOLUMES, Candidate
 from .tile_shapes import format_tile

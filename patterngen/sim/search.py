@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Union, Window
-from ..plan import build_plan
-from ..tiles import TileGrid, Tiling
+from ..analysis.plan import build_plan
+from ..core.tiles import TileGrid, Tiling
 from .device import DeviceModel
 from .profiles import closed_form_profile, has_closed_form, plan_profiles, window_dim_sums
 from .tile_shapes import box_shapes, flat_as_box, format_tile, tile_count, tile_dims, tile_volume

@@ -16,8 +16,9 @@ import time
 import torch
 
 from ..ir import Spec
-from ..plan import build_plan
-from ..tiles import TileGrid, Tiling
+from ..analysis.plan import build_plan
+from ..analysis.tiling import kernel_tilings
+from ..core.tiles import TileGrid, Tiling
 from . import counting, heads_model
 from .device import load_device
 from .report import HeadFigures, SimReport, head_groups
@@ -222,3 +223,14 @@ def workload(spec: Spec, q_tile, kv_tile, batch: int = 1, block_indices: torch.T
 
 
 __all__ = ["simulate", "workload"]
+
+
+def ranked_kernel_tilings(spec: Spec, device="h100", limit: int = 4) -> list[Tiling]:
+    """The tiling policy (`patterngen.analysis.tiling.kernel_tilings`) on the simulator's ranking
+    for `device`: the kernel-runnable tilings to try, best predicted first. Every consumer that
+    runs or builds kernels (the op, `pg.compile`, `patterngen build`, `patterngen bench`) asks
+    this, so they agree on the tiles of a spec."""
+    if spec.routed is not None or spec.nq == 0 or spec.nkv == 0 or spec.num_heads == 0:
+        return kernel_tilings(spec)
+    ranked = simulate(spec, device=device).candidates
+    return kernel_tilings(spec, [Tiling(c.q_tile, c.kv_tile) for c in ranked], limit)

@@ -13,11 +13,11 @@ import torch
 
 from ..api import attention
 from ..ir import Spec
-from ..oracle import dense_mask
-from ..plan import Plan
-from ..routing import block_masks, normalize_block_indices, route
-from ..semantics import unravel, visible
-from ..tiles import TileGrid
+from ..core.oracle import dense_mask
+from ..analysis.plan import Plan
+from ..routing.blocks import block_masks, normalize_block_indices, route
+from ..core.semantics import unravel, visible
+from ..core.tiles import TileGrid
 
 
 def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.Tensor | None:

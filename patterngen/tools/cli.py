@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from ..ir import Spec
-from ..plan import Plan, build_plan, default_tiling
+from ..analysis.plan import Plan, build_plan
+from ..analysis.tiling import default_tiling
 from ..sim import command as sim_command
-from ..tiles import Tiling
+from ..core.tiles import Tiling
 from .bench import command as bench_command
 from .checks import check_attention, check_plan_rows, demo_block_indices
 from .draw import LEGEND, draw_mask, draw_tile_map

@@ -12,9 +12,9 @@ import math
 import torch
 
 from ..ir import Spec
-from ..plan import Plan, TilePlan, build_plan
-from ..routing import normalize_block_indices
-from ..tiles import Tiling
+from ..analysis.plan import Plan, TilePlan, build_plan
+from ..routing.blocks import normalize_block_indices
+from ..core.tiles import Tiling
 
 EMPTY_CH, PARTIAL_CH, FULL_CH, MIXED_CH = " ", "░", "█", "▒"
 LEGEND = (f"'{EMPTY_CH}' empty  '{PARTIAL_CH}' partial  '{FULL_CH}' full  "

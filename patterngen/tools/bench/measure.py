@@ -15,9 +15,9 @@ import torch
 
 from ...backends.inputs import head_selection
 from ...ir import Spec
-from ...routing import route
+from ...routing.blocks import route
 from ...sim import simulate
-from ...tiles import Tiling
+from ...core.tiles import Tiling
 from .runners import Options, run_flex, run_patterngen, run_sdpa, short_error, tile_json
 from .suite import Case, moh_routing
 

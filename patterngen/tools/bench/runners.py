@@ -17,9 +17,9 @@ import torch
 from ...backends.inputs import head_selection
 from ...integrations.flex import block_mask_for
 from ...ir import Spec
-from ...routing import block_masks, normalize_block_indices
-from ...semantics import visible
-from ...tiles import Tiling
+from ...routing.blocks import block_masks, normalize_block_indices
+from ...core.semantics import visible
+from ...core.tiles import Tiling
 from .suite import Case
 from .timing import sync
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...head_routing import route_heads
+from ...routing.heads import route_heads
 from ...ir import Band, Causal, Heads, Routed, Sink, Spec, Strided, Window
 
 SCALES = ("full", "quick", "smoke")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .ir import (Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
+from ..ir import (Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 
 

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import FULL, TileAnalysis, has_routed
-from .ir import Spec
-from .routing import block_masks, normalize_block_indices
-from .tiles import TileGrid, Tiling
+from ..core.statuses import FULL
+from .classify import TileAnalysis, has_routed
+from ..ir import Spec
+from ..routing.blocks import block_masks, normalize_block_indices
+from ..core.tiles import TileGrid, Tiling
+from .tiling import default_tiling
 
 
 @dataclass(frozen=True)
@@ -80,26 +82,6 @@ class Plan:
         total = self.total_pairs * len(g)
         return {"tile_pairs": total, "visited": visited, "full": full, "partial": visited - full,
                 "empty": total - visited}
-
-
-def default_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...]:
-    """A box of about `volume` tokens filled from the last dimension (at most 8 per dimension
-    but the first), so that a tile is a small square patch of the grid."""
-    tile = [1] * len(shape)
-    left = volume
-    for k in reversed(range(len(shape))):
-        tile[k] = max(1, min(shape[k], 8 if k > 0 else left, left))
-        left = max(1, left // tile[k])
-    return tuple(tile)
-
-
-def default_tiling(spec: Spec) -> Tiling:
-    """64-token tiles: flat on sequences and for Routed blocks, boxes on grids (a
-    neighbourhood then meets few tiles, and the analysis stays on its fast per-dimension
-    path). Kernels get their tiles from the simulator or the tuner."""
-    if spec.ndim == 1 or spec.routed is not None:
-        return Tiling(64, 64)
-    return Tiling(default_box(spec.q_shape), default_box(spec.kv_shape))
 
 
 def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Tensor | None = None) -> Plan:

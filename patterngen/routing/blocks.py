@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .ir import Spec
+from ..ir import Spec
 
 
 def block_counts(spec: Spec) -> tuple[int, int]:

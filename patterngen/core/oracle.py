@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .ir import Spec
-from .routing import block_masks, normalize_block_indices
+from ..ir import Spec
+from ..routing.blocks import block_masks, normalize_block_indices
 from .semantics import visible
 
 

@@ -1,0 +1,66 @@
+"""The one tiling policy: which tiles a spec gets when the caller names none.
+
+Every consumer uses it: plans (`build_plan`), the op's kernels, `pg.compile`,
+`patterngen build`, `patterngen bench` and the simulator's search. A tiling the
+generated kernels can run has power-of-two tile volumes of at least 16 tokens
+(`tl.dot` and `tl.arange` need them); the default always is one, so that the plan a
+user inspects is the plan the kernel runs. Where the simulator ranks tilings, the
+best kernel-runnable one of its ranking wins (`kernel_tilings`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from ..core.tiles import Tiling
+from ..ir import Spec
+
+DEFAULT_VOLUME = 64  # tokens per tile: 64 x 64 fp16 tiles fit every GPU the kernels target
+
+
+def volume(tile) -> int:
+    return math.prod(tile) if isinstance(tile, tuple) else tile
+
+
+def kernel_tile_ok(tile) -> bool:
+    """Whether the generated kernels can run a tile of this shape: a power-of-two volume >= 16."""
+    v = volume(tile)
+    return v >= 16 and not v & (v - 1)
+
+
+def default_box(shape: tuple[int, ...], tokens: int = DEFAULT_VOLUME) -> tuple[int, ...]:
+    """A box of power-of-two sides and at most `tokens` tokens, filled from the last dimension
+    (at most 8 per dimension but the first), so that a tile is a small square patch of the
+    grid; a side stops at the extent rounded up to a power of two."""
+    tile = [1] * len(shape)
+    left = tokens
+    for k in reversed(range(len(shape))):
+        cap = left if k == 0 else min(8, left)
+        tile[k] = max(1, min(cap, 1 << max(0, shape[k] - 1).bit_length()))
+        left = max(1, left // tile[k])
+    return tuple(tile)
+
+
+def default_tiling(spec: Spec) -> Tiling:
+    """Routed blocks as tiles (a selected block is one kv tile); flat 64-token tiles on
+    sequences; 64-token boxes on grids (a neighbourhood then meets few tiles, and the
+    analysis stays on its per-dimension path), or flat tiles where a grid is too small
+    for a kernel-sized box."""
+    if spec.routed is not None and kernel_tile_ok(spec.routed.block):
+        return Tiling(spec.routed.block, spec.routed.block)
+    if spec.ndim == 1 or spec.routed is not None:
+        return Tiling(DEFAULT_VOLUME, DEFAULT_VOLUME)
+    q, kv = default_box(spec.q_shape), default_box(spec.kv_shape)
+    if kernel_tile_ok(q) and kernel_tile_ok(kv):
+        return Tiling(q, kv)
+    return Tiling(DEFAULT_VOLUME, DEFAULT_VOLUME)
+
+
+def kernel_tilings(spec: Spec, ranked: Iterable[Tiling] = (), limit: int = 4) -> list[Tiling]:
+    """The tilings a kernel should try, best first: the routing block for Routed specs, else
+    the first `limit` kernel-runnable tilings of `ranked` (the simulator's ranking), else
+    the default."""
+    if spec.routed is not None:
+        return [default_tiling(spec)]
+    ok = [t for t in ranked if kernel_tile_ok(t.q_tile) and kernel_tile_ok(t.kv_tile)]
+    return list(dict.fromkeys(ok))[:limit] or [default_tiling(spec)]

@@ -1,0 +1,61 @@
+"""`Window` along one dimension, on intervals of coordinates.
+
+The visible key range of a query is an interval [lo(x), hi(x)] in dilation-group
+coordinates with lo and hi non-decreasing in x, so "is any / every key of [ka, kb]
+visible from some / every query of [qa, qb]" is exact with a binary search.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.semantics import group_length, window_bounds
+
+def _residue_coords(a: torch.Tensor, b: torch.Tensor, r: int, d: int):
+    """Group coordinates [ceil((a-r)/d), floor((b-r)/d)] of the members of residue r in [a, b]."""
+    return -((r - a) // d), (b - r) // d
+
+
+def window_hull(qa, qb, L, w, s, d, causal):
+    """Smallest and largest key coordinate visible from any query in [qa, qb] (one dimension)."""
+    jmin = torch.full_like(qa, L)
+    jmax = torch.full_like(qa, -1)
+    for r in range(d):
+        xa, xb = _residue_coords(qa, qb, r, d)
+        ok = xa <= xb
+        Lg = torch.tensor(group_length(L, d, r))
+        lo, _ = window_bounds(xa.clamp_min(0), Lg, w, s, causal)
+        _, hi = window_bounds(xb.clamp_min(0), Lg, w, s, causal)
+        jmin = torch.where(ok, torch.minimum(jmin, lo * d + r), jmin)
+        jmax = torch.where(ok, torch.maximum(jmax, hi * d + r), jmax)
+    return jmin, jmax
+
+
+def window_interval_status(qa, qb, ka, kb, L, w, s, d, causal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (any, all) visibility of key interval [ka, kb] from query interval [qa, qb]
+    along one dimension of extent L."""
+    any_ = torch.zeros(qa.shape, dtype=torch.bool)
+    steps = max(1, (L + 1).bit_length())
+    for r in range(d):
+        xa, xb = _residue_coords(qa, qb, r, d)
+        ya, yb = _residue_coords(ka, kb, r, d)
+        Lg = torch.tensor(group_length(L, d, r))
+        # smallest x in [xa, xb] whose window reaches ya (hi is non-decreasing)
+        lo_x, hi_x = xa.clone(), xb + 1
+        for _ in range(steps):
+            mid = (lo_x + hi_x) // 2
+            reach = window_bounds(mid.clamp(0, L), Lg, w, s, causal)[1] >= ya
+            go_left = reach & (mid <= xb)
+            hi_x = torch.where(go_left, mid, hi_x)
+            lo_x = torch.where(go_left, lo_x, mid + 1)
+            lo_x = torch.minimum(lo_x, hi_x)
+        found = (xa <= xb) & (ya <= yb) & (hi_x <= xb)
+        first_lo = window_bounds(hi_x.clamp(0, L), Lg, w, s, causal)[0]
+        any_ |= found & (first_lo <= yb)
+    if d == 1:
+        Lg = torch.tensor(L)
+        lo_last, _ = window_bounds(qb, Lg, w, s, causal)
+        _, hi_first = window_bounds(qa, Lg, w, s, causal)
+        all_ = (lo_last <= ka) & (hi_first >= kb)
+    else:  # an interval of two or more tokens spans two residues, of which only one can match
+        all_ = any_ & (qa == qb) & (ka == kb)
+    return any_, all_
