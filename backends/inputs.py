@@ -88,3 +88,14 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: must be a positive finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
     return float(scale)
+
+
+def interpreter_dtype_problem(q: torch.Tensor) -> str | None:
+    """Why the kernels must not run on `q` under the Triton interpreter (CPU tensors), or None:
+    its tl.dot on bfloat16 is wrong in Triton 3.9 itself (errors near 1e9 even for a dense
+    tile), so the numbers would be garbage."""
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        return ("bfloat16 is not run under TRITON_INTERPRET=1: the Triton interpreter computes tl.dot on "
+                "bfloat16 wrongly (a Triton bug), so its results cannot be trusted; use float16 or float32 on "
+                "the interpreter, or bfloat16 on a CUDA GPU")
+    return None

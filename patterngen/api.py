@@ -5,19 +5,17 @@ the exact, differentiable reference backend on CPU, the generated Triton
 forward and backward kernels on CUDA, traced by `torch.compile` as one opaque
 node; it is the path for training. `pg.compile` holds a tuned Triton forward
 kernel for inference: "triton" always uses it, "auto" uses it for CUDA tensors
-when no gradient is needed and the reference path otherwise.
+when no gradient is needed and the reference path otherwise
+(`patterngen.dispatch.choose_compiled` decides, with the reason).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale, head_selection
-from .backends.reference import reference_attention
-from .dispatch import can_run_kernel, is_empty
+from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale
+from .dispatch import choose_compiled, is_empty
 from .ir import Spec
-from .op import attention_op
+from .op import attention_op, reference
 from .registry import spec_from_repr, spec_key
 from .analysis.plan import Plan, build_plan
 from .routing.blocks import block_counts
@@ -93,7 +91,7 @@ class CompiledAttention:
         self.spec, self.backend, self.tiling = spec, backend, tiling
         self._kernels: dict = {}  # Triton kernels per (device, dtype, batch bucket)
         if backend == "triton":  # what the Triton backend cannot run is said now, not at the first call
-            from .backends.triton.runtime import check_routed_block
+            from .backends.triton import check_routed_block
             check_routed_block(spec)
         if spec.routed is None:
             self.plan: Plan | None = build_plan(spec, tiling)
@@ -103,27 +101,26 @@ class CompiledAttention:
             build_plan(spec, tiling, torch.full((spec.num_kv_heads, nqb, 1), -1, dtype=torch.long))
 
     def heads_kernel(self):
-        """The head-routed Triton kernels (forward and backward) of this spec and tiling."""
+        """The head-routed Triton kernels (forward and backward) of this spec and tiling (else the
+        tiling policy's first)."""
         if "heads" not in self._kernels:
             from .backends.triton import TritonHeads
-            self._kernels["heads"] = TritonHeads(self.spec, self.tiling)
+            from .sim import ranked_kernel_tilings
+            self._kernels["heads"] = TritonHeads(self.spec, self.tiling or ranked_kernel_tilings(self.spec)[0])
         return self._kernels["heads"]
 
     def triton_kernel(self, q, k, v, block_indices=None):
         """The Triton forward kernel for these inputs: the given tiling, else the autotuned
-        choice (timed once per device, dtype and batch bucket, then read from the cache)."""
+        choice among the tiling policy's ranking (timed once per device, dtype and batch
+        bucket, then read from the cache; its first tiling without a GPU)."""
         key = (q.device, q.dtype, 1 << max(0, q.shape[0] - 1).bit_length())
         if key not in self._kernels:
             from .backends.triton import TritonForward, tuned_kernel
+            from .sim import ranked_kernel_tilings
             self._kernels[key] = (TritonForward(self.spec, self.tiling) if self.tiling is not None
-                                  else tuned_kernel(self.spec, q, k, v, block_indices))
+                                  else tuned_kernel(self.spec, q, k, v, block_indices,
+                                                    tilings=ranked_kernel_tilings(self.spec)))
         return self._kernels[key]
-
-    def _use_triton(self, q, k, v) -> bool:
-        if self.backend == "triton":
-            return True
-        return (self.backend == "auto" and q.is_cuda and can_run_kernel(q, k) is None
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
@@ -131,31 +128,19 @@ class CompiledAttention:
         check_head_indices(head_indices, q)
         if is_empty(q, k):  # no (query, key) pair: the op's differentiable empty result
             return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices)
-        if self._use_triton(q, k, v):
-            check_inputs(q, k, v, self.spec)
-            if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(f"q: the triton backend runs on CUDA tensors (or on CPU under "
-                                 f"TRITON_INTERPRET=1), got device {q.device}")
-            if q.dtype == torch.float64:
-                raise TypeError("q: the triton backend takes float16, bfloat16 or float32, got float64")
-            if head_indices is not None:
-                if block_indices is not None:
-                    raise NotImplementedError("triton backend: head_indices with a Routed spec; use the reference")
-                check_head_values(head_indices, self.spec.num_heads)
-                out, lse = self.heads_kernel().forward(q, k, v, head_indices,
-                                                       scale=check_scale(scale, self.spec.head_dim))
-                return (out, lse) if return_lse else out
+        check_inputs(q, k, v, self.spec)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        choice = choose_compiled(self.backend, q, k, needs_grad=needs_grad, head_indices=head_indices is not None,
+                                 routed=block_indices is not None)
+        if choice.backend == "reference":
+            out, lse = reference(q, k, v, self.spec, scale, block_indices, head_indices, plan=self.plan,
+                                 tiling=self.tiling)
+        elif head_indices is not None:
+            check_head_values(head_indices, self.spec.num_heads)
+            out, lse = self.heads_kernel().forward(q, k, v, head_indices, scale=check_scale(scale, self.spec.head_dim))
+        else:
             out, lse = self.triton_kernel(q, k, v, block_indices)(
                 q, k, v, scale=check_scale(scale, self.spec.head_dim), block_indices=block_indices)
-        elif self.plan is not None:
-            out, lse = reference_attention(q, k, v, self.spec, plan=self.plan, scale=scale,
-                                           block_indices=block_indices)
-        else:
-            out, lse = reference_attention(q, k, v, self.spec, scale=scale, block_indices=block_indices,
-                                           tiling=self.tiling)
-        if head_indices is not None:
-            chosen = head_selection(head_indices, self.spec.num_heads)
-            out, lse = out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
         return (out, lse) if return_lse else out
 
     def __repr__(self):
@@ -167,7 +152,8 @@ def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> 
 
     `backend` is "auto" (the Triton kernel for CUDA tensors without gradients, the
     reference backend otherwise), "reference" or "triton" (forward only); `tiling`
-    fixes the tile shapes (default: the plan's default).
+    fixes the tile shapes (default: the reference follows the plan's default tiling, the
+    Triton kernel the autotuner's choice among the tiling policy's ranking).
     """
     _check_spec(spec)
     if not isinstance(backend, str) or backend not in BACKENDS:

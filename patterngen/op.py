@@ -2,14 +2,14 @@
 
 Why an op: `torch.compile` traces a module that calls `pg.attention` without
 graph breaks only if the attention is one opaque node with a fake (meta)
-implementation and a registered backward. The op's CPU body (and the body on
-any device without a generated kernel) is the exact reference backend; on
-CUDA it launches the generated Triton kernels, built once per spec and cached
-(with `head_indices`, the head-routed MoH kernels); `patterngen.dispatch` makes that
-choice and keeps why a call takes the reference (`pg.explain`). The backward is a second
-op, so compiled backward graphs stay opaque too: the generated backward
-kernels when no lse gradient flows, else the reference recomputed under
-autograd (`BACKWARD_KERNELS` overrides both).
+implementation and a registered backward. One body serves every device:
+`patterngen.dispatch` picks the backend of each call and keeps why (`pg.explain`): on
+CUDA the Triton kernels, generated once per spec and cached (with `head_indices`, the
+head-routed MoH kernels), or loaded from a build (`pg.load`); elsewhere, and for what
+the kernels do not take, the exact reference backend. The backward is a second op, so
+compiled backward graphs stay opaque too: the Triton backward kernels when no lse
+gradient flows, else the reference recomputed under autograd (`BACKWARD_KERNELS`
+overrides both on CUDA).
 
 A Spec is not a tensor, so the op receives it as a string key into a
 process-wide registry (`patterngen.registry.spec_key`). The key is derived from the spec's repr,
@@ -55,16 +55,23 @@ def _empty_result(q):
     return q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
 
 
-def _reference(q, k, v, key, scale, block_indices, head_indices=None):
-    """The reference result; with head routing, unchosen (token, head) rows become 0 and lse -inf."""
+def reference(q, k, v, spec: Spec, scale=None, block_indices=None, head_indices=None, plan: Plan | None = None,
+              tiling=None):
+    """The reference result (differentiable); with head routing, unchosen (token, head) rows
+    become 0 and lse -inf. `plan` (else one of `tiling`) is the tile plan it follows."""
     if dispatch.is_empty(q, k):
         return _empty_result(q)
-    spec = lookup_spec(key)
-    out, lse = reference_attention(q, k, v, spec, plan=_plan(key, spec), scale=scale, block_indices=block_indices)
+    out, lse = reference_attention(q, k, v, spec, plan=plan, scale=scale, block_indices=block_indices,
+                                   tiling=None if plan is not None else tiling)
     if head_indices is None:
         return out, lse
     chosen = head_selection(head_indices, spec.num_heads)
     return out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
+
+
+def _reference(q, k, v, key, scale, block_indices, head_indices=None):
+    spec = lookup_spec(key)
+    return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(key, spec))
 
 
 # -- forward ------------------------------------------------------------------------
@@ -72,21 +79,17 @@ def _reference(q, k, v, key, scale, block_indices, head_indices=None):
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: str, scale: Optional[float] = None,
                  block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec registered under `spec_key`; reference backend."""
-    out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
-    return out.contiguous(), lse.contiguous()
-
-
-@attention_op.register_kernel("cuda")
-def _attention_cuda(q, k, v, spec_key, scale=None, block_indices=None, head_indices=None):
-    routed_heads = head_indices is not None
-    if dispatch.choose(spec_key, q, k, head_indices=routed_heads).backend == "reference":
+    """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec registered under `spec_key`, on the
+    backend `dispatch.choose` picks."""
+    choice = dispatch.choose(spec_key, q, k, head_indices=head_indices is not None)
+    dispatch.calls[choice.role, choice.kind] += 1
+    if choice.backend == "reference":
         out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
-    elif routed_heads:
+    elif head_indices is not None:
         check_head_values(head_indices, q.shape[1])
-        out, lse = dispatch.kernel(spec_key, "heads_forward").forward(q, k, v, head_indices, scale=scale)
+        out, lse = choice.kernel.forward(q, k, v, head_indices, scale=scale)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
-        out, lse = dispatch.kernel(spec_key, "forward")(q, k, v, scale=scale, block_indices=block_indices)
+        out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices)
     # the fake kernel promises contiguous results whatever the input strides
     return out.contiguous(), lse.contiguous()
 
@@ -101,9 +104,7 @@ def _attention_fake(q, k, v, spec_key, scale=None, block_indices=None, head_indi
 # -- backward -----------------------------------------------------------------------
 BACKWARD_KERNELS: dict[str, Callable] = {}
 """Override hook: spec key -> callable `(dout, dlse, q, k, v, out, lse, scale, block_indices)
--> (dq, dk, dv)` on CUDA tensors. Without an entry, CUDA uses the generated Triton backward
-(`dispatch.kernel(key, "backward")`) when no lse gradient flows, and otherwise recomputes the
-reference under autograd."""
+-> (dq, dk, dv)` on CUDA tensors, used instead of `dispatch.choose`'s backward."""
 
 
 def _autograd_inside_op():
@@ -138,25 +139,18 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse)."""
-    return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
-
-
-@attention_backward_op.register_kernel("cuda")
-def _attention_backward_cuda(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
-                             head_indices=None):
-    override = BACKWARD_KERNELS.get(spec_key) if head_indices is None else None
+    override = BACKWARD_KERNELS.get(spec_key) if head_indices is None and q.is_cuda else None
     if override is not None and q.dtype != torch.float64 and not dispatch.is_empty(q, k):
-        grads = override(dout, dlse, q, k, v, out, lse, scale, block_indices)
-    elif dlse is not None or dispatch.choose(spec_key, q, k, head_indices=head_indices is not None,
-                                             role="backward").backend == "reference":
-        # (the generated backward does not take a gradient flowing into the lse)
+        return tuple(g.contiguous() for g in override(dout, dlse, q, k, v, out, lse, scale, block_indices))
+    choice = dispatch.choose(spec_key, q, k, head_indices=head_indices is not None, role="backward",
+                             lse_grad=dlse is not None)
+    dispatch.calls[choice.role, choice.kind] += 1
+    if choice.backend == "reference":
         return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
-    elif head_indices is not None:
-        grads = dispatch.kernel(spec_key, "heads_backward").backward(q, k, v, out, lse, dout, head_indices,
-                                                                     scale=scale)
+    if head_indices is not None:
+        grads = choice.kernel.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
     else:
-        grads = dispatch.kernel(spec_key, "backward")(q, k, v, out, lse, dout, scale=scale,
-                                                      block_indices=block_indices)
+        grads = choice.kernel(q, k, v, out, lse, dout, scale=scale, block_indices=block_indices)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -171,6 +165,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices)
     ctx.key, ctx.scale = key, scale
+    ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the Triton backward can run
 
 
 def _backward(ctx, dout, dlse):
@@ -184,4 +179,4 @@ def _backward(ctx, dout, dlse):
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "lookup_spec", "spec_from_repr", "spec_key"]
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "reference", "lookup_spec", "spec_from_repr", "spec_key"]

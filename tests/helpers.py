@@ -123,3 +123,15 @@ def cubin_resources(compiled) -> tuple[int, int]:
     os.unlink(f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     return int(m[1]), int(m[2])
+
+
+def dense_attention(q, k, v, spec, block_indices=None):
+    """The independent truth for kernels: float64 attention over the oracle's dense mask (GQA by
+    repeating k/v); rows without a visible key give 0 and lse -inf."""
+    mask = pg.dense_mask(spec, block_indices)
+    g = spec.num_heads // spec.num_kv_heads
+    k, v = (t.double().repeat_interleave(g, 1) for t in (k, v))
+    s = (q.double() @ k.transpose(-1, -2) / spec.head_dim ** 0.5).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None])
+    return p @ v, lse

@@ -151,8 +151,10 @@ def test_show_errors(tmp_path, capsys):
     assert "q_tile" in captured.err and captured.out == ""
     assert main(["show", str(path), "--name", "nope"]) == 2
     assert "no spec named 'nope'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         main(["show", str(path), "--tile", "8", "8", "8"])
+    assert exited.value.code == 2
+    assert "--tile takes one or two tile shapes (Q [KV]), got 3" in capsys.readouterr().err
 
 
 # -- run --------------------------------------------------------------------------------

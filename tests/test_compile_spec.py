@@ -1,4 +1,4 @@
-"""A Spec built inside `torch.compile`d code (issue 10, item 9).
+"""A Spec built inside `torch.compile`d code.
 
 Dynamo traces the construction of a Spec made inside the compiled function (directly, or by
 an `lru_cache`d factory, which Dynamo traces through, as the Hugging Face integration does),

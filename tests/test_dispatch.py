@@ -9,6 +9,7 @@ import torch
 import patterngen as pg
 from patterngen import dispatch
 from patterngen.registry import spec_key
+from patterngen.sim import ranked_kernel_tilings
 
 STREAM = pg.Spec((pg.Sink(2) | pg.Band(15)) & pg.Causal(), q_shape=64, num_heads=2, head_dim=16)
 
@@ -29,11 +30,27 @@ def test_reasons_for_tensors_no_kernel_takes():
 
 def test_explain_says_why_the_op_runs_the_reference_off_cuda():
     q, k = _qk(STREAM)
-    text = pg.explain(STREAM, q, k)
-    assert text.splitlines() == ["forward reference: device cpu: off CUDA the op runs the exact reference backend",
-                                 "backward reference: device cpu: off CUDA the op runs the exact reference backend"]
+    forward, backward = pg.explain(STREAM, q, k).splitlines()
+    assert forward.startswith("forward reference: device cpu") and backward.startswith("backward reference: device cpu")
+    before = dispatch.calls["forward", "reference"]
+    pg.attention(q, k, k, STREAM)
+    assert dispatch.calls["forward", "reference"] == before + 1
     with pytest.raises(TypeError, match="spec"):
         pg.explain("spec", q)
+
+
+def test_compiled_kernel_choices_and_refusals():
+    q, k = _qk(STREAM)
+    choose = dispatch.choose_compiled
+    assert choose("reference", q, k, needs_grad=False).backend == "reference"
+    assert "device cpu" in choose("auto", q, k, needs_grad=False).reason
+    assert "float16, bfloat16 or float32" in choose("auto", q.double(), k.double(), needs_grad=False).reason
+    with pytest.raises(TypeError, match="backend='triton': dtype torch.float64"):
+        choose("triton", q.double(), k.double(), needs_grad=False)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert choose("triton", q, k, needs_grad=True).backend == "triton"
+        with pytest.raises(NotImplementedError, match="head_indices with a Routed spec"):
+            choose("triton", q, k, needs_grad=False, head_indices=True, routed=True)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
@@ -41,20 +58,30 @@ def test_choice_and_reasons_on_the_kernel_path():
     pytest.importorskip("triton", reason="the Triton kernels need triton")
     q, k = _qk(STREAM)
     key = spec_key(STREAM)
-    assert dispatch.choose(key, q, k).backend == "triton"
-    assert dispatch.choose(key, q, k, role="backward").backend == "triton"
-    assert dispatch.choose(key, q, k, head_indices=True).backend == "triton"
+    assert dispatch.choose(key, q, k).backend == "reference"  # off CUDA, unless asked for
+    with dispatch.kernels_on_cpu():
+        assert dispatch.choose(key, q, k).backend == "triton"
+        assert dispatch.choose(key, q, k, role="backward").backend == "triton"
+        assert dispatch.choose(key, q, k, head_indices=True).backend == "triton"
+        choice = dispatch.choose(key, q, k, role="backward", lse_grad=True)
+        assert choice.backend == "reference" and "lse" in choice.reason
+        assert pg.explain(STREAM, q, k).splitlines()[0] == "forward triton: the generated forward kernel (TritonForward)"
+    # the op's forward kernel runs the tiling policy's first tiling, as `patterngen build` does
+    fwd = dispatch.kernel(key, "forward")
+    assert pg.Tiling(fwd.q_grid.tile, fwd.kv_grid.tile) == ranked_kernel_tilings(STREAM)[0]
     # a routed block the kernels cannot tile: the backend's own message, kept, for every role
     odd = pg.Spec(pg.Routed(8, 2), q_shape=64, num_heads=1, head_dim=16)
     q, k = _qk(odd)
-    for role in ("forward", "backward"):
-        choice = dispatch.choose(spec_key(odd), q, k, role=role)
-        assert choice.backend == "reference" and "power of two >= 16" in choice.reason and "block=8" in choice.reason
-    assert dispatch.kernel(spec_key(odd), "forward") is None
-    # head routing over routed blocks is not generated: said so
-    routed = pg.Spec(pg.Routed(16, 2), q_shape=64, num_heads=1, head_dim=16)
-    q, k = _qk(routed)
-    choice = dispatch.choose(spec_key(routed), q, k, head_indices=True)
-    assert choice.backend == "reference" and "head routing with Routed" in choice.reason
+    with dispatch.kernels_on_cpu():
+        for role in ("forward", "backward"):
+            choice = dispatch.choose(spec_key(odd), q, k, role=role)
+            assert choice.backend == "reference" and "power of two >= 16" in choice.reason
+            assert "block=8" in choice.reason
+        assert dispatch.kernel(spec_key(odd), "forward") is None
+        # head routing over routed blocks is not generated: said so
+        routed = pg.Spec(pg.Routed(16, 2), q_shape=64, num_heads=1, head_dim=16)
+        q, k = _qk(routed)
+        choice = dispatch.choose(spec_key(routed), q, k, head_indices=True)
+        assert choice.backend == "reference" and "head routing with Routed" in choice.reason
     with pytest.raises(ValueError, match="role"):
         dispatch.kernel(spec_key(routed), "sideways")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen import op
+from patterngen import dispatch
 from patterngen.registry import spec_key
 from patterngen.tools.cli import main
 from patterngen.core.oracle import MAX_ELEMENTS
@@ -70,13 +70,16 @@ def test_zero_tokens_or_heads_forward_and_backward(nq, nkv, heads, kv_heads):
 
 
 def test_empty_inputs_on_the_kernel_path_take_the_empty_result():
-    """The CUDA registration (called directly here) must not launch a kernel on B = 0."""
+    """The op's kernel path (run on the CPU here) must not launch a kernel on B = 0."""
     spec = pg.Spec(STREAM, q_shape=32, num_heads=2, head_dim=16)
-    q, k, v = _qkv(0, 2, 2, 32, 32, grad=False)
-    out, lse = op._attention_cuda(q, k, v, spec_key(spec))
+    q, k, v = _qkv(0, 2, 2, 32, 32)
+    with dispatch.kernels_on_cpu():
+        choice = dispatch.choose(spec_key(spec), q, k)
+        assert choice.backend == "reference" and "empty" in choice.reason
+        out, lse = pg.attention(q, k, v, spec, return_lse=True)
+        (out.sum() + lse.sum()).backward()
     assert out.shape == q.shape and lse.shape == q.shape[:3]
-    dq, dk, dv = op._attention_backward_cuda(out, None, q, k, v, out, lse, spec_key(spec))
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 # -- bfloat16 on the Triton interpreter is refused, not returned as garbage -------------

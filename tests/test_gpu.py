@@ -13,6 +13,7 @@ import os
 import torch
 
 import patterngen as pg
+from patterngen import dispatch
 
 try:
     import pytest
@@ -53,7 +54,10 @@ def check_against_float64(name: str, dtype: torch.dtype) -> float:
     """Largest error of out, dq, dk, dv, relative to each tensor's largest magnitude."""
     spec = CASES[name]
     q, k, v = _inputs(spec, dtype)
+    before = dispatch.calls.copy()
     out, grads = _run(spec, q, k, v)
+    ran = {role: dispatch.calls[role, "triton"] - before[role, "triton"] for role in ("forward", "backward")}
+    assert ran == {"forward": 1, "backward": 1}, f"{name} {dtype}: {pg.explain(spec, q)}"
     want, want_grads = _run(spec, *(t.detach().double().requires_grad_(True) for t in (q, k, v)))
     worst = 0.0
     for got, ref in zip((out, *grads), (want, *want_grads)):

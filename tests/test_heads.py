@@ -2,7 +2,6 @@
 
 The oracle is "compute every head, then zero the unchosen (token, head) rows"; the
 generated kernels run under TRITON_INTERPRET=1 and are compiled for sm_80/sm_90."""
-import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

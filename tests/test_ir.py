@@ -314,7 +314,7 @@ def test_spec_geometry():
     assert pg.Spec(pg.Heads([pg.Causal(), pg.Routed(2, 1)]), 8, num_heads=2).routed == pg.Routed(2, 1)
 
 
-# -- head keys and per-head patterns (issue 10, items 13 and 16) ---------------------------------
+# -- head keys and per-head patterns ---------------------------------------------------------------
 HEAD_PATTERNS = (pg.Causal(), pg.Band(2), pg.Full(), pg.Sink(1) | pg.Band(1, 1), pg.Strided(2) & pg.Causal())
 
 

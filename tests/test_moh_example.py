@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import patterngen as pg
-
 PATH = Path(__file__).resolve().parent.parent / "examples" / "models" / "moh_layer.py"
 
 

@@ -20,10 +20,10 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import patterngen as pg
-from patterngen.backends.reference import reference_attention
 from patterngen import dispatch
-from patterngen.op import _attention_backward_cuda, _attention_cuda, attention_backward_op, attention_op
+from patterngen.op import attention_backward_op, attention_op
 from patterngen.registry import lookup_spec, spec_key
+from tests.helpers import dense_attention
 
 TOL = 1e-5
 
@@ -46,18 +46,6 @@ def indices_for(spec, q, k):
     if spec.routed is None:
         return None
     return pg.route(q.detach(), k.detach(), spec.routed.block, spec.routed.topk, causal=True)
-
-
-def dense_attention(q, k, v, spec, block_indices=None):
-    """An independent oracle: float64 attention over the dense mask (GQA by repeating k/v);
-    rows without a visible key give 0 and lse -inf."""
-    mask = pg.dense_mask(spec, block_indices)
-    g = spec.num_heads // spec.num_kv_heads
-    k, v = (t.double().repeat_interleave(g, 1) for t in (k, v))
-    s = (q.double() @ k.transpose(-1, -2) / spec.head_dim ** 0.5).masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None])
-    return p @ v, lse
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -267,37 +255,53 @@ def test_opcheck_backward():
                               test_utils=("test_schema", "test_faketensor"))
 
 
-# -- the CUDA kernel registration, run here on CPU tensors by the Triton interpreter ------
+# -- the op's kernel path, run here on CPU tensors by the Triton interpreter ----------------
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
 @pytest.mark.parametrize("name", ["gqa_band", "routed"])
-def test_cuda_kernel_runs_the_triton_forward(name):
-    """Both the plain and (for static specs) the MoH head-routed forward."""
+def test_kernel_path_runs_the_triton_kernels(name):
+    """The generated forward and backward (and for static specs the MoH head-routed ones)
+    against float64 dense attention; the counters show the kernels ran."""
     pytest.importorskip("triton", reason="the Triton kernels need triton")
     spec = ROUTED if name == "routed" else pg.Spec(pg.Band(20) | pg.Sink(4), 128, num_heads=2, num_kv_heads=1,
                                                       head_dim=16)
-    q, k, v = (t.detach() for t in inputs(spec))
+    q, k, v = inputs(spec)
     idx = indices_for(spec, q, k)
-    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided like a qkv projection's output
-    out, lse = _attention_cuda(qt, k, v, spec_key(spec), None, idx)
-    from patterngen.backends.triton import TritonForward
-    assert dispatch.choose(spec_key(spec), q, k).backend == "triton"  # the kernel ran, not the reference
-    assert isinstance(dispatch.kernel(spec_key(spec), "forward"), TritonForward)  # built once, then cached
-    ref, ref_lse = reference_attention(q, k, v, spec, block_indices=idx)
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # strided like a qkv projection
+    ref, ref_lse = dense_attention(q.detach(), k.detach(), v.detach(), spec, idx)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    with dispatch.kernels_on_cpu():
+        assert pg.explain(spec, q).startswith("forward triton: the generated forward kernel")
+        before = dispatch.calls.copy()
+        out, lse = pg.attention(qt, k, v, spec, block_indices=idx, return_lse=True)
+        out.backward(dout)
+        assert dispatch.calls["forward", "triton"] == before["forward", "triton"] + 1
+        assert dispatch.calls["backward", "triton"] == before["backward", "triton"] + 1
     assert out.is_contiguous() and out.dtype == q.dtype and lse.dtype == torch.float32
     assert (out - ref).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+    want = _dense_grads(q, k, v, spec, idx, dout)
+    for t, w in zip((qt, k, v), want):
+        assert (t.grad - w).abs().max() < 1e-4
     if idx is None:
         heads = torch.randint(-1, spec.num_heads, (q.shape[0], spec.nq, 1), generator=torch.Generator().manual_seed(3))
-        out, lse = _attention_cuda(qt, k, v, spec_key(spec), None, None, heads)
         chosen = pg.gate_heads(heads, torch.ones(heads.shape), spec.num_heads) > 0
+        qh, kh, vh = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        with dispatch.kernels_on_cpu():
+            before = dispatch.calls.copy()
+            out, lse = pg.attention(qh, kh, vh, spec, return_lse=True, head_indices=heads)
+            out.backward(dout)
+            assert dispatch.calls["heads_forward", "triton"] == before["heads_forward", "triton"] + 1
+            assert dispatch.calls["heads_backward", "triton"] == before["heads_backward", "triton"] + 1
         assert (out - ref * chosen[..., None]).abs().max() < 1e-5
         assert torch.equal(torch.isinf(lse), ~chosen)
-        dout = torch.randn_like(out)
-        dq, dk, dv = _attention_backward_cuda(dout, None, q, k, v, out, lse, spec_key(spec), None, None, heads)
-        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-        r, _ = reference_attention(qr, kr, vr, spec)
-        (r * chosen[..., None]).backward(dout)
-        for a, t in zip((dq, dk, dv), (qr, kr, vr)):
-            assert (a - t.grad).abs().max() < 1e-5
+        want = _dense_grads(q, k, v, spec, None, dout * chosen[..., None])
+        for t, w in zip((qh, kh, vh), want):
+            assert (t.grad - w).abs().max() < 1e-4
+
+
+def _dense_grads(q, k, v, spec, idx, dout):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, _ = dense_attention(q, k, v, spec, idx)
+    return [g.float() for g in torch.autograd.grad(out, (q, k, v), dout.double())]
 
 
 def test_import_does_not_import_triton_or_dynamo():

@@ -2,7 +2,7 @@
 
 Band, Causal, Sink, Global, Strided and Full under unions and intersections are
 classified per tile (`analysis.FlatForm`) and counted per conjunction in closed form
-(`counting._count_closed`). The first half checks those paths against the dense oracle
+(`counting.count_closed`). The first half checks those paths against the dense oracle
 on small grids, with the batching and fallback limits forced small so that every
 branch runs; the second half checks that plans and simulations of 10^6..10^8 tokens
 do no per-token work, by making every per-token entry point raise.
@@ -187,7 +187,7 @@ def _no_tokens():
     stack.enter_context(mock.patch.object(TileGrid, "tokens", boom))
     for mod in (tile_eval, counting):
         stack.enter_context(mock.patch.object(mod, "visible", boom))
-    stack.enter_context(mock.patch.object(counting, "_count_rows", boom))
+    stack.enter_context(mock.patch.object(counting, "count_rows", boom))
     return stack
 
 

@@ -6,11 +6,13 @@ tile and reducing the mask per tile pair.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import runpy
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -143,12 +145,8 @@ def test_window_dim_tiles_mask_and_interval_paths_agree(L, data):
     tq, tk = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
     raw = profiles.window_dim_tiles.__wrapped__
     a = raw(L, w, s, d, c, tq, tk)
-    old = profiles._MASK_EXTENT
-    profiles._MASK_EXTENT = 0
-    try:
+    with mock.patch.object(profiles, "MASK_EXTENT", 0):
         b = raw(L, w, s, d, c, tq, tk)
-    finally:
-        profiles._MASK_EXTENT = old
     assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
 
 
@@ -446,9 +444,7 @@ def test_cli_plot(tmp_path, capsys, monkeypatch):
     f = tmp_path / "spec.py"
     f.write_text("import patterngen as pg\nspec = pg.Spec(pg.Window((16, 16), stride=(4, 4)), (64, 64))\n")
     out_png = tmp_path / "out.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         code, _, err = _cli(["simulate", str(f), "--plot", str(out_png)], capsys)
         assert code == 3 and "matplotlib" in err
     else:
@@ -487,13 +483,9 @@ def test_counting_fallbacks_match_dense_mask(spec):
     """The slower exact paths (tile analysis + element-wise, whole-pattern tiles, and the
     congruence fallback) give the oracle's counts too."""
     expected = pg.dense_mask(spec).sum((1, 2)).tolist()
-    for module, name in ((counting, "_QUERY_ROWS"), (atoms, "_MAX_TERMS"), (counting, "_MAX_MODULUS")):
-        old = getattr(module, name)
-        setattr(module, name, 0)
-        try:
+    for module, name in ((counting, "QUERY_ROWS"), (atoms, "MAX_TERMS"), (counting, "MAX_MODULUS")):
+        with mock.patch.object(module, name, 0):
             assert counting.visible_pairs(spec).tolist() == expected, name
-        finally:
-            setattr(module, name, old)
 
 
 @settings(max_examples=scaled(30), deadline=None)
@@ -502,13 +494,9 @@ def test_counting_routed_fallbacks_match_dense_mask(case):
     spec, idx = case
     expected = pg.dense_mask(spec, idx).sum((-1, -2))
     expected = expected if expected.dim() == 2 else expected[None]
-    for module, name in ((counting, "_QUERY_ROWS"), (atoms, "_MAX_TERMS")):
-        old = getattr(module, name)
-        setattr(module, name, 0)
-        try:
+    for module, name in ((counting, "QUERY_ROWS"), (atoms, "MAX_TERMS")):
+        with mock.patch.object(module, name, 0):
             assert counting.visible_pairs(spec, idx).tolist() == expected.tolist(), name
-        finally:
-            setattr(module, name, old)
 
 
 @settings(max_examples=scaled(30), deadline=None)

@@ -248,22 +248,28 @@ def test_compile_triton_backend_matches_attention():
 
 
 def test_autotune_candidates_and_cache(tmp_path, monkeypatch):
-    """Candidates fit shared memory and are ranked by the plan; a stored winner is reused
-    (on a GPU machine the first call times the candidates and writes it)."""
+    """Candidates follow the caller's ranking and fit shared memory; without a GPU the first
+    is taken, without a ranking the policy's default; a stored winner is reused (on a GPU
+    machine the first call times the candidates and writes it)."""
+    from patterngen.analysis.tiling import default_tiling
     from patterngen.backends.triton import autotune
+    from patterngen.sim import ranked_kernel_tilings
     spec = pg.Spec(pg.Window((9, 9), stride=(8, 8)), (32, 32), head_dim=128)
-    cands = autotune.candidates(spec, shared_limit=100 * 1024)
+    ranked = ranked_kernel_tilings(spec)
+    cands = autotune.candidates(spec, shared_limit=100 * 1024, tilings=ranked)
     assert cands and all(autotune.shared_bytes(math.prod(c.tiling.q_tile) if isinstance(c.tiling.q_tile, tuple)
                                                else c.tiling.q_tile, 64, 128, c.config.num_stages) <= 100 * 1024
                          for c in cands if c.tiling.kv_tile in (64, (8, 8)))
+    assert [c.tiling for c in cands] == sorted((c.tiling for c in cands), key=ranked.index)
     best = cands[0].tiling
     assert isinstance(best.q_tile, tuple)  # boxes beat flat rows for a 2-D neighbourhood
-    cpu = autotune.tuned_kernel(spec, torch.zeros(1), None, None)
+    cpu = autotune.tuned_kernel(spec, torch.zeros(1), None, None, tilings=ranked)
     assert cpu.q_grid.tile == best.q_tile  # deterministic without a GPU
+    assert {c.tiling for c in autotune.candidates(spec)} == {default_tiling(spec)}
     monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
     path = tmp_path / "tuning" / "x.json"
     autotune._store(path, {"q_tile": [8, 8], "kv_tile": [8, 8], "config": {"num_warps": 8, "num_stages": 3}})
-    assert autotune._load(path) == autotune.Candidate(pg.Tiling((8, 8), (8, 8)), KernelConfig(8, 3))
+    assert autotune._load(path) == autotune.LaunchCandidate(pg.Tiling((8, 8), (8, 8)), KernelConfig(8, 3))
     path.write_text("{corrupt")
     assert autotune._load(path) is None
 

@@ -1,28 +1,32 @@
 """Choosing tiles, warps and stages: pruned candidates, timed on the GPU, the winner cached.
 
-A winner is stored per (spec, device, dtype, batch bucket) as a JSON file
-under the cache directory, so a second process never re-tunes. Without a GPU
-the choice is deterministic: the tiling the simulator predicts fastest (on an H100 model).
+The tilings to try come from the caller, best predicted first (the simulator's ranking,
+`patterngen.sim.ranked_kernel_tilings`), else the tiling policy's default: a backend
+ranks nothing itself. A winner is stored per (spec, device, dtype, batch bucket) as a
+JSON file under the cache directory, so a second process never re-tunes. Without a GPU
+the choice is deterministic: the first tiling given.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from ...ir import Spec
-from ...sim import simulate
+from ...analysis.tiling import kernel_tilings, volume
 from ...core.tiles import Tiling
+from ...ir import Spec
 from .cache import subdir, write_atomic
-from .runtime import KernelConfig, TritonForward
+from .config import KernelConfig, head_block, pow2_ceil
+from .launch import TritonForward
 
 
 @dataclass(frozen=True)
-class Candidate:
+class LaunchCandidate:
+    """One way to launch a spec's forward kernel: its tiles and launch parameters."""
+
     tiling: Tiling
     config: KernelConfig
 
@@ -32,34 +36,23 @@ def shared_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: in
     return (block_m * block_d + 2 * stages * block_n * block_d) * elem
 
 
-def _volume(tile) -> int:
-    return math.prod(tile) if isinstance(tile, tuple) else tile
-
-
-def candidates(spec: Spec, shared_limit: int = 227 * 1024, device: str = "h100") -> list[Candidate]:
-    """The simulator's best tilings (power-of-two volumes >= 16, as tl.dot and tl.arange need)
-    x warps x stages that fit in shared memory, best predicted first."""
-    block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
-    if spec.routed is not None:  # a selected block is one kv tile
-        tilings = [Tiling(spec.routed.block, spec.routed.block)]
-    else:
-        ranked = simulate(spec, device=device).candidates
-        ok = [Tiling(c.q_tile, c.kv_tile) for c in ranked
-              if all(v >= 16 and not v & (v - 1) for v in (_volume(c.q_tile), _volume(c.kv_tile)))]
-        tilings = list(dict.fromkeys(ok))[:4] or [Tiling(64, 64)]
+def candidates(spec: Spec, shared_limit: int = 227 * 1024,
+               tilings: list[Tiling] | None = None) -> list[LaunchCandidate]:
+    """`tilings` (kernel-runnable, best first; None or empty: the tiling policy's choice) x
+    warps x stages that fit in `shared_limit` bytes of shared memory, in that order."""
+    block_d = head_block(spec.head_dim)
     out = []
-    for t in tilings:
-        vm, vn = _volume(t.q_tile), _volume(t.kv_tile)
+    for t in tilings or kernel_tilings(spec):
+        vm, vn = volume(t.q_tile), volume(t.kv_tile)
         for warps in (8, 4) if vm * block_d >= 128 * 128 else (4, 8):
             for stages in (2, 3):
                 if shared_bytes(vm, vn, block_d, stages) <= shared_limit:
-                    out.append(Candidate(t, KernelConfig(warps, stages)))
+                    out.append(LaunchCandidate(t, KernelConfig(warps, stages)))
     return out
 
 
 def _key(spec: Spec, device: str, dtype: torch.dtype, batch: int) -> str:
-    bucket = 1 << max(0, batch - 1).bit_length()
-    text = f"{spec!r}|{device}|{dtype}|{bucket}"
+    text = f"{spec!r}|{device}|{dtype}|{pow2_ceil(batch)}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -67,21 +60,21 @@ def _store(path, record: dict) -> None:
     write_atomic(path, json.dumps(record))
 
 
-def _load(path) -> Candidate | None:
+def _load(path) -> LaunchCandidate | None:
     try:
         r = json.loads(path.read_text())
         to_tile = (lambda x: tuple(x) if isinstance(x, list) else x)
-        return Candidate(Tiling(to_tile(r["q_tile"]), to_tile(r["kv_tile"])), KernelConfig(**r["config"]))
+        return LaunchCandidate(Tiling(to_tile(r["q_tile"]), to_tile(r["kv_tile"])), KernelConfig(**r["config"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or corrupt: tune again
 
 
 def tuned_kernel(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 block_indices: torch.Tensor | None = None) -> TritonForward:
-    """The fastest candidate for these inputs' device, dtype and batch bucket (cached on disk);
-    the top-ranked candidate without a CUDA device."""
+                 block_indices: torch.Tensor | None = None, tilings: list[Tiling] | None = None) -> TritonForward:
+    """The fastest of the `candidates` of `tilings` for these inputs' device, dtype and batch
+    bucket (cached on disk); the first candidate without a CUDA device."""
     if not q.is_cuda:
-        first = candidates(spec)[0]
+        first = candidates(spec, tilings=tilings)[0]
         return TritonForward(spec, first.tiling, first.config)
     device = torch.cuda.get_device_name(q.device)
     path = subdir("tuning") / f"{_key(spec, device, q.dtype, q.shape[0])}.json"
@@ -89,9 +82,8 @@ def tuned_kernel(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if best is None:
         import triton.testing
         limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
-        model = next((m for m in ("h200", "h100", "b200", "a100") if m in device.lower()), "h100")
         timed, built = [], {}
-        for c in candidates(spec, limit, model):
+        for c in candidates(spec, limit, tilings):
             try:
                 if c.tiling not in built:  # plan, source and tables depend on the tiling only
                     built[c.tiling] = TritonForward(spec, c.tiling, c.config)

@@ -52,10 +52,17 @@ def window_interval_status(qa, qb, ka, kb, L, w, s, d, causal) -> tuple[torch.Te
         first_lo = window_bounds(hi_x.clamp(0, L), Lg, w, s, causal)[0]
         any_ |= found & (first_lo <= yb)
     if d == 1:
-        Lg = torch.tensor(L)
-        lo_last, _ = window_bounds(qb, Lg, w, s, causal)
-        _, hi_first = window_bounds(qa, Lg, w, s, causal)
-        all_ = (lo_last <= ka) & (hi_first >= kb)
+        all_ = undilated_interval_all(qa, qb, ka, kb, L, w, s, causal)
     else:  # an interval of two or more tokens spans two residues, of which only one can match
         all_ = any_ & (qa == qb) & (ka == kb)
     return any_, all_
+
+
+def undilated_interval_all(qa, qb, ka, kb, L, w, s, causal) -> torch.Tensor:
+    """Whether every query in [qa, qb] sees every key in [ka, kb] through an undilated window:
+    the visible intervals move monotonically with the query, so the first and the last query
+    decide."""
+    Lg = torch.tensor(L)
+    lo_last, _ = window_bounds(qb, Lg, w, s, causal)
+    _, hi_first = window_bounds(qa, Lg, w, s, causal)
+    return (lo_last <= ka) & (hi_first >= kb)

@@ -77,6 +77,7 @@ import torch
 
 from ..api import attention
 from ..ir import Pattern, Spec, from_json
+from .hf_masks import packed_error, padding_guard
 
 PATTERN_ATTR = "patterngen_pattern"
 SPEC_ATTR = "patterngen_spec"
@@ -197,7 +198,7 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
                          f"(set the config's attention_dropout to 0.0)")
     for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # flash-attention kwargs of packed batches: free to check
         if kwargs.get(name) is not None:
-            raise ValueError(_packed_error(f"{name}: the batch holds packed documents (flash-attention "
+            raise ValueError(packed_error(f"{name}: the batch holds packed documents (flash-attention "
                                            f"cu_seq_lens kwargs, e.g. from DataCollatorWithFlattening)"))
     for name in ("softcap", "s_aux", "sinks"):
         if kwargs.get(name) is not None:
@@ -223,182 +224,6 @@ def _assert_one_document(position_ids) -> None:
         torch._assert_async((position_ids.diff(dim=-1) == 1).all(),
                             "patterngen: position_ids restart within a row (packed documents); the patterngen "
                             "attention runs one document per row")
-
-
-def _as_int(value) -> int:
-    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
-
-
-def _packed_error(detected: str) -> str:
-    return (f"{detected}; the patterngen attention replaces the mask with its pattern over the whole row, so "
-            f"attention would silently cross document boundaries. Run one document per row (no padding: equal "
-            f"lengths, or one document at a time); patterngen's packed-document support (cu_seqlens) is "
-            f"planned but not yet used by this integration")
-
-
-# -- the mask transformers asks for: only a base mask, which the pattern replaces --------------------
-_DEPTH = 8  # nested deeper than any mask transformers builds: left unexplored, so unknown
-
-
-def _inner_masks(fn, depth: int):
-    """The mask functions `fn`'s closure holds, in order (`and_masks` / `or_masks` keep theirs
-    in a tuple; the packed-sequence remapping wraps one). Other closure values (a window
-    size, index tensors) are skipped."""
-    if depth >= _DEPTH or getattr(fn, "__code__", None) is None:
-        return
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if callable(item) and not isinstance(item, torch.Tensor):
-                yield item
-
-
-def _mask_tree(fn, depth: int = 0):
-    """The structure of a mask function as a hashable tree: its code object and the trees of
-    the mask functions it holds. Base masks differ by structure only; their sizes (window,
-    chunk) are what the pattern replaces. A callable without Python code (a partial, an
-    object with __call__) is a leaf that matches no known mask."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return ("opaque", type(fn).__qualname__, ())
-    return (code, tuple(_mask_tree(f, depth + 1) for f in _inner_masks(fn, depth)))
-
-
-def _mask_parts(fn, depth: int = 0):
-    """`fn` and every mask function nested in it."""
-    yield fn
-    for f in _inner_masks(fn, depth):
-        yield from _mask_parts(f, depth + 1)
-
-
-def _build(factory, *tries):
-    """`factory(*args)` for the first of the argument lists it accepts (signatures differ
-    across transformers versions); None if it is missing or accepts none."""
-    for args in tries if factory is not None else ():
-        try:
-            return factory(*args)
-        except TypeError:
-            continue
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def _known_masks():
-    """From the installed `transformers.masking_utils`: the trees of the base masks that the
-    pattern replaces, and the code objects of the overlays that deviate from them (to name
-    what was detected). Built from its own factories, so the check follows the installed
-    version's structure rather than a copy of it."""
-    from transformers import masking_utils as mu
-    idx = torch.zeros(1, 1, dtype=torch.long)
-    causal = getattr(mu, "causal_mask_function", None)
-    base = [causal, getattr(mu, "bidirectional_mask_function", None),
-            _build(getattr(mu, "sliding_window_causal_mask_function", None), (1,)),
-            _build(getattr(mu, "sliding_window_bidirectional_mask_function", None), (1,)),
-            _build(getattr(mu, "chunked_causal_mask_function", None), (1, idx[0]), (1,))]
-    overlays = {
-        "packed": _build(getattr(mu, "packed_sequence_mask_function", None), (idx,)),
-        "remapped": _build(getattr(mu, "remap_positions_for_packed_sequence", None), (causal, idx)),
-        "blockwise": _build(getattr(mu, "blockwise_overlay", None), (idx,)),
-        "or": _build(getattr(mu, "or_masks", None), (causal,)),
-        "and": _build(getattr(mu, "and_masks", None), (causal,)),
-    }
-    trees = {_mask_tree(fn) for fn in base if fn is not None}
-    codes = {name: fn.__code__ for name, fn in overlays.items() if fn is not None}
-    known = set(codes.values()) | {f.__code__ for fn in base if fn is not None for f in _mask_parts(fn)}
-    return trees, codes, known
-
-
-def _check_mask_function(mask_function) -> None:
-    """Refuse a mask other than a base mask (causal, bidirectional, sliding-window or chunked,
-    as the installed transformers builds them), since the pattern replaces the mask: packed
-    sequences, blockwise overlays and a model's `or_mask_function` / `and_mask_function`
-    would otherwise be silently dropped. Any mask function it does not recognise is refused."""
-    if mask_function is None:  # transformers' mask builders default to the causal mask
-        return
-    trees, codes, known = _known_masks()
-    if _mask_tree(mask_function) in trees:
-        return
-    parts = list(_mask_parts(mask_function))
-    found = {name for name, code in codes.items() if any(getattr(f, "__code__", None) is code for f in parts)}
-    if found & {"packed", "remapped"}:
-        raise ValueError(_packed_error("position_ids: several documents are packed in one row, so transformers "
-                                       "asks for a packed-sequence mask that keeps them apart (it does so when "
-                                       "position_ids restart within a row and there is no attention_mask and no "
-                                       "cache, or when the model passes sequence ids)"))
-    what = []
-    if "blockwise" in found:
-        what.append("a blockwise overlay (block_sequence_ids: the tokens of a block attend to each other "
-                    "bidirectionally, e.g. image tokens)")
-    foreign = [f"{getattr(f, '__module__', None) or '?'}.{getattr(f, '__qualname__', type(f).__qualname__)}"
-               for f in parts if getattr(f, "__code__", None) not in known]
-    if foreign:
-        what.append(f"mask functions of the model ({', '.join(dict.fromkeys(foreign))}), passed as "
-                    f"or_mask_function / and_mask_function, e.g. bidirectional attention among image tokens")
-    if not what:
-        what.append("a combination of transformers' mask functions that is not a plain causal, bidirectional, "
-                    "sliding-window or chunked mask")
-    raise ValueError(
-        f"mask_function: transformers asks for a mask that differs from the causal / bidirectional / "
-        f"sliding-window / chunked base mask which the patterngen pattern replaces: {'; and '.join(what)}. "
-        f"The patterngen attention would silently drop it. Run inputs that need no such mask (e.g. text only), "
-        f"or use another attn_implementation for this model")
-
-
-def _padding_guard(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
-                   kv_offset=0, attention_mask=None, **kwargs):
-    """Mask builder for our name. No dense mask is built (the pattern is the mask), but
-    what the pattern cannot see is settled here, once per forward:
-
-    - a mask function other than a base mask (causal, bidirectional, sliding-window,
-      chunked), which the pattern replaces, is refused: packed sequences (position_ids
-      restarting within a row), blockwise overlays (block_sequence_ids) and a model's
-      or_mask_function / and_mask_function would be silently dropped;
-    - a padding mask (a 2-D mask with zeros) would be silently dropped: refused;
-    - the real key length is read from the cache: tokens it already holds
-      (`q_offset`) plus the new queries. A static cache hands the attention all of
-      its `kv_length` preallocated slots; then an all-True bool mask [B, real] is
-      returned (the flash-attention convention), and the attention keeps only
-      those first `real` keys. Otherwise None, as before;
-    - a cache whose keys no longer start at position 0 (a sliding-window layer that
-      dropped old keys, `kv_offset` > 0) is refused.
-    """
-    if not torch.compiler.is_compiling():  # Dynamo cannot trace the introspection: see _assert_one_document
-        _check_mask_function(kwargs.get("mask_function"))
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("attention_mask: the patterngen attention does not take padding masks (the given 2-D "
-                         "mask has zeros); run unpadded sequences or one sequence per batch")
-    if q_length is None:  # transformers 4.5x: the queries' cache positions instead of lengths and offsets
-        cache_position = kwargs.get("cache_position")
-        if cache_position is None or kv_length is None:
-            raise ValueError("the patterngen mask builder got neither q_length nor cache_position from "
-                             "transformers, so it cannot tell how many keys the cache holds")
-        q_length, q_offset = cache_position.shape[-1], _as_int(cache_position[0])
-    kv_offset = _as_int(kv_offset)
-    config = kwargs.get("config")
-    if kv_offset:
-        window = getattr(config, "sliding_window", None)
-        raise ValueError(f"past_key_values: this cache layer no longer holds the keys before position {kv_offset} "
-                         f"(a sliding-window cache layer, DynamicSlidingWindowLayer or StaticSlidingWindowLayer, "
-                         f"which transformers builds when config.sliding_window is set (here {window!r}) and "
-                         f"which drops old keys); "
-                         f"the patterngen pattern addresses every key position from 0, so it cannot run on it. "
-                         f"Use a cache that keeps every key, e.g. set config.sliding_window = None before "
-                         f"building the cache")
-    real = _as_int(q_offset) + q_length
-    if kv_length is None or real > kv_length:
-        raise ValueError(f"past_key_values: the cache holds {_as_int(q_offset)} tokens and this call adds "
-                         f"{q_length}, but transformers sizes the keys at {kv_length}; patterngen cannot tell "
-                         f"which keys are real")
-    if attention_mask is not None and attention_mask.shape[-1] != real:
-        raise ValueError(f"attention_mask: the 2-D mask covers {attention_mask.shape[-1]} tokens, but the cache "
-                         f"holds {_as_int(q_offset)} and this call adds {q_length} ({real} in all); pass a mask "
-                         f"over exactly those tokens")
-    if real == kv_length:
-        return None
-    return torch.ones(batch_size, real, dtype=torch.bool, device=kwargs.get("device"))
 
 
 # -- saving: the JSON form of the config's patterns -------------------------------------------------
@@ -487,7 +312,7 @@ def register(name: str = "patterngen") -> str:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # older transformers: models build their own 4-D masks, which the attention refuses
         return name
-    AttentionMaskInterface.register(name, _padding_guard)
+    AttentionMaskInterface.register(name, padding_guard)
     return name
 
 

@@ -18,7 +18,7 @@ from itertools import product
 import torch
 
 from ..ir import Window
-from ..core.semantics import window_bounds
+from ..analysis.windows import undilated_interval_all, window_hull
 from .counting import window_dim_visible
 from .profiles import window_dim_tiles
 
@@ -80,18 +80,18 @@ def _as_tuple(name: str, value, ndim: int | None, minimum: int) -> tuple[int, ..
 @lru_cache(maxsize=1 << 16)
 def _dim_option(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: int) -> int | None:
     """Visited 1-D tile pairs if (w, s) is fully block-sparse along this dimension, else None."""
-    Tq = -(-L // tq)
-    if d == 1:  # windows are intervals, monotone in the query: check the extreme queries of each q tile
-        qa = torch.arange(Tq) * tq
-        qb = (qa + tq - 1).clamp(max=L - 1)
-        Lt = torch.tensor(L)
-        lo_a, hi_a = window_bounds(qa, Lt, w, s, causal)
-        lo_b, hi_b = window_bounds(qb, Lt, w, s, causal)
-        first, last = lo_a // tk, hi_b // tk
-        ok = (lo_b <= first * tk) & (hi_a >= torch.clamp(last * tk + tk - 1, max=L - 1))
-        return int((last - first + 1).sum()) if bool(ok.all()) else None
-    visited, full = window_dim_tiles(L, w, s, d, causal, tq, tk)
-    return int(visited.sum()) if bool((visited == full).all()) else None
+    if d > 1:
+        visited, full = window_dim_tiles(L, w, s, d, causal, tq, tk)
+        return int(visited.sum()) if bool((visited == full).all()) else None
+    # undilated windows are intervals monotone in the query: a q tile visits the kv tiles of its
+    # `window_hull`, and all of them are full iff their whole span is visible from its first and
+    # its last query (`undilated_interval_all`, without `window_interval_status`' binary search for "any")
+    qa = torch.arange(-(-L // tq)) * tq
+    qb = (qa + tq - 1).clamp(max=L - 1)
+    jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
+    first, last = jmin // tk, jmax // tk
+    full = undilated_interval_all(qa, qb, first * tk, (last * tk + tk - 1).clamp(max=L - 1), L, w, s, causal)
+    return int((last - first + 1).sum()) if bool(full.all()) else None
 
 
 def advise_strides(window, grid, q_tile, kv_tile, tolerance=0, *, limit: int | None = None

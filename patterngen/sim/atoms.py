@@ -16,7 +16,7 @@ import torch
 
 from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Strided, Union, Window
 
-_MAX_TERMS = 4096  # inclusion-exclusion terms before falling back to tiles
+MAX_TERMS = 4096  # inclusion-exclusion terms of `expand`; beyond, `TooManyTerms` (counting then uses tiles)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _mul(a: Poly, b: Poly) -> Poly:
         for kb, cb in b.items():
             k = ka | kb
             out[k] = out.get(k, 0) + ca * cb
-            if len(out) > _MAX_TERMS:
+            if len(out) > MAX_TERMS:
                 raise TooManyTerms
     return {k: c for k, c in out.items() if c}
 
@@ -107,7 +107,7 @@ def _add(*polys: tuple[int, Poly]) -> Poly:
 
 
 class TooManyTerms(Exception):
-    """The expansion would exceed _MAX_TERMS terms; count the pattern on tiles instead."""
+    """The expansion would exceed MAX_TERMS terms; count the pattern on tiles instead."""
 
 
 def expand(pattern: Pattern) -> Poly:

@@ -14,7 +14,7 @@ conjunctions of atoms (`atoms.expand`), and each conjunction is counted:
 * windows alone as the product of per-dimension counts, each a sum over the L coordinates
   of one dimension;
 * anything else (n-D windows mixed with flattened-index atoms) by the tile analysis of the
-  conjunction and element-wise evaluation of the semantics on its partial tiles, chunked;
+  conjunction and element-wise evaluation of its partial tiles (`core.tile_eval.tile_masks`);
   its cost is bounded by the partial tile pairs times the tile volume squared.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ from ..ir import Band, Causal, Full, Intersection, Pattern, Routed, Sink, Spec, 
 from ..analysis.plan import build_plan
 from ..routing.blocks import normalize_block_indices
 from ..core.semantics import group_length, unravel, visible, window_bounds
+from ..core.tile_eval import CHUNK, Tokens, VisibleFn, grid_tokens, pattern_visible, tile_masks
 from ..core.tiles import Tiling
 from .atoms import KvBelow, QBelow, RoutedBlocks, Routes, TooManyTerms, as_routes, expand
 
-_ROWS = 1 << 21          # rows per chunk of the row counter
-_CHUNK = 1 << 22         # token pairs per chunk of element-wise evaluation
-_MAX_MODULUS = 1 << 22   # largest combined congruence modulus handled in closed form
-_QUERY_ROWS = 1 << 25    # n-D windows mixed with other atoms: enumerate window boxes up to this many pairs
+ROWS = 1 << 21          # rows per chunk of `count_rows`
+MAX_MODULUS = 1 << 22   # largest combined congruence modulus counted in closed form; above it, tiles
+QUERY_ROWS = 1 << 25    # n-D windows with other atoms: enumerate window boxes up to this many pairs, else tiles
 
 
 # -- integer helpers ----------------------------------------------------------------
@@ -53,7 +53,7 @@ def _congruence(stridings: list[tuple[int, int]], base: int):
     M = base
     for s, _ in stridings:
         M = math.lcm(M, s)
-    if M > _MAX_MODULUS:
+    if M > MAX_MODULUS:
         return None, M
     xs = torch.arange(M)
     ok = torch.ones(M, dtype=torch.bool)
@@ -105,7 +105,8 @@ def _window_dims(windows: list[Window], ndim: int):
 
 def _window_rows(i: torch.Tensor, L: int, dims, A: torch.Tensor, B: torch.Tensor):
     """Intersect [A, B] with the window intervals of coordinate i along one dimension;
-    return the new bounds and the lcm of the dilations."""
+    return the new bounds and the lcm D of the dilations (the visible keys are those of [A, B]
+    congruent to i mod D)."""
     D = 1
     for (w, s, d, c) in dims:
         r = i % d
@@ -116,7 +117,7 @@ def _window_rows(i: torch.Tensor, L: int, dims, A: torch.Tensor, B: torch.Tensor
     return A, B, D
 
 
-def _count_rows(conj: _Conj, spec: Spec, routes: Routes | None) -> int | None:
+def count_rows(conj: _Conj, spec: Spec, routes: Routes | None) -> int | None:
     """Row-by-row count on the flattened index (1-D windows allowed); None if the
     congruences are too large for the closed form."""
     total = 0
@@ -131,7 +132,7 @@ def _count_rows(conj: _Conj, spec: Spec, routes: Routes | None) -> int | None:
         blk = conj.blocks
         ptr, kbs = routes.ptr, routes.kb
     per_row = routes.max_per_row if conj.blocks is not None else 1
-    step = max(1, _ROWS // per_row)
+    step = max(1, ROWS // per_row)
     for start in range(0, conj.q_end, step):
         q = torch.arange(start, min(conj.q_end, start + step))
         if conj.blocks is not None:  # one row per (query, selected kv block)
@@ -161,7 +162,7 @@ def _floor_sum(n: int, m: int) -> int:
     return m * a * (a - 1) // 2 + a * b
 
 
-def _count_closed(conj: _Conj) -> int | None:
+def count_closed(conj: _Conj) -> int | None:
     """Conjunction of flattened-index atoms without windows or routed blocks, in closed form:
     sum over queries q < q_end of the keys j in [max(0, q + dlo), min(kv_end - 1, q + dhi)]
     with j = c (mod M). Each end is linear in q or constant, switching once, so on each of at
@@ -211,7 +212,7 @@ def _count_window_query_rows(conj: _Conj, spec: Spec) -> int:
     evaluate the other atoms on it."""
     dims = _window_dims(conj.windows, spec.ndim)
     total = 0
-    per = max(1, _CHUNK // max(1, _box_volume(conj, spec)))
+    per = max(1, CHUNK // max(1, _box_volume(conj, spec)))
     for start in range(0, conj.q_end, per):
         q = torch.arange(start, min(conj.q_end, start + per))
         A, B = [], []
@@ -253,19 +254,26 @@ def _atom_visible(atom, q: torch.Tensor, kv: torch.Tensor, spec: Spec, routes) -
     return visible(atom, q, kv, spec)
 
 
-def _elementwise(atoms, spec, routes, qtok: torch.Tensor, ktok: torch.Tensor) -> int:
-    """Visible pairs of the conjunction over tile pairs given as token lists (-1 = padding)."""
-    total = 0
-    per = max(1, _CHUNK // (qtok.shape[1] * ktok.shape[1]))
-    for i in range(0, len(qtok), per):
-        q = qtok[i:i + per, :, None]
-        k = ktok[i:i + per, None, :]
-        m = (q >= 0) & (k >= 0)
-        qc, kc = q.clamp_min(0), k.clamp_min(0)
+def _conjunction(atoms, spec: Spec, routes: Routes | None) -> VisibleFn:
+    """The element-wise rule of a conjunction of atoms."""
+    def fn(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        m = torch.ones((), dtype=torch.bool)
         for a in atoms:
-            m = m & _atom_visible(a, qc, kc, spec, routes)
-        total += int(m.sum())
-    return total
+            m = m & _atom_visible(a, q, kv, spec, routes)
+        return m
+    return fn
+
+
+def _count_masks(q_tokens: Tokens, kv_tokens: Tokens, n: int, q_volume: int, kv_volume: int, fn: VisibleFn) -> int:
+    """Visible pairs of n tile pairs given by their tokens, element-wise."""
+    return sum(int(m.sum()) for *_, m in tile_masks(q_tokens, kv_tokens, n, q_volume, kv_volume, fn))
+
+
+def _count_tile_pairs(qg, kg, qt: torch.Tensor, kt: torch.Tensor, full: torch.Tensor, fn: VisibleFn) -> int:
+    """Visible pairs of the tile pairs (qt, kt): full ones by their sizes, the others element-wise."""
+    rest = ~full
+    return int((qg.sizes[qt[full]] * kg.sizes[kt[full]]).sum()) + _count_masks(
+        grid_tokens(qg, qt[rest]), grid_tokens(kg, kt[rest]), int(rest.sum()), qg.volume, kg.volume, fn)
 
 
 def _count_tiles_fallback(conj: _Conj, spec: Spec, routes: Routes | None) -> int:
@@ -275,16 +283,14 @@ def _count_tiles_fallback(conj: _Conj, spec: Spec, routes: Routes | None) -> int
         blk = conj.blocks
         nz = torch.stack(routes.pairs(), 1)
         ar = torch.arange(blk)
-        total = 0
-        per = max(1, _CHUNK // (blk * blk))
-        for i in range(0, len(nz), per):
-            qb, kb = nz[i:i + per, 0], nz[i:i + per, 1]
-            qt = qb[:, None] * blk + ar
-            kt = kb[:, None] * blk + ar
-            qt = torch.where(qt < spec.nq, qt, -1)
-            kt = torch.where(kt < spec.nkv, kt, -1)
-            total += _elementwise(conj.atoms - {RoutedBlocks(blk)}, spec, None, qt, kt)
-        return total
+
+        def block_tokens(side: int, n: int) -> Tokens:
+            def tokens(a: int, b: int) -> torch.Tensor:
+                t = nz[a:b, side, None] * blk + ar
+                return torch.where(t < n, t, -1)
+            return tokens
+        return _count_masks(block_tokens(0, spec.nq), block_tokens(1, spec.nkv), len(nz), blk, blk,
+                            _conjunction(conj.atoms - {RoutedBlocks(blk)}, spec, None))
     ir_atoms = [a if not isinstance(a, KvBelow) else Sink(a.n) for a in conj.atoms if not isinstance(a, QBelow)]
     pattern = Intersection.of(*ir_atoms) if ir_atoms else Full()
     tile = _counting_box(spec.q_shape) if conj.windows else 64  # flattened-index atoms: flat tiles
@@ -296,9 +302,7 @@ def _count_tiles_fallback(conj: _Conj, spec: Spec, routes: Routes | None) -> int
         qmin, qmax = qg.span
         keep = qmin[qt] < conj.q_end
         qt, kt, full = qt[keep], kt[keep], full[keep] & (qmax[qt[keep]] < conj.q_end)
-    total = int((qg.sizes[qt[full]] * kg.sizes[kt[full]]).sum())
-    rest = ~full
-    return total + _elementwise(conj.atoms, spec, None, qg.tokens(qt[rest]), kg.tokens(kt[rest]))
+    return _count_tile_pairs(qg, kg, qt, kt, full, _conjunction(conj.atoms, spec, None))
 
 
 def _counting_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...] | int:
@@ -326,10 +330,10 @@ def count_conjunction(atoms: frozenset, spec: Spec, block_mask=None) -> int:
         if conj.blocks is None and not conj.strides and conj.q_end == spec.nq and conj.kv_end == spec.nkv \
                 and conj.dlo <= -spec.nq and conj.dhi >= spec.nkv:
             return _count_window_product(conj, spec)
-        if conj.blocks is None and conj.q_end * _box_volume(conj, spec) <= _QUERY_ROWS:
+        if conj.blocks is None and conj.q_end * _box_volume(conj, spec) <= QUERY_ROWS:
             return _count_window_query_rows(conj, spec)
         return _count_tiles_fallback(conj, spec, routes)
-    n = _count_closed(conj) if not conj.windows and conj.blocks is None else _count_rows(conj, spec, routes)
+    n = count_closed(conj) if not conj.windows and conj.blocks is None else count_rows(conj, spec, routes)
     return _count_tiles_fallback(conj, spec, routes) if n is None else n
 
 
@@ -354,17 +358,8 @@ def _count_pattern_tiles(pattern: Pattern, spec: Spec, routes: Routes | None) ->
     if routed:  # the routes of one (batch, head) as indices of a one-head spec
         indices = routes.rows[None, None]
     plan = build_plan(sub, Tiling(tile, tile), indices)
-    qt, kt, full = plan.groups[0].pairs()
-    qg, kg = plan.q_grid, plan.kv_grid
-    total = int((qg.sizes[qt[full]] * kg.sizes[kt[full]]).sum())
-    qtok, ktok = qg.tokens(qt[~full]), kg.tokens(kt[~full])
-    per = max(1, _CHUNK // (qg.volume * kg.volume))
-    for i in range(0, len(qtok), per):
-        q, k = qtok[i:i + per, :, None], ktok[i:i + per, None, :]
-        m = visible(pattern, q.clamp_min(0), k.clamp_min(0), spec, routes.mask if routed else None) \
-            & (q >= 0) & (k >= 0)
-        total += int(m.sum())
-    return total
+    return _count_tile_pairs(plan.q_grid, plan.kv_grid, *plan.groups[0].pairs(),
+                             pattern_visible(pattern, spec, routes.mask if routed else None))
 
 
 def visible_pairs(spec: Spec, block_indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -393,7 +388,8 @@ def visible_pairs(spec: Spec, block_indices: torch.Tensor | None = None) -> torc
 
 
 def window_dim_visible(L: int, w: int, s: int, d: int, causal: bool) -> int:
-    """Visible (i, j) coordinate pairs of one window dimension of extent L."""
+    """Visible (i, j) coordinate pairs of one window dimension of extent L, counted per query
+    coordinate (pairs, where `analysis.windows` classifies intervals of them)."""
     i = torch.arange(L)
     A, B, D = _window_rows(i, L, [(w, s, d, causal)], torch.zeros_like(i), torch.full_like(i, L - 1))
     return int(_count_congruent(A, B, i % D, D).sum())

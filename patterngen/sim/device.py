@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..analysis.tiling import kernel_tile_ok
+
 DEVICE_DIR = Path(__file__).with_name("devices")
 BYTES_PER_ELEMENT = 2  # bf16 / fp16
 
@@ -67,10 +69,11 @@ class DeviceModel:
                 raise ValueError(f"device: {origin}: '{k}' must be a positive number, got {v!r}")
         vols = data["tile_volumes"]
         if not isinstance(vols, list) or not vols or not all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x >= 16 for x in p)
+                isinstance(p, (list, tuple)) and len(p) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and kernel_tile_ok(x) for x in p)
                 for p in vols):
             raise ValueError(f"device: {origin}: 'tile_volumes' must be a non-empty list of [q_volume, kv_volume] "
-                             f"integer pairs, each >= 16 (tl.dot needs 16), got {vols!r}")
+                             f"integer pairs that the kernels run (powers of two >= 16), got {vols!r}")
         return cls(name=str(data["name"]), display_name=str(data.get("display_name", data["name"])),
                    sm_count=int(data["sm_count"]), peak_bf16_dense_tflops=float(data["peak_bf16_dense_tflops"]),
                    memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]), exp_per_s=float(data["exp_per_s"]),

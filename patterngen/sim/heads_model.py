@@ -43,9 +43,7 @@ import torch
 from ..ir import Routed, Spec
 from ..analysis.plan import Plan, TilePlan
 from ..routing.blocks import block_masks, normalize_block_indices
-from ..core.semantics import visible
-
-_CHUNK = 1 << 22  # token pairs per chunk of element-wise evaluation
+from ..core.tile_eval import grid_tokens, pattern_visible, tile_masks
 
 
 def check_active_heads(active_heads, spec: Spec, batch: int, batch_fixed: bool):
@@ -120,15 +118,11 @@ def _rows_of_group(tp: TilePlan, pattern, spec: Spec, qg, kg, block_mask) -> tor
     tok = qg.tokens(torch.arange(qg.count))
     ok = tok >= 0
     counts.index_add_(0, tok[ok], per_q[:, None].expand_as(tok)[ok])
-    qp, kp = qt[~full], kt[~full]
-    per = max(1, _CHUNK // (qg.volume * kg.volume))
-    for i in range(0, len(qp), per):
-        q = qg.tokens(qp[i:i + per])[:, :, None]
-        k = kg.tokens(kp[i:i + per])[:, None, :]
-        m = visible(pattern, q.clamp_min(0), k.clamp_min(0), spec, block_mask) & (q >= 0) & (k >= 0)
-        rows = m.sum(2)  # [n, Vq]
-        qq = q[:, :, 0]
-        counts.index_add_(0, qq[qq >= 0], rows[qq >= 0])
+    rest = ~full
+    for _, q, _, m in tile_masks(grid_tokens(qg, qt[rest]), grid_tokens(kg, kt[rest]), int(rest.sum()), qg.volume,
+                                 kg.volume, pattern_visible(pattern, spec, block_mask)):
+        q = q[:, :, 0]
+        counts.index_add_(0, q[q >= 0], m.sum(2)[q >= 0])
     return counts
 
 

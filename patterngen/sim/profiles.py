@@ -17,11 +17,12 @@ import torch
 from ..analysis import flat_form, flat_terms, kv_tile_status, window_hull, window_interval_status
 from ..ir import Band, Causal, Full, Global, Pattern, Spec, Window
 from ..analysis.plan import Plan
-from ..core.semantics import depends_on_kv_only, window_1d, window_bounds
+from ..core.semantics import depends_on_kv_only, window_1d
+from ..core.statuses import expand_ranges
 from ..core.tiles import TileGrid
 from .tile_shapes import tile_dims
 
-_MASK_EXTENT = 1024  # window_dim_tiles reduces a 1-D mask up to this extent, else uses intervals
+MASK_EXTENT = 1024  # up to this extent `window_dim_tiles` reduces the 1-D mask; beyond, it classifies intervals
 
 
 @lru_cache(maxsize=4096)
@@ -30,11 +31,14 @@ def window_dim_tiles(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: 
     """For q tiles of `tq` and kv tiles of `tk` consecutive coordinates along one dimension
     of extent L: the number of visited and of full kv tiles of each q tile (int64 [Tq]).
 
-    A box tile pair of an n-D Window is visited (full) iff it is visited (full) along
-    every dimension, so the n-D numbers of a q tile are the products over dimensions.
+    `analysis.windows` classifies given interval pairs; this counts them per q tile, over
+    the kv tiles of each q tile's `window_hull`, classified by `window_interval_status`
+    (or, up to `MASK_EXTENT`, by reducing the 1-D mask). A box tile pair of an n-D Window
+    is visited (full) iff it is along every dimension, so the n-D numbers of a q tile are
+    the products over dimensions.
     """
     Tq, Tk = -(-L // tq), -(-L // tk)
-    if L <= _MASK_EXTENT:  # small extents: reduce the 1-D mask over tiles
+    if L <= MASK_EXTENT:
         i = torch.arange(L)
         m = window_1d(i[:, None], i[None, :], L, w, s, d, causal)
         pad_q, pad_k = Tq * tq - L, Tk * tk - L
@@ -46,26 +50,18 @@ def window_dim_tiles(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: 
     qa = torch.arange(Tq) * tq
     qb = (qa + tq - 1).clamp(max=L - 1)
     jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
-    first, last = jmin // tk, jmax // tk
-    cnt = (last - first + 1).clamp_min(0)
-    rows = torch.repeat_interleave(torch.arange(Tq), cnt)
-    kt = first[rows] + torch.arange(len(rows)) - (torch.cumsum(cnt, 0) - cnt)[rows]
+    rows, kt = expand_ranges(jmin // tk, jmax // tk)
     ka = kt * tk
-    kb = (ka + tk - 1).clamp(max=L - 1)
-    if d == 1:  # consecutive windows overlap or touch, so the hull is exactly the union
-        lo_last, _ = window_bounds(qb[rows], torch.tensor(L), w, s, causal)
-        _, hi_first = window_bounds(qa[rows], torch.tensor(L), w, s, causal)
-        any_ = torch.ones(len(rows), dtype=torch.bool)
-        all_ = (lo_last <= ka) & (hi_first >= kb)
-    else:
-        any_, all_ = window_interval_status(qa[rows], qb[rows], ka, kb, L, w, s, d, causal)
+    any_, all_ = window_interval_status(qa[rows], qb[rows], ka, (ka + tk - 1).clamp(max=L - 1), L, w, s, d, causal)
     visited = torch.bincount(rows[any_], minlength=Tq)
     full = torch.bincount(rows[any_ & all_], minlength=Tq)
     return visited, full
 
+
 @lru_cache(maxsize=1 << 14)
 def window_dim_sums(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: int) -> tuple[int, int, int]:
-    """(visited, full, max visited per q tile) of a window along one dimension."""
+    """(visited, full, max visited per q tile) of a window along one dimension: the totals of
+    `window_dim_tiles`, whose products over dimensions are the search's exact n-D totals."""
     v, f = window_dim_tiles(L, w, s, d, causal, tq, tk)
     return int(v.sum()), int(f.sum()), int(v.max())
 

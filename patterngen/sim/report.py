@@ -15,6 +15,7 @@ import torch
 
 from ..ir import Pattern, Spec
 from ..analysis.plan import Plan, build_plan
+from ..analysis.tiling import kernel_tilings
 from ..core.tiles import Tiling
 from .device import DeviceModel
 from .search import DEFAULT_TILE_VOLUMES, Candidate
@@ -113,6 +114,11 @@ class SimReport(_Bounds):
     @property
     def tiling(self) -> Tiling:
         return Tiling(self.q_tile, self.kv_tile)
+
+    def kernel_tilings(self, limit: int = 4) -> list[Tiling]:
+        """The tiling policy (`analysis.tiling.kernel_tilings`) on this report's ranking: the
+        kernel-runnable tilings to try, best first."""
+        return kernel_tilings(self.spec, [Tiling(c.q_tile, c.kv_tile) for c in self.candidates], limit)
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -259,14 +265,26 @@ def format_table(rows: Sequence[tuple[str, SimReport]]) -> str:
                               format_speedup(g.flop_speedup), format_speedup(g.tile_speedup),
                               "yes" if g.fully_block_sparse else "no", str(g.visited), str(g.partial), "", ""]
                              + (["", ""] if routed_heads else []))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return align_columns(table, left=2)
+
+
+def align_columns(rows: Sequence[Sequence[str]], left: int = 1, spanning: Sequence[bool] = ()) -> str:
+    """Rows of cells, the first a header, as aligned columns with a rule under the header: the
+    first `left` columns left-aligned, the others right-aligned. A row marked in `spanning`
+    prints its first two cells only, and no column widens for its second."""
+    span = list(spanning) + [False] * (len(rows) - len(spanning))
+    widths = [max(len(row[i]) for row, sp in zip(rows, span) if not sp or i == 0) for i in range(len(rows[0]))]
     out = []
-    for j, row in enumerate(table):
-        out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    for j, row in enumerate(rows):
+        if span[j]:
+            out.append(f"{row[0]:<{widths[0]}}  {row[1]}")
+        else:
+            out.append("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                       .rstrip())
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
 
 
-__all__ = ["SimReport", "HeadFigures", "head_groups", "format_table", "format_speedup", "format_time",
-           "format_heads"]
+__all__ = ["SimReport", "HeadFigures", "head_groups", "format_table", "align_columns", "format_speedup",
+           "format_time", "format_heads"]

@@ -18,13 +18,16 @@ import torch
 
 from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Union, Window
 from ..analysis.plan import build_plan
+from ..analysis.tiling import volume
 from ..core.tiles import TileGrid, Tiling
 from .device import DeviceModel
 from .profiles import closed_form_profile, has_closed_form, plan_profiles, window_dim_sums
-from .tile_shapes import box_shapes, flat_as_box, format_tile, tile_count, tile_dims, tile_volume
+from .tile_shapes import box_shapes, flat_as_box, format_tile, tile_count, tile_dims
 from .time_model import Workload, concurrent_ctas, predict_time, tile_times
 
-DEFAULT_TILE_VOLUMES = ((128, 128),)  # kernel tile volumes searched when no device is given
+# tile volumes searched without a device (a device model lists its own); kernel-runnable, like every
+# device's (`analysis.tiling.kernel_tile_ok`), so the policy's `kernel_tilings` can take the best one
+DEFAULT_TILE_VOLUMES = ((128, 128),)
 FLAT_PLAN_LIMIT = 1 << 16  # above this many tokens, flat tiles that wrap rows of an n-D window are not planned
 
 
@@ -92,28 +95,28 @@ class Search:
         boxes_ok = spec.ndim > 1 and has_window and not self.routed
         pairs: dict[tuple, None] = {}
 
-        def shapes(volume, grid_shape, other):
+        def shapes(vol, grid_shape, other):
             """Tile shapes of this volume; when the other side is fixed, of the same kind."""
             if spec.ndim == 1:
-                return [volume]
+                return [vol]
             if isinstance(other, int):
-                return [volume]
-            out: list = box_shapes(volume, grid_shape) if boxes_ok or isinstance(other, tuple) else []
+                return [vol]
+            out: list = box_shapes(vol, grid_shape) if boxes_ok or isinstance(other, tuple) else []
             if isinstance(other, tuple):
                 return out
-            eq = flat_as_box(volume, grid_shape)
+            eq = flat_as_box(vol, grid_shape)
             if eq is not None and boxes_ok:
                 return out if eq in out else out + [eq]
             if not boxes_ok or spec.nq <= FLAT_PLAN_LIMIT:
-                out.append(volume)
+                out.append(vol)
             return out
 
         skipped_flat = boxes_ok and spec.nq > FLAT_PLAN_LIMIT and q_fixed is None and kv_fixed is None and any(
             flat_as_box(v, spec.q_shape) is None or flat_as_box(k, spec.kv_shape) is None for v, k in vols)
         for matching in (True, False):  # tile volumes paired as the device lists them; else any
             for qv, kv in vols:
-                if matching and ((q_fixed is not None and tile_volume(q_fixed) != qv)
-                                 or (kv_fixed is not None and tile_volume(kv_fixed) != kv)):
+                if matching and ((q_fixed is not None and volume(q_fixed) != qv)
+                                 or (kv_fixed is not None and volume(kv_fixed) != kv)):
                     continue
                 qs = [q_fixed] if q_fixed is not None else shapes(qv, spec.q_shape, kv_fixed)
                 ks = [kv_fixed] if kv_fixed is not None else shapes(kv, spec.kv_shape, q_fixed)
@@ -204,13 +207,13 @@ class Search:
         g = rows.flatten()
         uf, uv = full[g].flatten(), vis[g].flatten()
         box = self.spec.ndim > 1 and not isinstance(c.q_tile, int)
-        return Workload(tile_volume(c.q_tile), tile_volume(c.kv_tile), self.spec.head_dim, box, uf, uv - uf)
+        return Workload(volume(c.q_tile), volume(c.kv_tile), self.spec.head_dim, box, uf, uv - uf)
 
     def lower_bound(self, c: Candidate, totals) -> float:
         V, F, M = totals
         units = self.batch * self.spec.num_heads * tile_count(self.spec.q_shape, c.q_tile)
         box = self.spec.ndim > 1 and not isinstance(c.q_tile, int)
-        key = (tile_volume(c.q_tile), tile_volume(c.kv_tile), box)
+        key = (volume(c.q_tile), volume(c.kv_tile), box)
         if key not in self._times:
             t_full, t_part, fixed = tile_times(self.dev, self.dev.kernel, *key[:2], self.spec.head_dim, box)
             self._times[key] = (float(t_full), float(t_part), float(fixed))

@@ -17,13 +17,12 @@ import torch
 
 from ..ir import Spec
 from ..analysis.plan import build_plan
-from ..analysis.tiling import kernel_tilings
+from ..analysis.tiling import kernel_tilings, volume
 from ..core.tiles import TileGrid, Tiling
 from . import counting, heads_model
 from .device import load_device
 from .report import HeadFigures, SimReport, head_groups
 from .search import Candidate, Search
-from .tile_shapes import tile_volume
 from .time_model import Workload, dense_time, predict_time
 
 
@@ -178,7 +177,7 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         extra["ctas"] = rh.ctas
         if dev is not None:
             box = spec.ndim > 1 and not isinstance(best.q_tile, int)
-            wl = Workload(tile_volume(best.q_tile), tile_volume(best.kv_tile), spec.head_dim, box, rh.unit_full,
+            wl = Workload(volume(best.q_tile), volume(best.kv_tile), spec.head_dim, box, rh.unit_full,
                           rh.unit_partial)
             # one more launch: the compaction (prefix-sum) kernel
             pred = float(predict_time(dev, wl)) + dev.kernel["launch_overhead_us"] * 1e-6
@@ -222,9 +221,6 @@ def workload(spec: Spec, q_tile, kv_tile, batch: int = 1, block_indices: torch.T
     return s.workload(c)
 
 
-__all__ = ["simulate", "workload"]
-
-
 def ranked_kernel_tilings(spec: Spec, device="h100", limit: int = 4) -> list[Tiling]:
     """The tiling policy (`patterngen.analysis.tiling.kernel_tilings`) on the simulator's ranking
     for `device`: the kernel-runnable tilings to try, best predicted first. Every consumer that
@@ -232,5 +228,7 @@ def ranked_kernel_tilings(spec: Spec, device="h100", limit: int = 4) -> list[Til
     this, so they agree on the tiles of a spec."""
     if spec.routed is not None or spec.nq == 0 or spec.nkv == 0 or spec.num_heads == 0:
         return kernel_tilings(spec)
-    ranked = simulate(spec, device=device).candidates
-    return kernel_tilings(spec, [Tiling(c.q_tile, c.kv_tile) for c in ranked], limit)
+    return simulate(spec, device=device).kernel_tilings(limit)
+
+
+__all__ = ["simulate", "workload", "ranked_kernel_tilings"]

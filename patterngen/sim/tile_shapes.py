@@ -1,5 +1,5 @@
 """Tile shapes on a token grid: the box tiles of a given volume, flat tiles seen as boxes,
-tile counts and volumes.
+tile counts (volumes: `analysis.tiling.volume`).
 
 A tile is an int (that many consecutive tokens of the flattened grid) or a tuple (a box,
 one extent per grid dimension). The search enumerates shapes here and the closed forms
@@ -63,14 +63,9 @@ def tile_count(shape: Sequence[int], tile) -> int:
     return math.prod(-(-n // t) for n, t in zip(shape, tile))
 
 
-def tile_volume(tile) -> int:
-    """Tokens in one tile."""
-    return tile if isinstance(tile, int) else math.prod(tile)
-
-
 def format_tile(t) -> str:
     """'128' for a flat tile, '16x8' for a box."""
     return str(t) if isinstance(t, int) else "x".join(map(str, t))
 
 
-__all__ = ["box_shapes", "flat_as_box", "tile_dims", "tile_count", "tile_volume", "format_tile"]
+__all__ = ["box_shapes", "flat_as_box", "tile_dims", "tile_count", "format_tile"]

@@ -16,8 +16,8 @@ from ..ir import Spec
 from ..core.oracle import dense_mask
 from ..analysis.plan import Plan
 from ..routing.blocks import block_masks, normalize_block_indices, route
-from ..core.semantics import unravel, visible
-from ..core.tiles import TileGrid
+from ..core.statuses import EMPTY, FULL
+from ..core.tile_eval import tile_statuses
 
 
 def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.Tensor | None:
@@ -35,17 +35,6 @@ def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.T
     return route(q, k, r.block, r.topk, r.causal)
 
 
-def kv_tile_ids(grid: TileGrid) -> torch.Tensor:
-    """Tile id of every token of a grid, [n]."""
-    tok = torch.arange(grid.n)
-    if grid.flat:
-        return tok // grid.tile
-    ids = torch.zeros_like(tok)
-    for c, t, n in zip(unravel(tok, grid.shape), grid.tile, grid.counts):
-        ids = ids * n + c // t
-    return ids
-
-
 def check_plan_rows(spec: Spec, plan: Plan, block_indices: torch.Tensor | None = None, max_tiles: int = 6,
                     budget: int = 1 << 26, seed: int = 0) -> tuple[bool, str]:
     """Recompute, from the element-wise semantics, the status of every kv tile for a
@@ -55,8 +44,6 @@ def check_plan_rows(spec: Spec, plan: Plan, block_indices: torch.Tensor | None =
     each q tile costs (tile volume x Nkv) element evaluations.
     """
     qg, kg = plan.q_grid, plan.kv_grid
-    kid = kv_tile_ids(kg)
-    sizes = kg.sizes
     idx = normalize_block_indices(spec, block_indices)
     masks = block_masks(spec, idx) if idx is not None else None
     reps: dict[int, tuple[int, int]] = {}
@@ -71,23 +58,18 @@ def check_plan_rows(spec: Spec, plan: Plan, block_indices: torch.Tensor | None =
     gen = torch.Generator().manual_seed(seed)
     picks = [0, qg.count - 1, qg.count // 2] + torch.randint(qg.count, (n_tiles,), generator=gen).tolist()
     tiles = list(dict.fromkeys(picks))[:min(n_tiles, qg.count)]
-    kv = torch.arange(spec.nkv)[None, :]
+    kv_tiles = torch.arange(kg.count)
     for g in groups:
         b, h = reps[g]
         pattern = spec.head_patterns[h]
         bm = masks[b, h] if masks is not None else None
         tp = plan.groups[g]
         for qt in tiles:
-            tok = qg.tokens(torch.tensor([qt]))[0]
-            tok = tok[tok >= 0]
-            vis = visible(pattern, tok[:, None], kv, spec, bm)
-            vis = vis.expand(len(tok), spec.nkv)
-            t_any = torch.zeros(kg.count, dtype=torch.long).index_add_(0, kid, vis.any(0).long()) > 0
-            t_all = torch.zeros(kg.count, dtype=torch.long).index_add_(0, kid, vis.all(0).long()) == sizes
-            want_kv = torch.nonzero(t_any).flatten()
+            status = tile_statuses(pattern, spec, qg, kg, torch.full_like(kv_tiles, qt), kv_tiles, bm)
+            want_kv = torch.nonzero(status != EMPTY).flatten()
             lo, hi = int(tp.q_ptr[qt]), int(tp.q_ptr[qt + 1])
             got_kv, got_full = tp.kv_tiles[lo:hi], tp.full[lo:hi]
-            if not torch.equal(got_kv, want_kv) or not torch.equal(got_full, t_all[want_kv]):
+            if not torch.equal(got_kv, want_kv) or not torch.equal(got_full, status[want_kv] == FULL):
                 missing = sorted(set(want_kv.tolist()) - set(got_kv.tolist()))[:5]
                 extra = sorted(set(got_kv.tolist()) - set(want_kv.tolist()))[:5]
                 return False, (f"MISMATCH at head {h} (batch {b}), q tile {qt}: kv tiles missing from the plan "

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import aot
 from ..ir import Spec
 from ..analysis.plan import Plan, build_plan
 from ..analysis.tiling import default_tiling
@@ -191,12 +192,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_build(args) -> int:
-    """Forward and backward kernels of every spec; the manifest records which kinds were built."""
-    from ..aot import build  # imports the Triton backend: only `build` needs it
+    """Forward and backward kernels of every spec on the tiling policy's first tiling (`pg.aot.build`);
+    the manifest records which kinds were built."""
     split = (lambda values, default: [x for v in (values or [default]) for x in v.split(",") if x.strip()])
     specs = load_specs(args.spec)
     print(f"patterngen build: {len(specs)} spec(s) from {args.spec} -> {args.out}")
-    manifest = build(specs, args.out, split(args.arch, "sm_90"), split(args.dtype, "bf16"), args.head_dim, log=print)
+    manifest = aot.build(specs, args.out, split(args.arch, "sm_90"), split(args.dtype, "bf16"), args.head_dim, log=print)
     print(f"wrote {len(manifest['kernels'])} kernel(s) ({', '.join(manifest['kernels_built'])}) and "
           f"manifest.json to {args.out}")
     return 0

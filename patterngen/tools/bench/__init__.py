@@ -2,9 +2,9 @@
 
 For every case of the suite, in one process on the current GPU, it times
 
-* patterngen: the generated Triton forward (`TritonForward`) with the tiling the
-  simulator picks (a default when its pick does not run), the best of a few
-  warp/stage configurations;
+* patterngen: the generated Triton forward (`TritonForward`) on the first tiling that
+  runs of the tiling policy's list (the simulator's kernel-runnable ranking, then
+  `analysis.tiling.default_tiling`), the best of a few warp/stage configurations;
 * FlexAttention: `torch.compile(flex_attention)` with the block mask of the
   equivalent mask_mod (`patterngen.integrations.flex`), block sizes 128 and 64, the
   faster kept; building the block mask is timed separately;

@@ -29,7 +29,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="PATH",
                         help="write the results as PATH.json and PATH.md (also calibration records)")
     parser.add_argument("--tiles", choices=("sim", "default", "autotune"), default="sim",
-                        help="patterngen's tiling: the simulator's pick (default), a fixed default, or the autotuner")
+                        help="patterngen's tiling: the simulator's ranking (default), the tiling policy's "
+                             "default, or the autotuner")
     parser.add_argument("--no-sweep", action="store_true", help="only the default warps/stages configuration")
     parser.add_argument("--flex-eager", action="store_true", help="FlexAttention without torch.compile")
     parser.add_argument("--flex-compile", action="store_true",

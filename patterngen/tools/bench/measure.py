@@ -17,7 +17,6 @@ from ...backends.inputs import head_selection
 from ...ir import Spec
 from ...routing.blocks import route
 from ...sim import simulate
-from ...core.tiles import Tiling
 from .runners import Options, run_flex, run_patterngen, run_sdpa, short_error, tile_json
 from .suite import Case, moh_routing
 
@@ -151,9 +150,9 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
     report, why = simulate_case(spec, *fixed, device_model=device_model, block_indices=block_indices,
                                 head_indices=head_indices)
     sim_s = time.perf_counter() - t0
-    sim_tiling = None
+    ranked = []
     if report is not None:
-        sim_tiling = Tiling(report.q_tile, report.kv_tile)
+        ranked = report.kernel_tilings()
         res.sim = {**_sim_summary(report), "device_model": device_model, "elapsed_s": sim_s}
     else:
         res.notes.append(why)
@@ -161,7 +160,7 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
     # patterngen
     pg_out = None
     try:
-        res.pg, pg_out = run_patterngen(spec, q, k, v, opts, sim_tiling, block_indices, head_indices)
+        res.pg, pg_out = run_patterngen(spec, q, k, v, opts, ranked, block_indices, head_indices)
     except NotImplementedError as e:
         res.status = ("skipped: Routed not in the Triton backend yet" if spec.routed is not None
                       else f"skipped: {short_error(e)}")

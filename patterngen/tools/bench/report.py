@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from ...sim.report import align_columns
+from ...sim.tile_shapes import format_tile
 from .measure import CaseResult
-from .runners import format_tile
 
 COLUMNS = ("case", "patterngen ms", "tiles", "flex ms", "flex blk", "mask s", "sdpa ms", "causal ms",
            "sdpa+mask ms", "x flex", "x sdpa", "bound", "% bound", "x all heads", "err")
@@ -48,19 +49,9 @@ def table_rows(results: list[CaseResult]) -> list[list[str]]:
 
 
 def format_table(results: list[CaseResult]) -> str:
+    """One row per case; a case that was skipped or failed shows its status across the row."""
     rows = [list(COLUMNS)] + table_rows(results)
-    spanning = [j > 0 and row[2] == "" for j, row in enumerate(rows)]  # skipped or failed: status spans
-    widths = [max(len(row[i]) for row, span in zip(rows, spanning) if not span or i == 0)
-              for i in range(len(COLUMNS))]
-    out = []
-    for j, row in enumerate(rows):
-        if spanning[j]:
-            out.append(f"{row[0]:<{widths[0]}}  {row[1]}")
-        else:
-            out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return align_columns(rows, spanning=[j > 0 and row[2] == "" for j, row in enumerate(rows)])
 
 
 def summary(results: list[CaseResult], smoke: bool) -> dict:

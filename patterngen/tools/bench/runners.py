@@ -7,19 +7,20 @@ the caller records why.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from ...analysis.tiling import default_tiling
 from ...backends.inputs import head_selection
 from ...integrations.flex import block_mask_for
 from ...ir import Spec
 from ...routing.blocks import block_masks, normalize_block_indices
 from ...core.semantics import visible
 from ...core.tiles import Tiling
+from ...sim.tile_shapes import format_tile
 from .suite import Case
 from .timing import sync
 
@@ -36,7 +37,7 @@ class Options:
     flex_compiled: bool = True
     flex_block_sizes: tuple[int, ...] = FLEX_BLOCK_SIZES
     sweep_configs: bool = True
-    tiles: str = "sim"  # sim | default | autotune
+    tiles: str = "sim"  # sim | default | autotune (head-routed kernels: as sim)
     sdpa_mask: str = "auto"  # auto | always | never
     seed: int = 0
     verbose: bool = False
@@ -48,10 +49,6 @@ def tile_json(t):
     return list(t) if isinstance(t, tuple) else t
 
 
-def format_tile(t) -> str:
-    return "x".join(map(str, t)) if isinstance(t, (tuple, list)) else str(t)
-
-
 def short_error(e: BaseException) -> str:
     """The exception's type and the first line of its message, at most 200 characters."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -59,131 +56,101 @@ def short_error(e: BaseException) -> str:
 
 
 # -- patterngen -----------------------------------------------------------------------------
-def default_tiling(spec: Spec) -> Tiling:
-    """Used when the simulator gives nothing runnable: the routing block for Routed specs,
-    flat 128/64 on 1-D sequences, 128-token boxes of near-equal sides on n-D grids."""
-    if spec.routed is not None:
-        return Tiling(spec.routed.block, spec.routed.block)
-    if spec.ndim == 1:
-        return Tiling(128, 64)
-    box = [1] * spec.ndim
-    while math.prod(box) < 128:  # double the dimension with most room left, innermost first on ties
-        k = max(reversed(range(spec.ndim)), key=lambda i: spec.q_shape[i] / box[i])
-        box[k] *= 2
-    return Tiling(tuple(box), tuple(box))
+def tilings_to_try(spec: Spec, opts: Options, ranked: Sequence[Tiling]) -> list[Tiling]:
+    """The tiling policy's choices, best first: the simulator's kernel-runnable ranking
+    (`SimReport.kernel_tilings`; not with `--tiles default`), then the policy's default
+    (`analysis.tiling.default_tiling`)."""
+    return list(dict.fromkeys((list(ranked) if opts.tiles != "default" else []) + [default_tiling(spec)]))
 
 
-def _kernel_candidates(spec: Spec, opts: Options, sim_tiling: Tiling | None):
-    """(tiling, configs) to try, best guess first."""
-    from ...backends.triton.runtime import KernelConfig, default_config
-
-    tilings = []
-    if opts.tiles == "sim" and sim_tiling is not None:
-        tilings.append(sim_tiling)
-    tilings.append(default_tiling(spec))
-
-    def configs(t: Tiling):
-        vol = math.prod(t.q_tile) if isinstance(t.q_tile, tuple) else t.q_tile
-        block_d = max(16, 1 << (spec.head_dim - 1).bit_length())
-        first = default_config(vol, block_d)
-        if not opts.sweep_configs:
-            return [first]
-        rest = [KernelConfig(w, s) for w in (4, 8) for s in (2, 3)]
-        return [first] + [c for c in rest if c != first]
-
-    return [(t, configs(t)) for t in dict.fromkeys(tilings)]
+def launch_configs(opts: Options) -> list:
+    """Launch configurations to try on a tiling: the backend's default (None), then, when
+    sweeping, every (warps, stages) of the sweep (one equal to the default is skipped)."""
+    from ...backends.triton import KernelConfig
+    if not opts.sweep_configs:
+        return [None]
+    return [None] + [KernelConfig(w, s) for w in (4, 8) for s in (2, 3)]
 
 
-def run_patterngen(spec: Spec, q, k, v, opts: Options, sim_tiling: Tiling | None, block_indices=None,
+def _label(tiling: Tiling, config=None) -> str:
+    tiles = f"{format_tile(tiling.q_tile)}/{format_tile(tiling.kv_tile)}"
+    return tiles if config is None else f"{tiles} {config}"
+
+
+def fastest_kernel(spec: Spec, opts: Options, ranked: Sequence[Tiling], build: Callable, run: Callable):
+    """(timing dict, kernel) of the fastest launch configuration on the first of `tilings_to_try`
+    that runs (failures on the way listed under "failures"). `build(tiling, config)` makes a
+    kernel, `run(kernel)` calls it."""
+    failures = []
+    for tiling in tilings_to_try(spec, opts, ranked):
+        best, tried = None, set()
+        for config in launch_configs(opts):
+            if config in tried:
+                continue
+            try:
+                t0 = time.perf_counter()
+                kern = build(tiling, config)
+                build_s = time.perf_counter() - t0
+                tried.add(kern.config)
+                timing = opts.timer(lambda: run(kern))
+            except NotImplementedError:
+                raise
+            except ValueError as e:  # this tiling is not one the backend runs: try the next
+                failures.append(f"{_label(tiling)}: {short_error(e)}")
+                break
+            except Exception as e:  # noqa: BLE001 - e.g. out of resources for one config
+                failures.append(f"{_label(tiling, config)}: {short_error(e)}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            if best is None or timing["ms"] < best[0]["ms"]:
+                best = ({**timing, "q_tile": tile_json(tiling.q_tile), "kv_tile": tile_json(tiling.kv_tile),
+                         "num_warps": kern.config.num_warps, "num_stages": kern.config.num_stages,
+                         "build_s": build_s, "tiling_from": "simulator" if tiling in ranked else "default"}, kern)
+        if best is not None:  # the first tiling that runs is the one measured
+            if failures:
+                best[0]["failures"] = failures
+            return best
+    raise RuntimeError("no patterngen kernel ran: " + "; ".join(failures))
+
+
+def run_patterngen(spec: Spec, q, k, v, opts: Options, ranked: Sequence[Tiling] = (), block_indices=None,
                    head_indices=None):
-    """(timing dict, output) of the fastest kernel that builds and runs; raises
-    NotImplementedError when the backend does not support the spec. With `head_indices`
-    the head-routed kernels run, and the plain kernel of the same tiles and launch
-    configuration is timed too (`all_heads_ms`: computing every head)."""
+    """(timing dict, output) of the fastest kernel that builds and runs, on the tilings of
+    `tilings_to_try` (`ranked`: the simulator's kernel-runnable ranking); raises
+    NotImplementedError when the backend does not support the spec. With `head_indices` the
+    head-routed kernels run, and the plain kernel of the same tiles and launch configuration is
+    timed too (`all_heads_ms`: computing every head)."""
     from ...backends.triton import TritonForward
 
     call_kwargs = {} if block_indices is None else {"block_indices": block_indices}
     if head_indices is not None:
-        return _run_heads(spec, q, k, v, opts, sim_tiling, head_indices)
+        return _run_heads(spec, q, k, v, opts, ranked, head_indices)
     if opts.tiles == "autotune":
         from ...backends.triton import tuned_kernel
         t0 = time.perf_counter()
-        kern = tuned_kernel(spec, q, k, v, **call_kwargs)
+        kern = tuned_kernel(spec, q, k, v, tilings=list(ranked) or None, **call_kwargs)
         build_s = time.perf_counter() - t0
         timing = opts.timer(lambda: kern(q, k, v, **call_kwargs))
         out = kern(q, k, v, **call_kwargs)[0]
         return {**timing, "q_tile": tile_json(kern.q_grid.tile), "kv_tile": tile_json(kern.kv_grid.tile),
                 "num_warps": kern.config.num_warps, "num_stages": kern.config.num_stages, "build_s": build_s,
                 "tiling_from": "autotune"}, out
-    best, best_out, failures = None, None, []
-    for tiling, configs in _kernel_candidates(spec, opts, sim_tiling):
-        for config in configs:
-            try:
-                t0 = time.perf_counter()
-                kern = TritonForward(spec, tiling, config)
-                build_s = time.perf_counter() - t0
-                timing = opts.timer(lambda: kern(q, k, v, **call_kwargs))
-            except NotImplementedError:
-                raise
-            except ValueError as e:  # this tiling is not one the backend runs: try the next
-                failures.append(f"{format_tile(tiling.q_tile)}/{format_tile(tiling.kv_tile)}: {short_error(e)}")
-                break
-            except Exception as e:  # noqa: BLE001 - e.g. out of resources for one config
-                failures.append(f"{format_tile(tiling.q_tile)}/{format_tile(tiling.kv_tile)} {config}: "
-                                f"{short_error(e)}")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            if best is None or timing["ms"] < best["ms"]:
-                best = {**timing, "q_tile": tile_json(tiling.q_tile), "kv_tile": tile_json(tiling.kv_tile),
-                        "num_warps": config.num_warps, "num_stages": config.num_stages, "build_s": build_s,
-                        "tiling_from": "simulator" if tiling == sim_tiling else "default"}
-                best_out = kern(q, k, v, **call_kwargs)[0]
-        if best is not None:
-            break  # the first tiling that runs is the one measured (the simulator's when it runs)
-    if best is None:
-        raise RuntimeError("no patterngen kernel ran: " + "; ".join(failures))
-    if failures:
-        best["failures"] = failures
-    return best, best_out
+    best, kern = fastest_kernel(spec, opts, ranked, lambda t, c: TritonForward(spec, t, c),
+                                lambda kern: kern(q, k, v, **call_kwargs))
+    return best, kern(q, k, v, **call_kwargs)[0]
 
 
-def _run_heads(spec: Spec, q, k, v, opts: Options, sim_tiling: Tiling | None, head_indices):
+def _run_heads(spec: Spec, q, k, v, opts: Options, ranked: Sequence[Tiling], head_indices):
     from ...backends.triton import TritonForward, TritonHeads
-    from ...backends.triton.runtime import default_kernel_tiling
 
-    tilings = list(dict.fromkeys(t for t in (sim_tiling, default_kernel_tiling(spec)) if t is not None))
-    best, failures = None, []
-    for tiling in tilings:
-        for config in dict(_kernel_candidates(spec, opts, tiling)).get(tiling, [None]):
-            try:
-                t0 = time.perf_counter()
-                kern = TritonHeads(spec, tiling, config)
-                build_s = time.perf_counter() - t0
-                timing = opts.timer(lambda: kern.forward(q, k, v, head_indices))
-            except NotImplementedError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a tiling or configuration that does not run here
-                failures.append(f"{format_tile(tiling.q_tile)}/{format_tile(tiling.kv_tile)} {config}: "
-                                f"{short_error(e)}")
-                continue
-            if best is None or timing["ms"] < best["ms"]:
-                best = {**timing, "q_tile": tile_json(tiling.q_tile), "kv_tile": tile_json(tiling.kv_tile),
-                        "num_warps": kern.config.num_warps, "num_stages": kern.config.num_stages,
-                        "build_s": build_s, "tiling_from": "simulator" if tiling == sim_tiling else "default",
-                        "_kernel": kern}
-        if best is not None:
-            break
-    if best is None:
-        raise RuntimeError("no patterngen kernel ran: " + "; ".join(failures))
-    kern = best.pop("_kernel")
+    best, kern = fastest_kernel(spec, opts, ranked, lambda t, c: TritonHeads(spec, t, c),
+                                lambda kern: kern.forward(q, k, v, head_indices))
     best_out = kern.forward(q, k, v, head_indices)[0]
     plain = TritonForward(spec, Tiling(kern.fwd.q_grid.tile, kern.fwd.kv_grid.tile), kern.config)
     best["all_heads_ms"] = opts.timer(lambda: plain(q, k, v))["ms"]
     best["vs_all_heads"] = best["all_heads_ms"] / best["ms"] if best["ms"] else None
     best["active_fraction"] = float(head_selection(head_indices, spec.num_heads).float().mean())
-    if failures:
-        best["failures"] = failures
     return best, best_out
 
 

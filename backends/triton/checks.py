@@ -1,0 +1,37 @@
+"""What the generated kernels accept, refused up front with errors that name the argument and
+what is valid: tilings and routed blocks (the policy of patterngen.analysis.tiling) and dtypes
+(the interpreter's rule lives in backends/inputs.py, where the op's dispatch reads it too)."""
+from __future__ import annotations
+
+import torch
+
+from ...analysis.tiling import kernel_tile_ok, volume
+from ...core.tiles import Tiling
+from ...ir import Spec
+from ..inputs import interpreter_dtype_problem
+
+
+def check_tiling(spec: Spec, tiling: Tiling) -> None:
+    """Tiles the kernels can run; a Routed spec's tiles are its routing block (a selected block
+    is one kv tile)."""
+    for name, tile in (("q_tile", tiling.q_tile), ("kv_tile", tiling.kv_tile)):
+        if not kernel_tile_ok(tile):
+            raise ValueError(f"tiling: {name}={tile!r} has {volume(tile)} tokens; the Triton backend needs a "
+                             f"power of two >= 16 (tl.dot and tl.arange), e.g. 64, 128 or boxes such as (16, 8)")
+    if spec.routed is not None and not (tiling.q_tile == tiling.kv_tile == spec.routed.block):
+        raise ValueError(f"tiling: {spec.routed!r} needs q and kv tiles equal to its block "
+                         f"({spec.routed.block}), got {tiling!r}")
+
+
+def check_routed_block(spec: Spec) -> None:
+    """A routed block is one tile of the kernel, so it must suit tl.dot as a tile does."""
+    if spec.routed is not None and not kernel_tile_ok(spec.routed.block):
+        raise ValueError(f"{spec.routed!r}: the Triton backend needs the routed block to be a power of two "
+                         f">= 16 (each routed block is one kernel tile), got block={spec.routed.block}; use block "
+                         f"16, 32, 64 or 128, or the reference backend (pg.compile(spec, backend='reference'))")
+
+
+def check_launch_dtype(q: torch.Tensor) -> None:
+    problem = interpreter_dtype_problem(q)
+    if problem is not None:
+        raise TypeError(f"q: {problem}")

@@ -1,0 +1,60 @@
+"""Launch parameters of the generated kernels: warps, stages, the head-dim block, and the
+backward's tiles. The tiles themselves come from the tiling policy (patterngen.analysis.tiling)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...analysis.tiling import volume
+from ...core.tiles import Tiling
+from ...ir import Spec
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters besides the tiles (which the plan fixes)."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def pow2_ceil(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): `tl.arange` extents and bucket sizes."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def head_block(head_dim: int) -> int:
+    """BLOCK_D: the head dimension padded to a power of two of at least 16, as tl.dot needs."""
+    return max(16, pow2_ceil(head_dim))
+
+
+def default_config(block_m: int, block_d: int) -> KernelConfig:
+    """Deterministic choice used without a GPU to tune on: more warps for bigger accumulators."""
+    return KernelConfig(num_warps=8 if block_m * block_d >= 64 * 128 else 4, num_stages=2)
+
+
+def backward_config(block_d: int) -> KernelConfig:
+    """The backward kernels' launch: 8 warps from head dim 128 on (two [BLOCK_N, BLOCK_D]
+    accumulators in dK/dV), which keeps them spill-free on sm_80/sm_90."""
+    return KernelConfig(num_warps=8 if block_d >= 128 else 4, num_stages=2)
+
+
+def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> Tiling:
+    """The dK/dV kernel holds two accumulators per kv tile; for head dims >= 128 it walks q
+    tiles of at most 32 tokens (halving the forward's) to stay within registers: no spills
+    on sm_80/sm_90. A Routed `spec` keeps its tiles (they are the routing blocks; its
+    kernel walks each block in row halves instead)."""
+    if spec is not None and spec.routed is not None:
+        return tiling
+    q = tiling.q_tile
+    while head_dim >= 128 and volume(q) > 32:
+        if isinstance(q, int):
+            q //= 2
+        else:
+            k = next(i for i, t in enumerate(q) if t > 1)
+            q = q[:k] + (q[k] // 2,) + q[k + 1:]
+    return Tiling(q, tiling.kv_tile)
+
+
+# rowsum(dO * O) before the backward: a trivial kernel with nothing to tune
+PREPROCESS_BLOCK_M = 64
+PREPROCESS_CONFIG = KernelConfig(num_warps=4, num_stages=2)

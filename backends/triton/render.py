@@ -1,0 +1,153 @@
+"""Render the kernel modules through the Jinja templates.
+
+The Python here decides *what* to emit: the mask function of each group of heads
+(masks.py), tile geometry as constants, and the kv walk of each kernel (`Walk`); the
+templates hold the kernel text and read those named values.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import math
+from dataclasses import dataclass
+
+import jinja2
+
+from ...ir import Pattern, Spec, Window
+from ...core.tiles import TileGrid
+from ...version import __version__
+from .masks import mask_lines, window_bounds_lines
+
+
+@dataclass(frozen=True)
+class TileDims:
+    extent: int
+    stride: int
+    tile: int
+    count: int
+    inner: int
+    tile_stride: int
+    ragged: bool
+
+
+def tile_context(name: str, grid: TileGrid) -> dict:
+    """What the template needs to address a tile's tokens straight from the row-major layout."""
+    ctx = {"name": name, "flat": grid.flat, "n": grid.n, "even": grid.n % grid.volume == 0 if grid.flat else
+           all(s % t == 0 for s, t in zip(grid.shape, grid.tile))}
+    if grid.flat:
+        ctx["describe"] = f"{grid.tile} consecutive tokens"
+        return ctx
+    ctx["describe"] = "x".join(map(str, grid.tile)) + " boxes of a " + "x".join(map(str, grid.shape)) + " grid"
+    ctx["dims"] = [TileDims(extent=s, stride=grid.strides[k], tile=t, count=c,
+                            inner=math.prod(grid.tile[k + 1:]), tile_stride=math.prod(grid.counts[k + 1:]),
+                            ragged=s % t != 0)
+                   for k, (s, t, c) in enumerate(zip(grid.shape, grid.tile, grid.counts))]
+    return ctx
+
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources.files("patterngen.templates"))),
+                          trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                          undefined=jinja2.StrictUndefined)
+
+
+def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_grid: TileGrid) -> dict | None:
+    """Per-dimension constants for table-free neighbourhood loops: a single undilated Window on
+    box tiles (or 1-D tiles) of one grid; None otherwise. `bounds` is the body of the kernel's
+    bounds function along the dimension, generated from the window rule."""
+    if not isinstance(pattern, Window) or spec.q_shape != spec.kv_shape or spec.routed is not None:
+        return None
+    if len(spec.q_shape) > 1 and (q_grid.flat or kv_grid.flat):
+        return None
+    dims = pattern.dims(spec.ndim)
+    if any(d != 1 for _, _, d, _ in dims):
+        return None
+    qt = (q_grid.tile,) if q_grid.flat else q_grid.tile
+    kt = (kv_grid.tile,) if kv_grid.flat else kv_grid.tile
+    return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "bounds": window_bounds_lines(L, w, s, c),
+                      "tq": tq, "tk": tk, "q_count": q_grid.counts[k], "k_count": kv_grid.counts[k],
+                      "q_tile_stride": math.prod(q_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:])}
+                     for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
+
+
+@dataclass(frozen=True)
+class Walk:
+    """How a kernel reaches the kv tiles of its q tile, decided here; the templates read
+    `walk` (the name) and the data of that walk, and decide nothing.
+
+    - table: the plan's index table, ROWS[group, q tile] into COLS, full tiles first.
+    - routed: the table, then the run-time blocks IDX[b, h, q tile] not yet visited.
+    - closed_form: `segments`, kv-tile ranges as expressions of the q tile (ranges.py).
+    - window: `window`, the neighbourhood per dimension from the window rule.
+    - tile_union (head-routed kernels): the kv tiles of the q tiles a compacted row tile
+      draws from, from the tile-class table.
+    """
+
+    name: str
+    window: dict | None = None
+    segments: tuple | None = None
+
+
+def forward_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+                 segments: list[dict] | None = None) -> Walk:
+    """The forward's walk: an undilated window's neighbourhood, else closed-form `segments`
+    (see ranges.closed_form), else the index table (with routed blocks for Routed specs)."""
+    window = window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+    if window is not None:
+        return Walk("window", window=window)
+    if segments:
+        return Walk("closed_form", segments=tuple(segments))
+    return Walk("table" if spec.routed is None else "routed")
+
+
+def backward_walk(spec: Spec) -> Walk:
+    """The dQ kernel walks the forward's table (and routed blocks); dK/dV its transpose."""
+    return Walk("table" if spec.routed is None else "routed")
+
+
+def heads_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> Walk:
+    """The head-routed forward and dQ: an undilated window's neighbourhood of the rows'
+    bounding box, else the union of their q tiles' kv tiles (needs the tile-class table)."""
+    window = window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+    return Walk("tile_union") if window is None else Walk("window", window=window)
+
+
+def _groups(patterns: list[Pattern | None], spec: Spec) -> list[dict]:
+    """One mask function per group of heads (None: a group whose static part is empty)."""
+    return [{"index": i, "pattern": "nothing" if p is None else repr(p), "mask_lines": mask_lines(p, spec)}
+            for i, p in enumerate(patterns)]
+
+
+def _routed_context(spec: Spec) -> dict | None:
+    """What the templates need of a Routed node: its causal flag and the q -> kv index offset."""
+    return None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
+
+
+def _render(template: str, spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+            walk: Walk, **extra) -> str:
+    return _env.get_template(template).render(
+        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=_groups(patterns, spec),
+        routed=_routed_context(spec), walk=walk.name, window=walk.window, segments=walk.segments,
+        q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid), **extra)
+
+
+def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+                   walk: Walk | None = None) -> str:
+    """The forward kernel module: one mask function per group of heads (`patterns`,
+    the static part of each group's pattern), tile addressing, and the kv walk (see
+    `forward_walk`, its default)."""
+    walk = walk or forward_walk(spec, patterns, q_grid, kv_grid)
+    return _render("attention_fwd.jinja", spec, patterns, q_grid, kv_grid, walk)
+
+
+def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+    """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
+    same mask functions and tile addressing as the forward."""
+    return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, backward_walk(spec),
+                   q_parts=2 if spec.head_dim > 64 else 1)
+
+
+def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+                 walk: Walk | None = None) -> str:
+    """The head-routed kernels (token compaction, forward, dQ, dK/dV over compacted q tiles)
+    with the same mask functions, tile addressing and kv-tile steps as the dense-head ones."""
+    walk = walk or heads_walk(spec, patterns, q_grid, kv_grid)
+    return _render("attention_heads.jinja", spec, patterns, q_grid, kv_grid, walk)

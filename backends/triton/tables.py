@@ -1,0 +1,151 @@
+"""Plan -> the int32 tables the kernels walk.
+
+A spec's heads fall into groups sharing one static pattern (a head's Routed part is chosen
+at run time); each group gets a tile plan, and the kernels read the plans as flat index
+tables: per q tile its kv tiles (forward, dQ), per kv tile its q tiles (dK/dV), full tiles
+first so that they run without mask code. Built on the host, once per spec and tiling.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...analysis.classify import TileAnalysis, has_routed
+from ...analysis.plan import TilePlan
+from ...core.tiles import TileGrid
+from ...ir import Pattern, Routed, Spec, Union
+from .config import pow2_ceil
+
+
+def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
+    """(Routed part, static part) of a head pattern of the form Routed, Routed | static, or static."""
+    if isinstance(pattern, Routed):
+        return pattern, None
+    if isinstance(pattern, Union):
+        routed = [p for p in pattern.parts if isinstance(p, Routed)]
+        rest = [p for p in pattern.parts if not isinstance(p, Routed)]
+        if len(routed) == 1 and not any(has_routed(p) for p in rest):
+            return routed[0], Union.of(*rest)
+    if has_routed(pattern):
+        raise NotImplementedError(f"triton backend: {pattern!r}: Routed blocks are generated only as "
+                                  f"`Routed(...)` or `Routed(...) | static`; use backend='reference'")
+    return None, pattern
+
+
+def head_groups(spec: Spec) -> tuple[list[Pattern | None], torch.Tensor, torch.Tensor]:
+    """(statics, HEAD_GROUP, routed_heads): the distinct static parts of the heads' patterns
+    (None: nothing static), each head's group (int32 [H]) and whether it has a Routed part
+    (bool [H]). One mask function and one plan serve every head of a group."""
+    parts = [split_routed(p) for p in spec.head_patterns]
+    statics = list(dict.fromkeys(s for _, s in parts))
+    head_group = torch.tensor([statics.index(s) for _, s in parts], dtype=torch.int32)
+    return statics, head_group, torch.tensor([r is not None for r, _ in parts])
+
+
+def group_plans(spec: Spec, statics: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> list[TilePlan]:
+    """The tile plan of each group's static part (an empty plan for None)."""
+    ctx = TileAnalysis(spec, q_grid, kv_grid)
+    empty = TilePlan.from_pairs(q_grid.count, *(torch.zeros(0, dtype=torch.long),) * 2,
+                                torch.zeros(0, dtype=torch.int8))
+    return [empty if p is None else TilePlan.from_pairs(q_grid.count, *ctx.classify(p)) for p in statics]
+
+
+def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor, routed_heads: torch.Tensor):
+    """ROWS [groups, q tiles, 3] = (first, first partial, end) into COLS, full tiles first;
+    WORK = (head, q tile) pairs, heaviest first so long rows start early."""
+    rows, cols, base = [], [], 0
+    for tp in groups:
+        q, kt, full = tp.pairs()
+        order = torch.argsort(q * 2 + (~full).long(), stable=True)  # per q tile: full, then partial
+        cols.append(kt[order])
+        n_full = torch.bincount(q[full], minlength=tp.num_q_tiles)
+        start = tp.q_ptr[:-1] + base
+        rows.append(torch.stack([start, start + n_full, tp.q_ptr[1:] + base], 1))
+        base += tp.visited
+    cost = torch.stack([groups[g].q_ptr.diff() for g in head_group.tolist()])  # [H, q tiles]
+    if spec.routed is not None:
+        cost = cost + routed_heads[:, None] * spec.routed.topk
+    order = torch.argsort(cost.flatten(), descending=True, stable=True)
+    work = torch.stack([order // cost.shape[1], order % cost.shape[1]], 1)
+    return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32), work.to(torch.int32)
+
+
+def max_static(groups: list[TilePlan]) -> int:
+    """MAX_STATIC: the most static kv tiles of one q tile, as a power of two (the routed walk
+    checks its run-time blocks against them)."""
+    return pow2_ceil(max(int(g.q_ptr.diff().max()) for g in groups))
+
+
+def transposed_tables(groups: list[TilePlan], num_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROWS_T [groups, kv tiles, 3] = (first, first partial, end) into COLS_T, the q tiles
+    that see each kv tile, full ones first: the dK/dV kernel's walk."""
+    rows, cols, base = [], [], 0
+    for tp in groups:
+        q, kt, full = tp.pairs()
+        order = torch.argsort(kt * 2 * tp.num_q_tiles + (~full).long() * tp.num_q_tiles + q, stable=True)
+        cols.append(q[order])
+        count = torch.bincount(kt, minlength=num_kv_tiles)
+        n_full = torch.bincount(kt[full], minlength=num_kv_tiles)
+        ptr = torch.cumsum(count, 0) - count + base
+        rows.append(torch.stack([ptr, ptr + n_full, ptr + count], 1))
+        base += tp.visited
+    return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32)
+
+
+def routed_transpose(idx: torch.Tensor, num_kv_tiles: int):
+    """(RT_PTR [B*H*kv tiles + 1], RT_Q) int32: per (batch, head, kv block), the q tiles whose
+    routed blocks include it, in q order; a block listed twice by one q tile counts once.
+    Fixed-size torch ops (a sort, a scatter-add, a cumsum) on the device: no host sync."""
+    B, H, nq, K = idx.shape
+    idx = idx.long()
+    earlier = torch.zeros_like(idx, dtype=torch.bool)
+    for j in range(1, K):
+        earlier[..., j] = (idx[..., j:j + 1] == idx[..., :j]).any(-1)
+    valid = (idx >= 0) & ~earlier
+    bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
+    none = B * H * num_kv_tiles
+    key = torch.where(valid, bh * num_kv_tiles + idx, none).flatten()
+    qt = torch.arange(nq, device=idx.device).view(1, 1, nq, 1).expand(B, H, nq, K).flatten()
+    order = torch.argsort(key * nq + qt)
+    counts = torch.zeros(none + 1, dtype=torch.long, device=idx.device).scatter_add_(0, key, torch.ones_like(key))
+    ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:-1], 0)])
+    return ptr.to(torch.int32), qt[order].to(torch.int32)
+
+
+def _runs(qt: torch.Tensor, kt: torch.Tensor, full: torch.Tensor, num_kv_tiles: int):
+    """Per kv tile, the q tiles that see it as maximal runs (first, last, full) of consecutive
+    tiles of one class, and a pointer array [num_kv_tiles + 1] into them."""
+    order = torch.argsort(kt * (int(qt.max()) + 2 if len(qt) else 1) + qt)
+    qt, kt, full = qt[order], kt[order], full[order].long()
+    new = torch.ones(len(qt), dtype=torch.bool)
+    if len(qt):
+        new[1:] = (kt[1:] != kt[:-1]) | (qt[1:] != qt[:-1] + 1) | (full[1:] != full[:-1])
+    starts = torch.nonzero(new).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([len(qt)])]) - 1
+    runs = torch.stack([qt[starts], qt[ends], full[starts]], 1)
+    ptr = torch.zeros(num_kv_tiles + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.bincount(kt[starts], minlength=num_kv_tiles), 0)
+    return runs, ptr
+
+
+def heads_tables(groups: list[TilePlan], num_q_tiles: int, num_kv_tiles: int, classes: bool) -> dict:
+    """The head-routed kernels' tables: per (group, q tile) the kv tile range KV_LO..KV_HI,
+    with `classes` the tile-class table CLASSES [groups, q tiles, kv tiles] (0 empty,
+    1 partial, 2 full) that the tile-union walk reads, and per kv tile the runs of q tiles
+    that see it (RUN_PTR into RUNS) for dK/dV."""
+    shape = (len(groups), num_q_tiles, num_kv_tiles) if classes else (1, 1, 1)
+    table = torch.zeros(shape, dtype=torch.int8)
+    kv_lo = torch.full((len(groups), num_q_tiles), num_kv_tiles, dtype=torch.long)
+    kv_hi = torch.full((len(groups), num_q_tiles), -1, dtype=torch.long)
+    runs, ptrs, base = [], [], 0
+    for g, tp in enumerate(groups):
+        q, kt, full = tp.pairs()
+        if classes:
+            table[g, q, kt] = 1 + full.to(torch.int8)
+        kv_lo[g].scatter_reduce_(0, q, kt, "amin")
+        kv_hi[g].scatter_reduce_(0, q, kt, "amax")
+        r, p = _runs(q, kt, full, num_kv_tiles)
+        runs.append(r)
+        ptrs.append(p + base)
+        base += len(r)
+    return {"KV_LO": kv_lo.to(torch.int32), "KV_HI": kv_hi.to(torch.int32), "CLASSES": table,
+            "RUN_PTR": torch.stack(ptrs).to(torch.int32), "RUNS": torch.cat(runs).to(torch.int32)}
