@@ -61,6 +61,8 @@ class AOTKernel:
         check_inputs(q, k, v, self.spec)
         if q.is_cuda and q.dtype in dispatch.KERNEL_DTYPES:
             self._loaded.record_of(q)  # AOTError when the build lacks this arch or dtype
+        # `load` registered this build already; again here, so that of two loaded builds of one spec the
+        # one called is the one that runs
         dispatch.register_loaded(spec_key(self.spec), self._loaded)
         return attention(q, k, v, self.spec, scale, block_indices, return_lse)
 

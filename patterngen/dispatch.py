@@ -15,6 +15,7 @@ interpreter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections import Counter
@@ -84,18 +85,20 @@ def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None if refusal is None else refusal[1]
 
 
-def _forward_tiling(spec: Spec):
-    """The tiling policy on the simulator's ranking: the tiles `patterngen build` and an
-    untuned `pg.compile` use too."""
+@functools.lru_cache(maxsize=1024)
+def _forward_tiling(key: str):
+    """The tiling policy on the simulator's ranking, once per spec whatever the roles built:
+    the tiles `patterngen build` and an untuned `pg.compile` use too."""
+    from .registry import lookup_spec
     from .sim import ranked_kernel_tilings
-    return ranked_kernel_tilings(spec)[0]
+    return ranked_kernel_tilings(lookup_spec(key))[0]
 
 
 def _build(key: str, role: str):
     from .backends.triton import TritonBackward, TritonForward, TritonHeads, backward_tiling
     from .registry import lookup_spec
     spec = lookup_spec(key)
-    tiling = _forward_tiling(spec)
+    tiling = _forward_tiling(key)
     if role == "forward":
         return TritonForward(spec, tiling)
     if role == "backward":

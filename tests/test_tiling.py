@@ -19,7 +19,7 @@ def _pow2(n: int) -> bool:
 
 
 @settings(max_examples=scaled(60), deadline=None)
-@given(st.one_of(specs(), routed_specs().map(lambda s: s[0] if isinstance(s, tuple) else s)))
+@given(st.one_of(specs(), routed_specs().map(lambda spec_and_indices: spec_and_indices[0])))
 def test_default_is_kernel_runnable_and_plans_use_it(spec):
     tiling = default_tiling(spec)
     assert kernel_tile_ok(tiling.q_tile) and kernel_tile_ok(tiling.kv_tile)
