@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import ast
 
-from .patterns import Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Strided, Union, Window
+from .patterns import PATTERN_TYPES, Pattern
 from .spec import Spec
 
-_CALLABLES = {c.__name__: c for c in (Band, Causal, Full, Global, Heads, Intersection, Routed, Sink, Spec, Strided,
-                                      Union, Window, range, slice)}
+_CALLABLES = {**PATTERN_TYPES, "Spec": Spec, "range": range, "slice": slice}
 
 
 def _value(node: ast.AST):

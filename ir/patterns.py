@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import operator
+import types
 from collections.abc import Sequence as _SequenceABC
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence, Union as _U
@@ -319,8 +320,12 @@ class _Composite(Pattern):
         return self.parts
 
     def __repr__(self):
-        if type(self).of(*self.parts) != self:  # built by the constructor with nested or repeated parts
-            return f"{type(self).__name__}(({', '.join(repr(p) for p in self.parts)},))"
+        # `of` would build another node exactly when a part is of this same type (flattened) or
+        # repeats an earlier one (dropped): such a node was built by the constructor, so print that
+        cls, parts = type(self), self.parts
+        for i, p in enumerate(parts):
+            if type(p) is cls or p in parts[:i]:
+                return f"{cls.__name__}(({', '.join(repr(p) for p in parts)},))"
         return "(" + f" {self._symbol} ".join(repr(p) for p in self.parts) + ")"
 
 
@@ -589,4 +594,8 @@ def _resolve_all(pattern: Pattern, num_heads: int):
     return pattern
 
 
-LEAVES = (Full, Causal, Window, Band, Sink, Global, Strided, Routed)
+PATTERN_TYPES: Mapping[str, type] = types.MappingProxyType({
+    c.__name__: c for c in list(globals().values())
+    if isinstance(c, type) and issubclass(c, Pattern) and dataclasses.is_dataclass(c) and c.__module__ == __name__})
+"""Every pattern type by class name: each dataclass pattern defined in this module, found here
+rather than listed by hand, so a new one is read back by ir/serialize.py and ir/parse.py as is."""

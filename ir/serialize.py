@@ -34,12 +34,11 @@ gets a JSON form without changes here.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping
 
 from . import patterns as _patterns
-from .patterns import JSON_VERSION, JSON_VERSION_KEY, Heads, Pattern
+from .patterns import JSON_VERSION, JSON_VERSION_KEY, PATTERN_TYPES, Heads, Pattern
 from .spec import Spec
 
 VERSION = JSON_VERSION
@@ -61,14 +60,6 @@ def to_json(obj: Pattern | Spec, indent: int | None = None) -> str:
 
 
 # -- reading -------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _types() -> dict[str, type]:
-    """Pattern classes by name: every dataclass pattern defined in ir/patterns.py."""
-    return {c.__name__: c for c in vars(_patterns).values()
-            if isinstance(c, type) and issubclass(c, Pattern) and dataclasses.is_dataclass(c)
-            and c.__module__ == _patterns.__name__}
-
-
 def _init_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
 
@@ -105,29 +96,6 @@ def _check_keys(data: dict, allowed: set[str], where: str, what: str) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise _fail(where, f"unknown key(s) {unknown} for {what} (valid keys: {sorted(allowed)})")
-
-
-class _Pairs(Mapping):
-    """(key, pattern) pairs handed to `Heads` as a mapping without hashing the keys
-    (slice keys are unhashable before Python 3.12)."""
-
-    def __init__(self, pairs: list):
-        self._pairs = pairs
-
-    def items(self):
-        return list(self._pairs)
-
-    def __iter__(self):
-        return iter([k for k, _ in self._pairs])
-
-    def __len__(self):
-        return len(self._pairs)
-
-    def __getitem__(self, key):
-        for k, v in self._pairs:
-            if k == key:
-                return v
-        raise KeyError(key)
 
 
 def _read_head_key(key, where: str):
@@ -170,7 +138,7 @@ def _read_heads(data: dict, where: str) -> Heads:
             raise _fail(f"{where}.entries", f"a listed Heads node has the head keys 0..{len(pairs) - 1} in "
                                             f"order, got {keys}")
         return _construct(Heads, where, [p for _, p in pairs])
-    return _construct(Heads, where, _Pairs(pairs))
+    return _construct(Heads, where, pairs)  # (key, pattern) pairs: slice keys are never hashed
 
 
 def _read_node(data, where: str) -> Pattern:
@@ -179,25 +147,24 @@ def _read_node(data, where: str) -> Pattern:
     kind = data.get("type")
     if kind == "Spec":
         raise _fail(where, "a Spec cannot stand where a pattern is expected")
-    types = _types()
-    if not isinstance(kind, str) or kind not in types:
+    if not isinstance(kind, str) or kind not in PATTERN_TYPES:
         what = "no \"type\"" if "type" not in data else f"the unknown type {_describe(kind)}"
-        raise _fail(where, f"the node has {what} (known pattern types: {', '.join(sorted(types))})")
-    cls = types[kind]
+        raise _fail(where, f"the node has {what} (known pattern types: {', '.join(sorted(PATTERN_TYPES))})")
+    cls = PATTERN_TYPES[kind]
     if cls is Heads:
         return _read_heads(data, where)
     if not cls.__dataclass_params__.init:
         raise _fail(where, f"{kind} has no JSON form")
     fields = {f.name for f in _init_fields(cls)}
     _check_keys(data, fields | {"type"}, where, kind)
-    kwargs = {k: _read_value(v, f"{where}.{k}") for k, v in data.items() if k not in ("type", "parts")}
-    if issubclass(cls, _patterns._Composite) and "parts" in data:  # parts: patterns only
+    composite = issubclass(cls, _patterns._Composite)
+    kwargs = {k: _read_value(v, f"{where}.{k}") for k, v in data.items()
+              if k != "type" and not (composite and k == "parts")}
+    if composite and "parts" in data:  # parts: patterns only
         parts = data["parts"]
         if not isinstance(parts, list):
             raise _fail(f"{where}.parts", f"expected a list of pattern nodes, got {_describe(parts)}")
         kwargs["parts"] = tuple(_read_node(p, f"{where}.parts[{i}]") for i, p in enumerate(parts))
-    elif "parts" in data:
-        kwargs["parts"] = _read_value(data["parts"], f"{where}.parts")
     return _construct(cls, where, **kwargs)
 
 

@@ -79,18 +79,19 @@ class Spec:
         object.__setattr__(self, "head_dim", head_dim)
         heads = head_patterns(self.pattern, num_heads)  # O(1) in num_heads without a Heads node
         object.__setattr__(self, "_heads", heads)
-        routed = set()
+        routed, first_routed = set(), None
         for pat in heads.unique:
             for node in pat.walk():
                 self._check_node(node)
                 if isinstance(node, Routed):
                     routed.add((node.block, node.topk))
+                    if first_routed is None:
+                        first_routed = node
         if len(routed) > 1:
             raise ValueError(f"Spec: all Routed nodes must share (block, topk), since one index tensor "
                              f"serves them all; got {sorted(routed)}")
         # a plain attribute, not a cached property: torch.compile traces reads of it
-        object.__setattr__(self, "routed", next((n for p in heads.unique for n in p.walk() if isinstance(n, Routed)),
-                                                None))
+        object.__setattr__(self, "routed", first_routed)
 
     # -- geometry --------------------------------------------------------------
     @property

@@ -56,7 +56,7 @@ def test_examples_round_trip(pattern):
 
 def test_every_pattern_type_has_an_example():
     covered = {type(n).__name__ for p in EXAMPLES for n in p.walk()}
-    missing = sorted(set(serialize._types()) - covered)
+    missing = sorted(set(serialize.PATTERN_TYPES) - covered)
     assert not missing, f"add an example of {missing} to EXAMPLES (every pattern type must round-trip)"
 
 
