@@ -18,6 +18,7 @@ from .ir import Spec
 from .op import attention_op, reference
 from .registry import spec_from_repr, spec_key
 from .analysis.plan import Plan, build_plan
+from .analysis.tiling import pow2_ceil
 from .routing.blocks import block_counts
 from .core.tiles import Tiling
 
@@ -113,7 +114,7 @@ class CompiledAttention:
         """The Triton forward kernel for these inputs: the given tiling, else the autotuned
         choice among the tiling policy's ranking (timed once per device, dtype and batch
         bucket, then read from the cache; its first tiling without a GPU)."""
-        key = (q.device, q.dtype, 1 << max(0, q.shape[0] - 1).bit_length())
+        key = (q.device, q.dtype, pow2_ceil(q.shape[0]))  # autotune's batch bucket
         if key not in self._kernels:
             from .backends.triton import TritonForward, tuned_kernel
             from .sim import ranked_kernel_tilings

@@ -19,7 +19,7 @@ from ...analysis.tiling import kernel_tilings, volume
 from ...core.tiles import Tiling
 from ...ir import Spec
 from .cache import subdir, write_atomic
-from .config import KernelConfig, head_block, pow2_ceil
+from .config import KernelConfig, head_block, pow2_ceil, tiling_from_json, tiling_json
 from .launch import TritonForward
 
 
@@ -63,8 +63,7 @@ def _store(path, record: dict) -> None:
 def _load(path) -> LaunchCandidate | None:
     try:
         r = json.loads(path.read_text())
-        to_tile = (lambda x: tuple(x) if isinstance(x, list) else x)
-        return LaunchCandidate(Tiling(to_tile(r["q_tile"]), to_tile(r["kv_tile"])), KernelConfig(**r["config"]))
+        return LaunchCandidate(tiling_from_json(r), KernelConfig(**r["config"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or corrupt: tune again
 
@@ -96,6 +95,6 @@ def tuned_kernel(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if not timed:
             raise RuntimeError(f"autotune: no candidate configuration compiled for {spec!r}")
         best = min(timed, key=lambda x: x[0])[1]
-        _store(path, {"q_tile": best.tiling.q_tile, "kv_tile": best.tiling.kv_tile, "config": asdict(best.config),
+        _store(path, {**tiling_json(best.tiling), "config": asdict(best.config),
                       "device": device, "timings_ms": [[m, repr(c)] for m, c in timed]})
     return TritonForward(spec, best.tiling, best.config)

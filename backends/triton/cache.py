@@ -80,22 +80,31 @@ def subdir(name: str) -> Path:
     return directory
 
 
-def write_atomic(path: Path, data: str) -> None:
-    """Write `data` to `path` through a temporary file in the same directory; nothing is left
-    behind on failure, and a directory standing where the file belongs is reported."""
-    if path.is_dir():
-        raise CacheError(f"kernel cache: {str(path)!r} is a directory where a cache entry belongs; remove it "
-                         f"or set {ENV} to another directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
+def replace_atomic(path: Path, data: bytes | str, mode: int | None = None) -> None:
+    """Write `data` (bytes, or text) to `path` through a temporary file in the same directory
+    and os.replace, with permission bits `mode` if given (else mkstemp's 0600); nothing is left
+    behind on failure. The one atomic writer of the cache and of ahead-of-time builds."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, data: str) -> None:
+    """Write the cache entry `data` to `path` atomically (`replace_atomic`), making its
+    directory if needed; a directory standing where the file belongs is reported."""
+    if path.is_dir():
+        raise CacheError(f"kernel cache: {str(path)!r} is a directory where a cache entry belongs; remove it "
+                         f"or set {ENV} to another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomic(path, data)
 
 
 def source_key(source: str) -> str:
@@ -122,15 +131,24 @@ def write_source(source: str) -> Path:
     return path
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1) rather than compiling them."""
+    import triton
+    return bool(triton.knobs.runtime.interpret)
+
+
 def load_source(source: str):
     """Import the cached module of `source` (interpreted or JIT, as TRITON_INTERPRET says)."""
-    import triton
     path = write_source(source)
-    return import_file(path, path.stem + ("_interp" if triton.knobs.runtime.interpret else ""))
+    return import_file(path, path.stem)
 
 
 def import_file(path: Path, module_name: str):
-    """Import a generated module once per name (kernels compile per module object)."""
+    """Import a generated module once per name (kernels compile per module object); under the
+    interpreter the name gets the suffix `_interp`, so that an interpreted module and a JIT one
+    of the same file are kept apart."""
+    if interpreting():
+        module_name += "_interp"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...analysis.tiling import volume
+from ...analysis.tiling import pow2_ceil, volume  # pow2_ceil: re-exported for the launchers
 from ...core.tiles import Tiling
 from ...ir import Spec
 
@@ -17,9 +17,16 @@ class KernelConfig:
     num_stages: int = 2
 
 
-def pow2_ceil(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): `tl.arange` extents and bucket sizes."""
-    return 1 << max(0, n - 1).bit_length()
+def tiling_json(tiling: Tiling) -> dict:
+    """{"q_tile", "kv_tile"} as JSON values (a box tile as a list): the tuning cache's and the
+    build manifest's form."""
+    return {name: list(t) if isinstance(t, tuple) else t
+            for name, t in (("q_tile", tiling.q_tile), ("kv_tile", tiling.kv_tile))}
+
+
+def tiling_from_json(data: dict) -> Tiling:
+    """The Tiling of `tiling_json`'s form (lists back to box tuples)."""
+    return Tiling(*(tuple(data[n]) if isinstance(data[n], list) else data[n] for n in ("q_tile", "kv_tile")))
 
 
 def head_block(head_dim: int) -> int:

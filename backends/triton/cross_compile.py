@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import write_source
+from .cache import interpreting, write_source
 from .config import KernelConfig
 
 
@@ -53,8 +53,7 @@ def compile_file(path: str, kernel: str, signature: dict, constexprs: dict, alig
 
 def compile_kernel(**job) -> CompiledKernel:
     """`compile_file`, in a clean child process when the interpreter is active."""
-    import triton
-    if not triton.knobs.runtime.interpret:
+    if not interpreting():
         return compile_file(**job)
     proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(job), capture_output=True,
                           text=True, env={**os.environ, "TRITON_INTERPRET": "0"})

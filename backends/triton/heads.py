@@ -21,7 +21,7 @@ from .config import KernelConfig, backward_config, pow2_ceil
 from .cross_compile import CompiledKernel, compile_generated
 from .launch import TritonForward, log2_lse, preprocess, softmax_scale
 from .render import heads_walk, render_heads
-from .tables import heads_tables
+from .tables import DeviceTables, heads_tables
 
 MAX_CLASS_TABLE = 1 << 28
 """Largest (groups x q tiles x kv tiles) byte table of tile classes the table path keeps on the device."""
@@ -50,16 +50,15 @@ class TritonHeads:
         self.tables = heads_tables(fwd.groups, nq_t, nkv_t, classes=tables)
         self.source = render_heads(spec, fwd.statics, fwd.q_grid, fwd.kv_grid, self.walk)
         self.module = load_source(self.source)
-        self._device_tables: dict = {}
+        self.device_tables = DeviceTables(**self.tables)
 
     def tables_on(self, device) -> dict:
-        if device not in self._device_tables:
-            self._device_tables[device] = {k: v.to(device) for k, v in self.tables.items()}
-        return self._device_tables[device]
+        """The head-routed tables (`heads_tables`) on `device`, copied once."""
+        return self.device_tables.all_on(device)
 
     def head_groups(self, batch: int, device) -> torch.Tensor:
         """[B, H] static group of each head (the same for every batch entry)."""
-        return self.fwd.tables_on(device)[3].repeat(batch)
+        return self.fwd.device_tables.get("head_group", device).repeat(batch)
 
     # -- launches ----------------------------------------------------------------------
     def compact_consts(self, topk: int) -> dict:

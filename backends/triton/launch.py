@@ -7,14 +7,13 @@ tables to the inputs' device once and calls the kernels; it returns (out, lse) o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ...analysis.tiling import default_tiling
 from ...core.tiles import TileGrid, Tiling
 from ...ir import Spec
 from ...routing.blocks import normalize_block_indices
+from ..inputs import check_scale
 from .cache import load_source
 from .checks import check_launch_dtype, check_routed_block, check_tiling
 from .config import (PREPROCESS_BLOCK_M, PREPROCESS_CONFIG, KernelConfig, backward_config, default_config, head_block,
@@ -22,14 +21,15 @@ from .config import (PREPROCESS_BLOCK_M, PREPROCESS_CONFIG, KernelConfig, backwa
 from .cross_compile import CompiledKernel, compile_generated
 from .ranges import closed_form
 from .render import forward_walk, render_backward, render_forward
-from .tables import forward_tables, group_plans, head_groups, max_static, routed_transpose, transposed_tables
+from .tables import (DeviceTables, forward_tables, group_plans, head_groups, max_static, routed_transpose,
+                     transposed_tables)
 
 LOG2E = 1.4426950408889634
 
 
 def softmax_scale(head_dim: int, scale: float | None) -> float:
-    """SDPA's default scale 1/sqrt(head_dim) unless one is given."""
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    """SDPA's default scale 1/sqrt(head_dim) (`check_scale`'s rule) unless one is given."""
+    return check_scale(None, head_dim) if scale is None else float(scale)
 
 
 def log2_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,7 @@ class TritonForward:
         self.module = load_source(self.source)
         self.rows, self.cols, self.work = forward_tables(spec, self.groups, self.head_group, self.routed_heads)
         self.max_static = max_static(self.groups)
+        self._hold_tables()
 
     def _set_tiles(self, spec: Spec, tiling: Tiling, config: KernelConfig | None) -> None:
         self.spec = spec
@@ -69,7 +70,11 @@ class TritonForward:
         self.block_m, self.block_n = self.q_grid.volume, self.kv_grid.volume
         self.block_d = head_block(spec.head_dim)
         self.config = config or default_config(self.block_m, self.block_d)
-        self._device_tables: dict = {}
+
+    def _hold_tables(self) -> None:
+        """The plan tables (and which heads are routed), copied to each device once (`tables_on`)."""
+        self.device_tables = DeviceTables(rows=self.rows, cols=self.cols, work=self.work, head_group=self.head_group,
+                                          routed_heads=self.routed_heads)
 
     @classmethod
     def from_saved(cls, spec: Spec, tiling: Tiling, config: KernelConfig, module, tables: dict) -> "TritonForward":
@@ -80,21 +85,19 @@ class TritonForward:
         self.rows, self.cols, self.work = tables["rows"], tables["cols"], tables["work"]
         self.head_group, self.routed_heads = tables["head_group"], tables["routed_heads"]
         self.max_static = int(tables["max_static"])
+        self._hold_tables()
         return self
 
     def routed_indices(self, block_indices, batch: int, device) -> torch.Tensor:
         """int32 [B, H, q blocks, topk] block indices as the kernels read them (checked and
         normalised; -1 in the heads whose pattern has no Routed part)."""
         idx = normalize_block_indices(self.spec, block_indices).expand(batch, -1, -1, -1)
-        idx = torch.where(self.routed_heads.to(idx.device)[None, :, None, None], idx, -1)
+        idx = torch.where(self.device_tables.get("routed_heads", idx.device)[None, :, None, None], idx, -1)
         return idx.to(device=device, dtype=torch.int32).contiguous()
 
     def tables_on(self, device: torch.device):
         """(ROWS, COLS, WORK, HEAD_GROUP) on `device`, copied once."""
-        if device not in self._device_tables:
-            self._device_tables[device] = tuple(t.to(device) for t in (self.rows, self.cols, self.work,
-                                                                         self.head_group))
-        return self._device_tables[device]
+        return self.device_tables.on(device, "rows", "cols", "work", "head_group")
 
     def constexprs(self, dtype: torch.dtype, topk: int | None = None) -> dict:
         out = {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
@@ -169,7 +172,7 @@ class TritonBackward:
     def _setup(self, forward, config, source, module, rows_t, cols_t):
         self.fwd, self.config, self.source, self.module = forward, config, source, module
         self.rows_t, self.cols_t = rows_t, cols_t
-        self._device_tables: dict = {}
+        self.device_tables = DeviceTables(rows_t=rows_t, cols_t=cols_t)
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
                       preprocess: bool = False) -> list[CompiledKernel]:
@@ -193,10 +196,8 @@ class TritonBackward:
         B = q.shape[0]
         scale = softmax_scale(spec.head_dim, scale)
         q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
-        if q.device not in self._device_tables:
-            self._device_tables[q.device] = (self.rows_t.to(q.device), self.cols_t.to(q.device))
-        rows_t, cols_t = self._device_tables[q.device]
-        rows, cols, _, head_group = fwd.tables_on(q.device)
+        rows_t, cols_t = self.device_tables.on(q.device, "rows_t", "cols_t")
+        rows, cols, head_group = fwd.device_tables.on(q.device, "rows", "cols", "head_group")
         head_group = head_group.repeat(B)
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)

@@ -86,16 +86,22 @@ class Walk:
     segments: tuple | None = None
 
 
+def _one_window(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> dict | None:
+    """`window_context` of the heads' one static pattern; None where the heads have several."""
+    return window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+
+
 def forward_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
                  segments: list[dict] | None = None) -> Walk:
     """The forward's walk: an undilated window's neighbourhood, else closed-form `segments`
-    (see ranges.closed_form), else the index table (with routed blocks for Routed specs)."""
-    window = window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+    (see ranges.closed_form), else the index table (with routed blocks for Routed specs),
+    as the dQ kernel's (`backward_walk`)."""
+    window = _one_window(spec, patterns, q_grid, kv_grid)
     if window is not None:
         return Walk("window", window=window)
     if segments:
         return Walk("closed_form", segments=tuple(segments))
-    return Walk("table" if spec.routed is None else "routed")
+    return backward_walk(spec)
 
 
 def backward_walk(spec: Spec) -> Walk:
@@ -106,7 +112,7 @@ def backward_walk(spec: Spec) -> Walk:
 def heads_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> Walk:
     """The head-routed forward and dQ: an undilated window's neighbourhood of the rows'
     bounding box, else the union of their q tiles' kv tiles (needs the tile-class table)."""
-    window = window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
+    window = _one_window(spec, patterns, q_grid, kv_grid)
     return Walk("tile_union") if window is None else Walk("window", window=window)
 
 
@@ -130,11 +136,10 @@ def _render(template: str, spec: Spec, patterns: list[Pattern | None], q_grid: T
 
 
 def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
-                   walk: Walk | None = None) -> str:
+                   walk: Walk) -> str:
     """The forward kernel module: one mask function per group of heads (`patterns`,
     the static part of each group's pattern), tile addressing, and the kv walk (see
-    `forward_walk`, its default)."""
-    walk = walk or forward_walk(spec, patterns, q_grid, kv_grid)
+    `forward_walk`)."""
     return _render("attention_fwd.jinja", spec, patterns, q_grid, kv_grid, walk)
 
 
@@ -146,8 +151,8 @@ def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid
 
 
 def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
-                 walk: Walk | None = None) -> str:
+                 walk: Walk) -> str:
     """The head-routed kernels (token compaction, forward, dQ, dK/dV over compacted q tiles)
-    with the same mask functions, tile addressing and kv-tile steps as the dense-head ones."""
-    walk = walk or heads_walk(spec, patterns, q_grid, kv_grid)
+    with the same mask functions, tile addressing and kv-tile steps as the dense-head ones;
+    `walk`: see `heads_walk`."""
     return _render("attention_heads.jinja", spec, patterns, q_grid, kv_grid, walk)

@@ -16,6 +16,30 @@ from ...ir import Pattern, Routed, Spec, Union
 from .config import pow2_ceil
 
 
+class DeviceTables:
+    """Named host tables and their copies on the devices the kernels run on: each table is
+    copied to a device once, on its first use there."""
+
+    def __init__(self, **host: torch.Tensor):
+        self.host = host
+        self._copies: dict = {}
+
+    def get(self, name: str, device) -> torch.Tensor:
+        """The table `name` on `device`."""
+        key = (name, device)
+        if key not in self._copies:
+            self._copies[key] = self.host[name].to(device)
+        return self._copies[key]
+
+    def on(self, device, *names: str) -> tuple[torch.Tensor, ...]:
+        """The tables `names` on `device`."""
+        return tuple(self.get(name, device) for name in names)
+
+    def all_on(self, device) -> dict[str, torch.Tensor]:
+        """Every table on `device`, by name."""
+        return {name: self.get(name, device) for name in self.host}
+
+
 def split_routed(pattern: Pattern) -> tuple[Routed | None, Pattern | None]:
     """(Routed part, static part) of a head pattern of the form Routed, Routed | static, or static."""
     if isinstance(pattern, Routed):

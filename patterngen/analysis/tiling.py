@@ -22,6 +22,11 @@ def volume(tile) -> int:
     return math.prod(tile) if isinstance(tile, tuple) else tile
 
 
+def pow2_ceil(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): tile sides, `tl.arange` extents, batch buckets."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def kernel_tile_ok(tile) -> bool:
     """Whether the generated kernels can run a tile of this shape: a power-of-two volume >= 16."""
     v = volume(tile)
@@ -36,7 +41,7 @@ def default_box(shape: tuple[int, ...], tokens: int = DEFAULT_VOLUME) -> tuple[i
     left = tokens
     for k in reversed(range(len(shape))):
         cap = left if k == 0 else min(8, left)
-        tile[k] = max(1, min(cap, 1 << max(0, shape[k] - 1).bit_length()))
+        tile[k] = max(1, min(cap, pow2_ceil(shape[k])))
         left = max(1, left // tile[k])
     return tuple(tile)
 

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +15,10 @@ import torch
 from ....core.tiles import Tiling
 from ....ir import Spec
 from .. import TritonBackward, TritonForward, backward_tiling
+from ..cache import replace_atomic
+from ..config import tiling_json
 from .manifest import (DTYPES, ENTRY, FORMAT, FORMAT_VERSION, MANIFEST, parse_arch, parse_dtype, sha256, spec_sha256,
-                       tiling_json, versions)
+                       versions)
 
 
 def with_head_dim(spec: Spec, head_dim: int | None) -> Spec:
@@ -30,16 +31,7 @@ def with_head_dim(spec: Spec, head_dim: int | None) -> Spec:
 
 def write_atomic(directory: Path, name: str, data: bytes) -> str:
     """Write `data` to directory/name through a temporary file and os.replace; returns its sha256."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the build from other users
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_atomic(directory / name, data, mode=0o644)  # mkstemp's 0600 would hide the build from other users
     return sha256(data)
 
 

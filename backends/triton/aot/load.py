@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from ....ir import Spec
-from .. import KernelConfig, TritonBackward, TritonForward
-from ..cache import import_file
-from .manifest import AOTError, KernelRecord, check_files, check_manifest, parse_dtype, read_records, sha256, \
-    tiling_from_json
+from .. import TritonBackward, TritonForward
+from ..cache import import_file, interpreting
+from .manifest import AOTError, KernelRecord, check_files, check_manifest, parse_dtype, read_records, sha256
 
 
 class BuildFiles:
@@ -32,17 +31,12 @@ class BuildFiles:
             raise AOTError(f"{self.name}: {name} changed since the build was loaded (sha256 mismatch)")
         return data
 
-    def import_source(self, name: str, interp: bool):
-        data = self._read(name)
-        return import_file(self.directory / name, f"patterngen_aot_{sha256(data)[:24]}" + ("_interp" if interp else ""))
+    def import_source(self, name: str):
+        self._read(name)  # verified against the manifest's sha256, which then names the module
+        return import_file(self.directory / name, f"patterngen_aot_{self._hashes[name][:24]}")
 
     def read_tables(self, name: str) -> dict:
         return torch.load(io.BytesIO(self._read(name)), weights_only=True)
-
-
-def _interpreting() -> bool:
-    import triton
-    return bool(triton.knobs.runtime.interpret)
 
 
 class LoadedSpec:
@@ -104,21 +98,20 @@ class LoadedSpec:
         return self.backward(record), f"the backward kernels loaded from build {self.files.name} ({where})"
 
     def forward(self, record: KernelRecord) -> TritonForward:
-        interp = _interpreting()
+        interp = interpreting()
         if interp not in self._forward:
-            module = self.files.import_source(record.files["source"], interp)
+            module = self.files.import_source(record.files["source"])
             tables = self.files.read_tables(record.files["tables"])
             self._forward[interp] = TritonForward.from_saved(self.spec, record.tiling, record.config, module, tables)
         return self._forward[interp]
 
     def backward(self, record: KernelRecord) -> TritonBackward:
-        interp = _interpreting()
+        interp = interpreting()
         if interp not in self._backward:
-            bwd = record.backward
-            module = self.files.import_source(bwd["files"]["source"], interp)
+            bwd, config = record.backward, record.backward_config
+            module = self.files.import_source(bwd["files"]["source"])
             tables = self.files.read_tables(bwd["files"]["tables"])
-            config = KernelConfig(**bwd["config"])
-            fwd = TritonForward.from_saved(self.spec, tiling_from_json(bwd["tiling"]), config, None, tables)
+            fwd = TritonForward.from_saved(self.spec, record.backward_tiling, config, None, tables)
             self._backward[interp] = TritonBackward.from_saved(fwd, module, tables["rows_t"], tables["cols_t"],
                                                                config)
         return self._backward[interp]

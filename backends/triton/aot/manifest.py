@@ -13,6 +13,7 @@ from ....core.tiles import Tiling
 from ....ir import Spec
 from ....ir.parse import parse_repr
 from .. import KernelConfig
+from ..config import tiling_from_json
 
 FORMAT = "patterngen-aot"
 FORMAT_VERSION = 1
@@ -65,15 +66,6 @@ def versions() -> dict:
     return {"patterngen": __version__, "torch": torch.__version__.split("+")[0], "triton": triton.__version__}
 
 
-def tiling_json(tiling: Tiling) -> dict:
-    return {name: list(t) if isinstance(t, tuple) else t
-            for name, t in (("q_tile", tiling.q_tile), ("kv_tile", tiling.kv_tile))}
-
-
-def tiling_from_json(data: dict) -> Tiling:
-    return Tiling(*(tuple(data[n]) if isinstance(data[n], list) else data[n] for n in ("q_tile", "kv_tile")))
-
-
 @dataclass
 class KernelRecord:
     """One manifest record: a spec's kernels for one arch and dtype."""
@@ -87,6 +79,8 @@ class KernelRecord:
     files: dict
     backward: dict | None = None  # the manifest's backward section; None where not built
     not_built: dict | None = None
+    backward_tiling: Tiling | None = None  # the backward section's tiling and config, parsed
+    backward_config: KernelConfig | None = None
 
     @property
     def label(self) -> str:
@@ -104,22 +98,26 @@ def parse_spec(text: str) -> Spec:
     return spec
 
 
-def _backward_section(record: dict) -> dict | None:
-    """The record's backward section, checked for what loading needs (None where not built)."""
+def _backward_section(record: dict) -> tuple[dict | None, Tiling | None, KernelConfig | None]:
+    """The record's backward section, checked for what loading needs, with its tiling and
+    config parsed ((None, None, None) where not built)."""
     bwd = record.get("backward")
     if bwd is None:
-        return None
+        return None, None, None
+    tiling = config = None
     try:
         ok = (set(bwd["files"]) == {"source", "tables"} and set(bwd["kernels"]) <= set(BACKWARD_ENTRIES)
               and all(name in record["sha256"] for name in bwd["files"].values())
               and all(k[f] in record["sha256"] for k in bwd["kernels"].values() for f in ("cubin", "ptx"))
-              and {"q_tile", "kv_tile"} <= set(bwd["tiling"]) and KernelConfig(**bwd["config"]) is not None)
+              and {"q_tile", "kv_tile"} <= set(bwd["tiling"]))
+        if ok:
+            tiling, config = tiling_from_json(bwd["tiling"]), KernelConfig(**bwd["config"])
     except (KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise AOTError(f"manifest: the backward section of the {record.get('spec', '?')[:120]} record is "
                        f"malformed; rebuild with `patterngen build`")
-    return bwd
+    return bwd, tiling, config
 
 
 def read_records(manifest: dict) -> dict[str, list[KernelRecord]]:
@@ -129,9 +127,10 @@ def read_records(manifest: dict) -> dict[str, list[KernelRecord]]:
     for r in manifest["kernels"]:
         if r["spec"] not in specs:
             specs[r["spec"]] = parse_spec(r["spec"])
-        grouped.setdefault(r["spec"], []).append(KernelRecord(
-            specs[r["spec"]], int(r["arch"]), r["dtype"], tiling_from_json(r["tiling"]), KernelConfig(**r["config"]),
-            int(r["shared_bytes"]), dict(r["files"]), _backward_section(r), r.get("not_built")))
+        forward = (specs[r["spec"]], int(r["arch"]), r["dtype"], tiling_from_json(r["tiling"]),
+                   KernelConfig(**r["config"]), int(r["shared_bytes"]), dict(r["files"]))
+        bwd, btiling, bconfig = _backward_section(r)
+        grouped.setdefault(r["spec"], []).append(KernelRecord(*forward, bwd, r.get("not_built"), btiling, bconfig))
     return grouped
 
 
