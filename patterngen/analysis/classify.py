@@ -21,7 +21,7 @@ from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink
 from .flat_index import FlatForm, flat_form
 from .key_only import kv_tile_status
 from ..core.statuses import EMPTY, FULL, PARTIAL, expand_ranges, status_of
-from .windows import window_hull, window_interval_status
+from .windows import window_dim_pairs, window_hull, window_interval_status
 
 _CHUNK = 1 << 22  # box pairs x 64 per batch of the window-status evaluation
 
@@ -121,10 +121,9 @@ class TileAnalysis:
         npart = (st == PARTIAL).sum(0)
         if isinstance(node, Union):
             out = torch.where((st == FULL).any(0), FULL, torch.where(npart > 0, PARTIAL, EMPTY))
-            amb = (out == PARTIAL) & (npart > 1)
         else:
             out = torch.where((st == EMPTY).any(0), EMPTY, torch.where(npart > 0, PARTIAL, FULL))
-            amb = (out == PARTIAL) & (npart > 1)
+        amb = (out == PARTIAL) & (npart > 1)
         out = out.to(torch.int8)
         if amb.any():
             out[amb] = self._refine(node, qt[amb], kt[amb])
@@ -178,15 +177,11 @@ class TileAnalysis:
         qcounts, kcounts = self.qg.counts, self.kg.counts
         per_dim = []
         for (w, s, d, c), L, tq, tk in zip(node.dims(spec.ndim), spec.q_shape, qtile, ktile):
-            qa = torch.arange(-(-L // tq)) * tq
-            qb = (qa + tq - 1).clamp(max=L - 1)
-            jmin, jmax = window_hull(qa, qb, L, w, s, d, c)
-            rows, kt = expand_ranges(jmin // tk, jmax // tk)
-            ka = kt * tk
-            any_, all_ = window_interval_status(qa[rows], qb[rows], ka, (ka + tk - 1).clamp(max=L - 1), L, w, s, d, c)
+            rows, kt, any_, all_ = window_dim_pairs(L, w, s, d, c, tq, tk)
             rows, kt, full = rows[any_], kt[any_], all_[any_]
-            ptr = torch.zeros(len(qa) + 1, dtype=torch.long)
-            ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=len(qa)), 0)
+            nq = -(-L // tq)
+            ptr = torch.zeros(nq + 1, dtype=torch.long)
+            ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=nq), 0)
             per_dim.append((ptr, kt, full))
         Tq = self.qg.count
         cur_q = torch.arange(Tq)

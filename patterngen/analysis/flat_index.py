@@ -16,7 +16,7 @@ from ..core.semantics import depends_on_kv_only
 from ..core.tiles import TileGrid
 from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Union
 from .key_only import KvCount, kv_count_ok
-from ..core.statuses import EMPTY, FULL, PARTIAL, expand_ranges
+from ..core.statuses import EMPTY, FULL, PARTIAL, expand_ranges, status_of
 
 MAX_TERMS = 16         # union terms of a flattened-index pattern before the tree analysis takes over
 ROWS_PER_BATCH = 1 << 15         # q tiles per batch of the closed-form plan and profile
@@ -232,7 +232,7 @@ class FlatForm:
             live = [i for i, t in enumerate(self.terms) if t.qn is None or t.qn > s1]
             covered = self._covered(live, sa, sb, ka, kb) if live else torch.zeros_like(here)
             full &= ~here | covered
-        return torch.where(full, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+        return status_of(any_, full)
 
     def _covered(self, live: list[int], sa, sb, ka, kb) -> torch.Tensor:
         """Whether every query in [sa, sb] sees every key in [ka, kb] through the live terms."""
@@ -330,8 +330,7 @@ class FlatForm:
                 sel = ~edge & (mask == m)
                 start[sel] = base + cum_any[r0[sel]]
                 count[sel] = cum_any[r1[sel]] - cum_any[r0[sel]]
-            rep = torch.repeat_interleave(torch.arange(len(rows)), count)
-            idx = start[rep] + torch.arange(len(rep)) - (torch.cumsum(count, 0) - count)[rep]
+            rep, idx = expand_ranges(start, start + count - 1)
             kt, qt = kts[idx], rows[rep]
             st = torch.where(fulls[idx], FULL, PARTIAL).to(torch.int8)
             e = edge[rep]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..core.semantics import group_length, window_bounds
+from ..core.statuses import expand_ranges
+
 
 def _residue_coords(a: torch.Tensor, b: torch.Tensor, r: int, d: int):
     """Group coordinates [ceil((a-r)/d), floor((b-r)/d)] of the members of residue r in [a, b]."""
@@ -66,3 +68,24 @@ def undilated_interval_all(qa, qb, ka, kb, L, w, s, causal) -> torch.Tensor:
     lo_last, _ = window_bounds(qb, Lg, w, s, causal)
     _, hi_first = window_bounds(qa, Lg, w, s, causal)
     return (lo_last <= ka) & (hi_first >= kb)
+
+
+def window_dim_pairs(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: int):
+    """Along one dimension of extent L, for q tiles of `tq` and kv tiles of `tk` consecutive
+    coordinates: (rows, kt, any_, all_) over the kv tiles of each q tile's `window_hull`
+    (rows the q tile, kt the kv tile, row-major) with their exact (any, all) visibility.
+
+    Undilated, the visible keys of consecutive queries overlap or touch (stride <= size, as
+    `Window` requires), so every kv tile of the hull is visible and only "all" is computed
+    (`undilated_interval_all`); dilated, `window_interval_status` classifies each pair."""
+    qa = torch.arange(-(-L // tq)) * tq
+    qb = (qa + tq - 1).clamp(max=L - 1)
+    jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
+    rows, kt = expand_ranges(jmin // tk, jmax // tk)
+    ka = kt * tk
+    kb = (ka + tk - 1).clamp(max=L - 1)
+    if d == 1:
+        return rows, kt, torch.ones(rows.shape, dtype=torch.bool), undilated_interval_all(
+            qa[rows], qb[rows], ka, kb, L, w, s, causal)
+    any_, all_ = window_interval_status(qa[rows], qb[rows], ka, kb, L, w, s, d, causal)
+    return rows, kt, any_, all_

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
 
-import torch
-
 from ..ir import Window
-from ..analysis.windows import undilated_interval_all, window_hull
+from ..analysis.windows import window_dim_pairs
 from .counting import window_dim_visible
 from .profiles import window_dim_tiles
 
@@ -83,15 +81,10 @@ def _dim_option(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: int) 
     if d > 1:
         visited, full = window_dim_tiles(L, w, s, d, causal, tq, tk)
         return int(visited.sum()) if bool((visited == full).all()) else None
-    # undilated windows are intervals monotone in the query: a q tile visits the kv tiles of its
-    # `window_hull`, and all of them are full iff their whole span is visible from its first and
-    # its last query (`undilated_interval_all`, without `window_interval_status`' binary search for "any")
-    qa = torch.arange(-(-L // tq)) * tq
-    qb = (qa + tq - 1).clamp(max=L - 1)
-    jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
-    first, last = jmin // tk, jmax // tk
-    full = undilated_interval_all(qa, qb, first * tk, (last * tk + tk - 1).clamp(max=L - 1), L, w, s, causal)
-    return int((last - first + 1).sum()) if bool(full.all()) else None
+    # undilated windows are intervals monotone in the query: a q tile visits every kv tile of its
+    # `window_hull`, and all of them are full iff `undilated_interval_all` holds on each (`window_dim_pairs`)
+    rows, _, any_, all_ = window_dim_pairs(L, w, s, d, causal, tq, tk)
+    return len(rows) if bool(all_[any_].all()) else None
 
 
 def advise_strides(window, grid, q_tile, kv_tile, tolerance=0, *, limit: int | None = None

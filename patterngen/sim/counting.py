@@ -27,6 +27,7 @@ from ..ir import Band, Causal, Full, Intersection, Pattern, Routed, Sink, Spec, 
 from ..analysis.plan import build_plan
 from ..routing.blocks import normalize_block_indices
 from ..core.semantics import group_length, unravel, visible, window_bounds
+from ..core.statuses import expand_ranges
 from ..core.tile_eval import CHUNK, Tokens, VisibleFn, grid_tokens, pattern_visible, tile_masks
 from ..core.tiles import Tiling
 from .atoms import KvBelow, QBelow, RoutedBlocks, Routes, TooManyTerms, as_routes, expand
@@ -137,10 +138,7 @@ def count_rows(conj: _Conj, spec: Spec, routes: Routes | None) -> int | None:
         q = torch.arange(start, min(conj.q_end, start + step))
         if conj.blocks is not None:  # one row per (query, selected kv block)
             qb = q // blk
-            cnt = ptr[qb + 1] - ptr[qb]
-            rep = torch.repeat_interleave(torch.arange(len(q)), cnt)
-            pos = ptr[qb][rep] + torch.arange(len(rep)) - (torch.cumsum(cnt, 0) - cnt)[rep]
-            q = q[rep]
+            q, pos = expand_ranges(ptr[qb], ptr[qb + 1] - 1, q)
             kb = kbs[pos]
             A, B = kb * blk, kb * blk + blk - 1
         else:
@@ -222,8 +220,7 @@ def _count_window_query_rows(conj: _Conj, spec: Spec) -> int:
             B.append(b)
         sizes = torch.stack([(b - a + 1).clamp_min(0) for a, b in zip(A, B)], 1)  # [q, ndim]
         cnt = sizes.prod(1)
-        rep = torch.repeat_interleave(torch.arange(len(q)), cnt)
-        off = torch.arange(len(rep)) - (torch.cumsum(cnt, 0) - cnt)[rep]
+        rep, off = expand_ranges(torch.zeros_like(cnt), cnt - 1)
         kv = torch.zeros_like(off)
         for k in range(spec.ndim):  # mixed-radix digits of the offset inside the box
             inner = sizes[rep, k + 1:].prod(1) if k + 1 < spec.ndim else torch.ones_like(off)

@@ -43,6 +43,7 @@ import torch
 from ..ir import Routed, Spec
 from ..analysis.plan import Plan, TilePlan
 from ..routing.blocks import block_masks, normalize_block_indices
+from ..core.statuses import expand_ranges
 from ..core.tile_eval import grid_tokens, pattern_visible, tile_masks
 
 
@@ -157,9 +158,7 @@ def span_costs(tp: TilePlan, unit: torch.Tensor, tile: torch.Tensor, units: int,
     if units == 0:
         return visited, fulls
     nspan = torch.bincount(unit, minlength=units)
-    cnt = tp.q_ptr[tile + 1] - tp.q_ptr[tile]
-    rep = torch.repeat_interleave(torch.arange(len(tile)), cnt)
-    pos = tp.q_ptr[tile][rep] + torch.arange(len(rep)) - (torch.cumsum(cnt, 0) - cnt)[rep]
+    rep, pos = expand_ranges(tp.q_ptr[tile], tp.q_ptr[tile + 1] - 1)
     u = unit[rep]
     key = u * num_kv_tiles + tp.kv_tiles[pos]
     uniq, inv = torch.unique(key, return_inverse=True)

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import torch
 
-from ..analysis import flat_form, flat_terms, kv_tile_status, window_hull, window_interval_status
+from ..analysis import flat_form, flat_terms, kv_tile_status
+from ..analysis.windows import window_dim_pairs
 from ..ir import Band, Causal, Full, Global, Pattern, Spec, Window
 from ..analysis.plan import Plan
 from ..core.semantics import depends_on_kv_only, window_1d
-from ..core.statuses import expand_ranges
 from ..core.tiles import TileGrid
 from .tile_shapes import tile_dims
 
@@ -32,7 +32,7 @@ def window_dim_tiles(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: 
     of extent L: the number of visited and of full kv tiles of each q tile (int64 [Tq]).
 
     `analysis.windows` classifies given interval pairs; this counts them per q tile, over
-    the kv tiles of each q tile's `window_hull`, classified by `window_interval_status`
+    the kv tiles of each q tile's `window_hull`, classified by `analysis.windows.window_dim_pairs`
     (or, up to `MASK_EXTENT`, by reducing the 1-D mask). A box tile pair of an n-D Window
     is visited (full) iff it is along every dimension, so the n-D numbers of a q tile are
     the products over dimensions.
@@ -47,12 +47,7 @@ def window_dim_tiles(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: 
         any_ = any_.view(Tq, tq, Tk, tk).any(3).any(1)
         all_ = all_.view(Tq, tq, Tk, tk).all(3).all(1) & any_
         return any_.sum(1), all_.sum(1)
-    qa = torch.arange(Tq) * tq
-    qb = (qa + tq - 1).clamp(max=L - 1)
-    jmin, jmax = window_hull(qa, qb, L, w, s, d, causal)
-    rows, kt = expand_ranges(jmin // tk, jmax // tk)
-    ka = kt * tk
-    any_, all_ = window_interval_status(qa[rows], qb[rows], ka, (ka + tk - 1).clamp(max=L - 1), L, w, s, d, causal)
+    rows, _, any_, all_ = window_dim_pairs(L, w, s, d, causal, tq, tk)
     visited = torch.bincount(rows[any_], minlength=Tq)
     full = torch.bincount(rows[any_ & all_], minlength=Tq)
     return visited, full
@@ -148,7 +143,7 @@ def plan_profiles(plan: Plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for g in plan.groups:
         visited = g.q_ptr.diff()
-        rows = torch.repeat_interleave(torch.arange(g.num_q_tiles), visited)
+        rows = g.pairs()[0]
         full = torch.zeros(g.num_q_tiles, dtype=torch.long).index_add_(0, rows, g.full.long())
         out.append((visited, full))
     return out

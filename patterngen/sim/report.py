@@ -71,7 +71,7 @@ class HeadFigures(_Bounds):
 def head_groups(spec: Spec, heads: Sequence[HeadFigures]) -> list[HeadFigures]:
     """Per-head figures summed over the heads that share a pattern, in order of first appearance."""
     groups = []
-    for p in dict.fromkeys(spec.head_patterns):
+    for p in spec.head_patterns.unique:
         members = [hf for hf in heads if hf.pattern == p]
         groups.append(HeadFigures(tuple(h for hf in members for h in hf.heads), p,
                                   sum(hf.dense_pairs for hf in members), sum(hf.visible_pairs for hf in members),

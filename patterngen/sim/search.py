@@ -22,7 +22,7 @@ from ..analysis.tiling import volume
 from ..core.tiles import TileGrid, Tiling
 from .device import DeviceModel
 from .profiles import closed_form_profile, has_closed_form, plan_profiles, window_dim_sums
-from .tile_shapes import box_shapes, flat_as_box, format_tile, tile_count, tile_dims
+from .tile_shapes import box_shapes, flat_as_box, format_tile, tile_dims
 from .time_model import Workload, concurrent_ctas, predict_time, tile_times
 
 # tile volumes searched without a device (a device model lists its own); kernel-runnable, like every
@@ -75,8 +75,8 @@ class Search:
 
     def __init__(self, spec: Spec, dev: DeviceModel | None, batch: int, indices: torch.Tensor | None):
         self.spec, self.dev, self.batch, self.indices = spec, dev, batch, indices
-        self.patterns = list(dict.fromkeys(spec.head_patterns))
-        self.mult = {p: sum(1 for q in spec.head_patterns if q == p) for p in self.patterns}
+        self.patterns = list(spec.head_patterns.unique)
+        self.mult = {p: spec.head_patterns.count(p) for p in self.patterns}
         self.routed = spec.routed is not None
         self._times: dict = {}
         self._firsts: dict = {}
@@ -211,7 +211,7 @@ class Search:
 
     def lower_bound(self, c: Candidate, totals) -> float:
         V, F, M = totals
-        units = self.batch * self.spec.num_heads * tile_count(self.spec.q_shape, c.q_tile)
+        units = self.batch * self.spec.num_heads * self.grids(c)[0].count
         box = self.spec.ndim > 1 and not isinstance(c.q_tile, int)
         key = (volume(c.q_tile), volume(c.kv_tile), box)
         if key not in self._times:
@@ -245,7 +245,7 @@ class Search:
 
     def _estimate(self, pattern: Pattern, c: Candidate) -> float:
         spec = self.spec
-        Tq, Tk = tile_count(spec.q_shape, c.q_tile), tile_count(spec.kv_shape, c.kv_tile)
+        Tq, Tk = (g.count for g in self.grids(c))
         if isinstance(pattern, Full):
             return float(Tq * Tk)
         if isinstance(pattern, Window):
@@ -278,7 +278,7 @@ class Search:
             t = self.totals(c)
             if t is not None:
                 V, F, _ = t
-                Tq, Tk = tile_count(self.spec.q_shape, c.q_tile), tile_count(self.spec.kv_shape, c.kv_tile)
+                Tq, Tk = (g.count for g in self.grids(c))
                 c.tile_pairs, c.visited, c.full = Tq * Tk * self.spec.num_heads, V, F
                 c.totals = t
                 fast.append(c)

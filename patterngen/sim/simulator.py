@@ -130,9 +130,7 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         cands = search.run(cands, max_plans)
         searched = True
     best = cands[0]
-    if best.status != "exact":  # pragma: no cover - the best is always evaluated
-        search.evaluate(best)
-    if best.profiles is None:
+    if best.profiles is None:  # not evaluated: pruned, estimated, or exact from the window totals alone
         search.evaluate(best)
 
     # per-head figures

@@ -1,5 +1,5 @@
-"""Tile shapes on a token grid: the box tiles of a given volume, flat tiles seen as boxes,
-tile counts (volumes: `analysis.tiling.volume`).
+"""Tile shapes on a token grid: the box tiles of a given volume, flat tiles seen as boxes
+(tile counts: `core.tiles.TileGrid.count`; volumes: `analysis.tiling.volume`).
 
 A tile is an int (that many consecutive tokens of the flattened grid) or a tuple (a box,
 one extent per grid dimension). The search enumerates shapes here and the closed forms
@@ -7,8 +7,9 @@ need to know when a flat tile is in fact a box.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
+
+from ..analysis.tiling import pow2_ceil
 
 
 def _factorisations(volume: int, caps: Sequence[int]) -> list[tuple[int, ...]]:
@@ -22,14 +23,10 @@ def _factorisations(volume: int, caps: Sequence[int]) -> list[tuple[int, ...]]:
     return out
 
 
-def _pow2ceil(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def box_shapes(volume: int, shape: Sequence[int]) -> list[tuple[int, ...]]:
     """Box tiles of exactly `volume` tokens on a grid, no extent beyond the next power of
     two of the grid's (a larger one only pads)."""
-    return _factorisations(volume, [_pow2ceil(n) for n in shape])
+    return _factorisations(volume, [pow2_ceil(n) for n in shape])
 
 
 def flat_as_box(volume: int, shape: Sequence[int]) -> tuple[int, ...] | None:
@@ -56,16 +53,9 @@ def tile_dims(tile, shape: Sequence[int]) -> tuple[int, ...] | None:
     return flat_as_box(tile, shape) if isinstance(tile, int) else tile
 
 
-def tile_count(shape: Sequence[int], tile) -> int:
-    """Number of tiles (edge tiles included) that cover a grid."""
-    if isinstance(tile, int):
-        return -(-math.prod(shape) // tile)
-    return math.prod(-(-n // t) for n, t in zip(shape, tile))
-
-
 def format_tile(t) -> str:
     """'128' for a flat tile, '16x8' for a box."""
     return str(t) if isinstance(t, int) else "x".join(map(str, t))
 
 
-__all__ = ["box_shapes", "flat_as_box", "tile_dims", "tile_count", "format_tile"]
+__all__ = ["box_shapes", "flat_as_box", "tile_dims", "format_tile"]

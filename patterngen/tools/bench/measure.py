@@ -120,10 +120,6 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d) if torch.isfinite(d) else math.inf
 
 
-def _tile_arg(t):
-    return tuple(t) if isinstance(t, list) else t
-
-
 # -- one case ---------------------------------------------------------------------------------
 def run_case(case: Case, opts: Options, device_model: str | None = None) -> CaseResult:
     """Everything measured for one case (failures are recorded, not raised)."""
@@ -171,7 +167,7 @@ def run_case(case: Case, opts: Options, device_model: str | None = None) -> Case
     if res.pg is not None and report is not None:
         ran = (res.pg["q_tile"], res.pg["kv_tile"])
         if ran != (tile_json(report.q_tile), tile_json(report.kv_tile)):  # bound at the tiles that ran
-            other, why = simulate_case(spec, _tile_arg(ran[0]), _tile_arg(ran[1]), device_model, block_indices,
+            other, why = simulate_case(spec, ran[0], ran[1], device_model, block_indices,
                                        head_indices)
             if other is not None:
                 res.sim = {**_sim_summary(other), "device_model": device_model,
