@@ -37,12 +37,18 @@ run: $(STAMP)
 
 # On a lent GPU machine (torch, triton, jinja2 and sympy preinstalled; no network): install
 # the project without touching those, run the GPU tests and a quick benchmark against
-# FlexAttention and SDPA, and leave everything in $(GPU_OUT)/.
+# FlexAttention and SDPA, and leave everything in $(GPU_OUT)/. Each step has a time limit and a
+# failing step does not stop the next one, so one call of a short lease returns every result.
+GPU_TEST_LIMIT ?= 240
+GPU_BENCH_LIMIT ?= 360
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	$(PIP) install --no-build-isolation --no-deps -e . > $(GPU_OUT)/install.log 2>&1
 	$(PYTHON) -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
 		| tee $(GPU_OUT)/versions.txt
-	if $(PYTHON) -c "import pytest" 2>/dev/null; then TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -m gpu tests/test_gpu.py; \
-		else TRITON_INTERPRET=0 $(PYTHON) tests/test_gpu.py; fi 2>&1 | tee $(GPU_OUT)/tests.txt
-	TRITON_INTERPRET=0 $(PYTHON) -m patterngen.tools.cli bench --quick --out $(GPU_OUT)/bench 2>&1 | tee $(GPU_OUT)/bench.txt
+	-if $(PYTHON) -c "import pytest" 2>/dev/null; then \
+		PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 timeout $(GPU_TEST_LIMIT) $(PYTHON) -m pytest -q --durations=8 -m gpu tests/test_gpu.py; \
+		else PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 timeout $(GPU_TEST_LIMIT) $(PYTHON) tests/test_gpu.py; fi 2>&1 \
+		| tee $(GPU_OUT)/tests.txt
+	-PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 timeout $(GPU_BENCH_LIMIT) $(PYTHON) -m patterngen.tools.cli bench --quick \
+		--out $(GPU_OUT)/bench $(BENCH_ARGS) 2>&1 | tee $(GPU_OUT)/bench.txt
