@@ -12,7 +12,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # -- validation --------------------------------------------------------------------
 def check_inputs(q, k, v, spec: Spec) -> None:
-    """q [B, Hq, Nq, D], k and v [B, Hkv, Nkv, D] of one float dtype and device, as `spec` says."""
+    """q [B, Hq, Nq, D], k and v [B, Hkv, Nkv, D] of one float dtype and device, as `spec` says
+    (any Nq and Nkv for a length-free spec: they are never compared, so symbolic lengths stay so)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -30,12 +31,13 @@ def check_inputs(q, k, v, spec: Spec) -> None:
     B, Hq, Nq, D = q.shape
     if k.shape[0] != B:
         raise ValueError(f"k: batch size {k.shape[0]} differs from q's {B}")
-    expected = (("q", "heads", Hq, spec.num_heads, "spec.num_heads"),
-                ("q", "tokens", Nq, spec.nq, f"spec.nq (q_shape={spec.q_shape})"),
+    expected = [("q", "heads", Hq, spec.num_heads, "spec.num_heads"),
                 ("q", "head_dim", D, spec.head_dim, "spec.head_dim"),
                 ("k", "heads", k.shape[1], spec.num_kv_heads, "spec.num_kv_heads"),
-                ("k", "tokens", k.shape[2], spec.nkv, f"spec.nkv (kv_shape={spec.kv_shape})"),
-                ("k", "head_dim", k.shape[3], spec.head_dim, "spec.head_dim"))
+                ("k", "head_dim", k.shape[3], spec.head_dim, "spec.head_dim")]
+    if not spec.length_free:
+        expected += [("q", "tokens", Nq, spec.nq, f"spec.nq (q_shape={spec.q_shape})"),
+                     ("k", "tokens", k.shape[2], spec.nkv, f"spec.nkv (kv_shape={spec.kv_shape})")]
     for name, what, got, want, src in expected:
         if got != want:
             raise ValueError(f"{name}: has {got} {what} (shape {tuple((q if name == 'q' else k).shape)}) but the "

@@ -1,6 +1,7 @@
-"""`Spec`: a pattern bound to shapes, head counts and head dim, validated together."""
+"""`Spec`: a pattern bound to shapes (or to any length), head counts and head dim, validated together."""
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import json
@@ -47,10 +48,16 @@ def _count(name: str, value, minimum: int = 1) -> int:
 class Spec:
     """A pattern on a query grid and a key grid (row-major flattening), with head
     counts (GQA: num_heads % num_kv_heads == 0) and head dim. Extents and head counts
-    may be 0 (an empty input, as scaled_dot_product_attention takes); head_dim may not."""
+    may be 0 (an empty input, as scaled_dot_product_attention takes); head_dim may not.
+
+    Without `q_shape` the spec is length-free: a 1-D pattern for every length, each call
+    reading Nq and Nkv from its tensors (queries aligned bottom-right to the keys when they
+    differ), so one kernel serves every length. `bind(nq, nkv)` gives the fixed-length spec
+    of one call. A grid (an n-D shape, or a `Window`, whose neighbourhoods depend on the
+    extents) stays part of its spec."""
 
     pattern: Pattern
-    q_shape: tuple[int, ...]
+    q_shape: tuple[int, ...] | None = None
     kv_shape: tuple[int, ...] | None = None
     num_heads: int = 1
     num_kv_heads: int | None = None
@@ -62,8 +69,14 @@ class Spec:
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"Spec: pattern must be a patterngen pattern, got {self.pattern!r}")
-        q_shape = _shape("q_shape", self.q_shape)
-        kv_shape = q_shape if self.kv_shape is None else _shape("kv_shape", self.kv_shape)
+        if self.q_shape is None:
+            if self.kv_shape is not None:
+                raise ValueError(f"Spec: kv_shape={self.kv_shape!r} needs a q_shape; a length-free spec (no "
+                                 f"q_shape) takes both lengths from each call's tensors")
+            q_shape = kv_shape = None
+        else:
+            q_shape = _shape("q_shape", self.q_shape)
+            kv_shape = q_shape if self.kv_shape is None else _shape("kv_shape", self.kv_shape)
         num_heads = _count("num_heads", self.num_heads, 0)  # zero heads, like zero tokens: an empty result
         num_kv_heads = num_heads if self.num_kv_heads is None else _count("num_kv_heads", self.num_kv_heads, 0)
         if num_kv_heads == 0 and num_heads:
@@ -95,16 +108,48 @@ class Spec:
 
     # -- geometry --------------------------------------------------------------
     @property
+    def length_free(self) -> bool:
+        """No fixed lengths: every call reads Nq and Nkv from its tensors (`bind`)."""
+        return self.q_shape is None
+
+    @property
     def ndim(self) -> int:
-        return len(self.q_shape)
+        return 1 if self.q_shape is None else len(self.q_shape)
 
     @property
     def nq(self) -> int:
-        return math.prod(self.q_shape)
+        return math.prod(self._shapes()[0])
 
     @property
     def nkv(self) -> int:
-        return math.prod(self.kv_shape)
+        return math.prod(self._shapes()[1])
+
+    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if self.q_shape is None:
+            raise ValueError(f"{self!r} is length-free: its lengths come from each call's tensors; "
+                             f"spec.bind(nq, nkv) gives the spec of one call")
+        return self.q_shape, self.kv_shape
+
+    def bind(self, nq: int, nkv: int | None = None) -> "Spec":
+        """The fixed-length spec of a call with `nq` queries and `nkv` keys (default nq); a
+        fixed-length spec returns itself when the lengths are its own (ValueError otherwise)."""
+        nq = _count("nq", nq, 0)
+        nkv = nq if nkv is None else _count("nkv", nkv, 0)
+        if not self.length_free:
+            if (nq, nkv) != (self.nq, self.nkv):
+                raise ValueError(f"Spec.bind: this spec has fixed lengths nq={self.nq}, nkv={self.nkv}; got "
+                                 f"nq={nq}, nkv={nkv} (a spec without q_shape takes any length)")
+            return self
+        return _bound(self, nq, nkv)
+
+    def unbound(self) -> "Spec":
+        """The length-free spec with this spec's pattern and heads (itself when length-free);
+        ValueError for a grid, which gives the pattern its meaning."""
+        if self.length_free:
+            return self
+        if self.ndim != 1 or any(isinstance(n, Window) for p in self._heads.unique for n in p.walk()):
+            raise ValueError(f"{self!r}: a spec on a grid or with a Window keeps its shape")
+        return Spec(self.pattern, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
 
     @property
     def head_patterns(self) -> HeadPatterns:
@@ -114,6 +159,11 @@ class Spec:
 
     # -- validation against shapes ---------------------------------------------
     def _check_node(self, node: Pattern) -> None:
+        if self.q_shape is None:
+            if isinstance(node, Window):
+                raise ValueError(f"Spec: {node!r} needs a grid: a neighbourhood depends on the grid's extents, so "
+                                 f"give q_shape (for a length-free sliding window use Band(left, right))")
+            return  # Routed's topk is checked against each call's key blocks (bind)
         if isinstance(node, Window):
             if self.q_shape != self.kv_shape:
                 raise ValueError(f"Spec: Window needs the same grid for queries and keys; got "
@@ -141,7 +191,7 @@ class Spec:
                                  f"{node.block} tokens (valid: 1..{nkb})")
 
     def __repr__(self):
-        args = [repr(self.pattern), f"q_shape={self.q_shape!r}"]
+        args = [repr(self.pattern)] + ([] if self.q_shape is None else [f"q_shape={self.q_shape!r}"])
         if self.kv_shape != self.q_shape:
             args.append(f"kv_shape={self.kv_shape!r}")
         args.append(f"num_heads={self.num_heads}")
@@ -158,3 +208,9 @@ class Spec:
     def to_json(self, indent: int | None = None) -> str:
         """`to_dict()` as JSON text (the same Spec always gives the same text)."""
         return json.dumps(self.to_dict(), indent=indent)
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(spec: Spec, nq: int, nkv: int) -> Spec:
+    """`spec.bind(nq, nkv)` of a length-free spec; the most recent 256 (spec, lengths) are kept."""
+    return Spec(spec.pattern, (nq,), (nkv,), spec.num_heads, spec.num_kv_heads, spec.head_dim)

@@ -3,22 +3,21 @@
 `pg.attention` calls the `patterngen::attention` custom op (patterngen/op.py):
 the exact, differentiable reference backend on CPU, the generated Triton
 forward and backward kernels on CUDA, traced by `torch.compile` as one opaque
-node; it is the path for training. `pg.compile` holds a tuned Triton forward
-kernel for inference: "triton" always uses it, "auto" uses it for CUDA tensors
-when no gradient is needed and the reference path otherwise
-(`patterngen.dispatch.choose_compiled` decides, with the reason).
+node. `pg.compile` fixes a backend and tiling (or autotunes) and calls the same op,
+so its kernels trace, differentiate and export alike (`patterngen.dispatch.choose`
+decides every call, with the reason).
 """
 from __future__ import annotations
 
 import torch
 
-from .backends.inputs import check_head_indices, check_head_values, check_inputs, check_scale
-from .dispatch import choose_compiled, is_empty
+from .backends.inputs import check_head_indices, check_inputs, check_scale
+from .dispatch import compile_options
 from .ir import Spec
-from .op import attention_op, reference
+from .op import attention_op
 from .registry import spec_from_repr, spec_key
-from .analysis.plan import Plan, build_plan
-from .analysis.tiling import pow2_ceil
+from .analysis.plan import build_plan
+from .analysis.tiling import volume
 from .routing.blocks import block_counts
 from .core.tiles import Tiling
 
@@ -60,7 +59,7 @@ _op_key_of_repr._dynamo_marked_constant = True
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
               block_indices: torch.Tensor | None = None, return_lse: bool = False,
-              head_indices: torch.Tensor | None = None):
+              head_indices: torch.Tensor | None = None, *, _options: str = ""):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
@@ -80,81 +79,49 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     check_head_indices(head_indices, q)
     has_indices = block_indices is not None
     key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
-    out, lse = attention_op(q, k, v, key, scale, block_indices, head_indices)
+    out, lse = attention_op(q, k, v, key, scale, block_indices, head_indices, _options)
     return (out, lse) if return_lse else out
 
 
 class CompiledAttention:
-    """A kernel for one spec with its tile plan built ahead of the first call
-    (Routed specs build theirs per call, from the run-time block indices)."""
+    """A `pg.compile` kernel: `pg.attention` of one spec with the backend and tiling it was
+    compiled with, through the same op (so it traces with fullgraph and exports alike)."""
 
     def __init__(self, spec: Spec, backend: str, tiling: Tiling | None):
         self.spec, self.backend, self.tiling = spec, backend, tiling
-        self._kernels: dict = {}  # Triton kernels per (device, dtype, batch bucket)
         if backend == "triton":  # what the Triton backend cannot run is said now, not at the first call
             from .backends.triton import check_routed_block
             check_routed_block(spec)
-        if spec.routed is None:
-            self.plan: Plan | None = build_plan(spec, tiling)
-        else:
-            self.plan = None
-            nqb, _ = block_counts(spec)  # validate the tiling now, with no block selected
-            build_plan(spec, tiling, torch.full((spec.num_kv_heads, nqb, 1), -1, dtype=torch.long))
-
-    def heads_kernel(self):
-        """The head-routed Triton kernels (forward and backward) of this spec and tiling (else the
-        tiling policy's first)."""
-        if "heads" not in self._kernels:
-            from .backends.triton import TritonHeads
-            from .sim import ranked_kernel_tilings
-            self._kernels["heads"] = TritonHeads(self.spec, self.tiling or ranked_kernel_tilings(self.spec)[0])
-        return self._kernels["heads"]
-
-    def triton_kernel(self, q, k, v, block_indices=None):
-        """The Triton forward kernel for these inputs: the given tiling, else the autotuned
-        choice among the tiling policy's ranking (timed once per device, dtype and batch
-        bucket, then read from the cache; its first tiling without a GPU)."""
-        key = (q.device, q.dtype, pow2_ceil(q.shape[0]))  # autotune's batch bucket
-        if key not in self._kernels:
-            from .backends.triton import TritonForward, tuned_kernel
-            from .sim import ranked_kernel_tilings
-            self._kernels[key] = (TritonForward(self.spec, self.tiling) if self.tiling is not None
-                                  else tuned_kernel(self.spec, q, k, v, block_indices,
-                                                    tilings=ranked_kernel_tilings(self.spec)))
-        return self._kernels[key]
+        if tiling is not None:  # a tiling the spec cannot take is refused now (length-free: at 4 tiles' length)
+            probe = spec.bind(4 * _tile_tokens(tiling)) if spec.length_free else spec
+            indices = None
+            if spec.routed is not None:
+                nqb, _ = block_counts(probe)
+                indices = torch.full((spec.num_kv_heads, nqb, 1), -1, dtype=torch.long)
+            build_plan(probe, tiling, indices)
+        self.options = "" if backend == "auto" and tiling is None else compile_options(backend, tiling)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
                  head_indices: torch.Tensor | None = None):
-        check_head_indices(head_indices, q)
-        if is_empty(q, k):  # no (query, key) pair: the op's differentiable empty result
-            return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices)
-        check_inputs(q, k, v, self.spec)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        choice = choose_compiled(self.backend, q, k, needs_grad=needs_grad, head_indices=head_indices is not None,
-                                 routed=block_indices is not None)
-        if choice.backend == "reference":
-            out, lse = reference(q, k, v, self.spec, scale, block_indices, head_indices, plan=self.plan,
-                                 tiling=self.tiling)
-        elif head_indices is not None:
-            check_head_values(head_indices, self.spec.num_heads)
-            out, lse = self.heads_kernel().forward(q, k, v, head_indices, scale=check_scale(scale, self.spec.head_dim))
-        else:
-            out, lse = self.triton_kernel(q, k, v, block_indices)(
-                q, k, v, scale=check_scale(scale, self.spec.head_dim), block_indices=block_indices)
-        return (out, lse) if return_lse else out
+        return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices, _options=self.options)
 
     def __repr__(self):
         return f"CompiledAttention({self.spec!r}, backend={self.backend!r}, tiling={self.tiling!r})"
 
 
-def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
-    """A callable `kernel(q, k, v, scale=None, block_indices=None) -> out` for `spec`.
+def _tile_tokens(tiling: Tiling) -> int:
+    return max(volume(tiling.q_tile), volume(tiling.kv_tile))
 
-    `backend` is "auto" (the Triton kernel for CUDA tensors without gradients, the
-    reference backend otherwise), "reference" or "triton" (forward only); `tiling`
-    fixes the tile shapes (default: the reference follows the plan's default tiling, the
-    Triton kernel the autotuner's choice among the tiling policy's ranking).
+
+def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
+    """A callable `kernel(q, k, v, scale=None, block_indices=None, return_lse=False,
+    head_indices=None)` for `spec`: `pg.attention` through the same op, differentiable.
+
+    `backend` is "auto" (as pg.attention: the Triton kernels on CUDA, the reference
+    elsewhere), "reference", or "triton" (the kernels, or an error saying why they cannot
+    run); `tiling` fixes the tile shapes (default: the Triton forward takes the autotuner's
+    choice among the tiling policy's ranking, timed once per device, dtype and batch bucket).
     """
     _check_spec(spec)
     if not isinstance(backend, str) or backend not in BACKENDS:

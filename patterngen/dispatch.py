@@ -5,8 +5,12 @@ One place for the decisions of the op (`patterngen::attention` and its backward)
 `pg.load`) or the exact reference backend. The checks return the reason instead of
 raising or swallowing it (`can_run_kernel`, and the kernel caches keep why a spec has no
 kernel), so that `pg.explain` says what a call would run and why, and `calls` counts what
-ran. Kernels are built once per (spec, role) and cached; a spec the Triton backend cannot
-generate is cached with its reason.
+ran. Kernels are built once per (spec, role, variant) and cached (the `MAX_KERNELS` most
+recently used); a spec the Triton backend cannot generate is cached with its reason.
+
+A length-free spec (no q_shape) has two kernels per role, whatever the lengths: a decode
+kernel of `DECODE_ROWS`-row q tiles for calls with at most that many queries, and a prefill
+kernel on the tiling policy's choice at `TYPICAL_LENGTH` tokens.
 
 Off CUDA the op runs the reference backend, except under TRITON_INTERPRET=1 for kernels
 loaded from a build and within `kernels_on_cpu()`, where the kernels run in the Triton
@@ -16,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,9 +35,18 @@ from .ir import Spec
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROLES = ("forward", "backward", "heads_forward", "heads_backward")
 
+MAX_KERNELS = 128
+"""Kernel cache entries kept: (spec, role, variant) -> (kernel, reason); the least recently used
+go first (their sources stay in the on-disk cache, so a rebuild imports, never regenerates)."""
+DECODE_ROWS = 16
+"""A length-free spec's calls with at most this many queries run its decode kernel (16-row q
+tiles, the least `tl.dot` takes), longer ones its prefill kernel."""
+TYPICAL_LENGTH = 4096
+"""The length at which the simulator ranks a length-free spec's tilings for its prefill kernel."""
+
 _LOCK = threading.Lock()
-_KERNELS: dict[tuple[str, str], tuple[object | None, str | None]] = {}
-_LOADED: dict[str, object] = {}
+_KERNELS: OrderedDict[tuple[str, str, str], tuple[object | None, str | None]] = OrderedDict()
+_LOADED: dict[str, object] = {}  # a registry of the builds a user loaded, not a cache: never evicted
 _ON_CPU = [0]
 
 calls: Counter = Counter()
@@ -85,57 +99,94 @@ def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None if refusal is None else refusal[1]
 
 
-@functools.lru_cache(maxsize=1024)
-def _forward_tiling(key: str):
+@functools.lru_cache(maxsize=MAX_KERNELS)
+def forward_tiling(key: str, variant: str = ""):
     """The tiling policy on the simulator's ranking, once per spec whatever the roles built:
-    the tiles `patterngen build` and an untuned `pg.compile` use too."""
+    the tiles `patterngen build` and an untuned `pg.compile` use too. A length-free spec is
+    ranked at TYPICAL_LENGTH tokens; its decode variant keeps that kv tile under DECODE_ROWS
+    query rows."""
+    from .core.tiles import Tiling
     from .registry import lookup_spec
     from .sim import ranked_kernel_tilings
-    return ranked_kernel_tilings(lookup_spec(key))[0]
+    spec = lookup_spec(key)
+    if not spec.length_free:
+        return ranked_kernel_tilings(spec)[0]
+    prefill = ranked_kernel_tilings(spec.bind(TYPICAL_LENGTH, TYPICAL_LENGTH))[0]
+    if variant == "decode" and spec.routed is None:
+        return Tiling(DECODE_ROWS, prefill.kv_tile)
+    return prefill
 
 
-def _build(key: str, role: str):
+def variant(key: str, q: torch.Tensor) -> str:
+    """Which of a spec's kernels serves q: "" for a fixed-length spec, else "decode" for at
+    most DECODE_ROWS queries and "prefill" above."""
+    from .registry import lookup_spec
+    if not lookup_spec(key).length_free:
+        return ""
+    return "decode" if q.shape[2] <= DECODE_ROWS else "prefill"
+
+
+def _build(key: str, role: str, var: str):
     from .backends.triton import TritonBackward, TritonForward, TritonHeads, backward_tiling
     from .registry import lookup_spec
     spec = lookup_spec(key)
-    tiling = _forward_tiling(key)
+    if var.startswith("tiling:"):
+        from .backends.triton.config import tiling_from_json
+        tiling = tiling_from_json(json.loads(var[len("tiling:"):]))
+    else:
+        tiling = forward_tiling(key, var)
     if role == "forward":
         return TritonForward(spec, tiling)
     if role == "backward":
-        if kernel(key, "forward") is None:
-            raise NotImplementedError(reason(key, "forward"))
+        if kernel(key, "forward", var) is None:
+            raise NotImplementedError(reason(key, "forward", var))
         return TritonBackward(TritonForward(spec, backward_tiling(tiling, spec.head_dim, spec)))
     if role == "heads_backward":
         tiling = backward_tiling(tiling, spec.head_dim)
     return TritonHeads(spec, tiling)
 
 
-def _entry(key: str, role: str) -> tuple[object | None, str | None]:
+def _entry(key: str, role: str, var: str = "") -> tuple[object | None, str | None]:
     if role not in ROLES:
         raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
-    entry = _KERNELS.get((key, role))
-    if entry is None:
-        try:
-            entry = (_build(key, role), None)
-        except ImportError as exc:  # a CUDA torch without triton
-            entry = (None, f"triton cannot be imported ({exc})")
-        except (NotImplementedError, ValueError) as exc:  # the backend's own word on this spec
-            entry = (None, str(exc))
-        with _LOCK:
-            entry = _KERNELS.setdefault((key, role), entry)
+    slot = (key, role, var)
+    with _LOCK:
+        entry = _KERNELS.get(slot)
+        if entry is not None:
+            _KERNELS.move_to_end(slot)
+            return entry
+    try:
+        entry = (_build(key, role, var), None)
+    except ImportError as exc:  # a CUDA torch without triton
+        entry = (None, f"triton cannot be imported ({exc})")
+    except (NotImplementedError, ValueError) as exc:  # the backend's own word on this spec
+        entry = (None, str(exc))
+    with _LOCK:
+        entry = _KERNELS.setdefault(slot, entry)
+        while len(_KERNELS) > MAX_KERNELS:
+            _KERNELS.popitem(last=False)
     return entry
 
 
-def kernel(key: str, role: str):
-    """The cached generated Triton kernels of the spec registered under `key` for `role`
+def kernel(key: str, role: str, var: str = ""):
+    """The cached generated Triton kernels of the spec `key` (its JSON text) for `role`
     ("forward", "backward": dK/dV and dQ, "heads_forward" / "heads_backward": head-routed
-    MoH), or None where the backend does not generate them (`reason` says why)."""
-    return _entry(key, role)[0]
+    MoH) and `variant`, or None where the backend does not generate them (`reason` says why)."""
+    return _entry(key, role, var)[0]
 
 
-def reason(key: str, role: str) -> str | None:
-    """Why `kernel(key, role)` is None (None when there is a kernel)."""
-    return _entry(key, role)[1]
+def reason(key: str, role: str, var: str = "") -> str | None:
+    """Why `kernel(key, role, variant)` is None (None when there is a kernel)."""
+    return _entry(key, role, var)[1]
+
+
+def cache_entries() -> dict[str, int]:
+    """How many entries each of the package's bounded caches holds now (for benchmarks and tests)."""
+    from . import op, registry
+    from .ir.spec import _bound
+    return {"kernels": len(_KERNELS), "spec_texts": registry.spec_key.cache_info().currsize,
+            "specs": registry.lookup_spec.cache_info().currsize, "bound_specs": _bound.cache_info().currsize,
+            "plans": op.plan_cache_size(), "tilings": forward_tiling.cache_info().currsize}
 
 
 def register_loaded(key: str, kernels) -> None:
@@ -159,13 +210,61 @@ def kernels_on_cpu() -> Iterator[None]:
             _ON_CPU[0] -= 1
 
 
+def compile_options(backend: str = "auto", tiling=None) -> str:
+    """The op's `options` text for a `pg.compile` kernel: its backend, and its tiling or, where it
+    names none, the autotuner's choice."""
+    from .backends.triton.config import tiling_json
+    return json.dumps({"backend": backend, "tiling": None if tiling is None else tiling_json(tiling)})
+
+
+@functools.lru_cache(maxsize=MAX_KERNELS)
+def read_options(options: str) -> tuple[str, object, bool]:
+    """(backend, tiling or None, tune) of an `options` text; "" is pg.attention's (auto, policy)."""
+    if not options:
+        return "auto", None, False
+    from .backends.triton.config import tiling_from_json
+    data = json.loads(options)
+    tiling = None if data["tiling"] is None else tiling_from_json(data["tiling"])
+    return data["backend"], tiling, tiling is None
+
+
+def _tuned(key: str, var: str, q, k, v, block_indices):
+    """The autotuned forward of a pg.compile kernel without a tiling, per device, dtype and batch
+    bucket (timed once, then read from the on-disk tuning cache)."""
+    from .analysis.tiling import pow2_ceil
+    slot = (key, "forward", f"tune:{q.device}:{q.dtype}:{pow2_ceil(q.shape[0])}:{var}")
+    with _LOCK:
+        entry = _KERNELS.get(slot)
+    if entry is None:
+        from .backends.triton import tuned_kernel
+        from .op import bound_spec
+        from .registry import lookup_spec
+        from .sim import ranked_kernel_tilings
+        spec = lookup_spec(key)
+        ranked = ([forward_tiling(key, var)] if spec.length_free else ranked_kernel_tilings(spec))
+        entry = (tuned_kernel(spec if spec.length_free else bound_spec(key, q, k), q, k, v, block_indices,
+                              tilings=ranked), None)
+        with _LOCK:
+            entry = _KERNELS.setdefault(slot, entry)
+            while len(_KERNELS) > MAX_KERNELS:
+                _KERNELS.popitem(last=False)
+    return entry[0]
+
+
 def choose(key: str, q: torch.Tensor, k: torch.Tensor, *, head_indices: bool = False, role: str = "forward",
-           lse_grad: bool = False) -> Choice:
+           lse_grad: bool = False, options: str = "", v: torch.Tensor | None = None,
+           block_indices: torch.Tensor | None = None) -> Choice:
     """The backend of one op call (forward, or backward with `lse_grad` when a gradient flows
-    into the lse) for these tensors."""
-    why = can_run_kernel(q, k)
-    if why is not None:
-        return Choice("reference", why, role)
+    into the lse) for these tensors; `options` are a pg.compile kernel's (`compile_options`):
+    backend "reference" always runs the reference, "triton" the kernels or raises why not."""
+    backend, tiling, tune = read_options(options)
+    if backend == "reference":
+        return Choice("reference", "backend='reference'", role)
+    refusal = _refusal(q, k)
+    if refusal is not None:
+        if backend == "triton":
+            raise refusal[0](f"backend='triton': {refusal[1]}")
+        return Choice("reference", refusal[1], role)
     if lse_grad:
         return Choice("reference", "a gradient flows into the lse, which the Triton backward does not take: "
                                    "the reference under autograd", role)
@@ -177,38 +276,28 @@ def choose(key: str, q: torch.Tensor, k: torch.Tensor, *, head_indices: bool = F
         if kern is not None:
             return Choice("triton", what, role, kern, loaded=True)
         why_not_loaded = what
-    if q.device.type != "cuda" and not _ON_CPU[0]:
+    if q.device.type != "cuda" and not _ON_CPU[0] and backend != "triton":
         detail = f" ({why_not_loaded})" if why_not_loaded else ""
         return Choice("reference", f"device {q.device}: off CUDA the op runs the exact reference backend{detail}",
                       role)
-    why = reason(key, role)
+    var = variant(key, q)
+    if head_indices and var:  # the head-routed kernels are built per length
+        from .registry import lookup_spec, spec_key
+        key, var = spec_key(lookup_spec(key).bind(q.shape[2], k.shape[2])), ""
+    if tiling is not None:
+        from .backends.triton.config import tiling_json
+        var = "tiling:" + json.dumps(tiling_json(tiling))
+    elif tune and role == "forward" and v is not None:
+        kern = _tuned(key, var, q, k, v, block_indices)
+        return Choice("triton", f"the autotuned forward kernel ({type(kern).__name__})", role, kern)
+    why = reason(key, role, var)
     if why is not None:
+        if backend == "triton":
+            raise NotImplementedError(f"backend='triton': no generated {name} kernel: {why}")
         return Choice("reference", f"no generated {name} kernel: {why}", role)
-    kern = kernel(key, role)
-    return Choice("triton", f"the generated {name} kernel ({type(kern).__name__})", role, kern)
-
-
-def choose_compiled(backend: str, q: torch.Tensor, k: torch.Tensor, *, needs_grad: bool,
-                    head_indices: bool = False, routed: bool = False) -> Choice:
-    """What a `pg.compile` kernel of `backend` runs (its Triton kernel is forward only):
-    "triton" its kernel, raising what keeps it from these tensors; "auto" the kernel for
-    CUDA tensors when no gradient is needed; "reference" the reference."""
-    if backend == "reference":
-        return Choice("reference", "backend='reference'")
-    refusal = _refusal(q, k)
-    if refusal is None and head_indices and routed:
-        refusal = NotImplementedError, "head_indices with a Routed spec: the head-routed kernels are not generated"
-    if backend == "triton":
-        if refusal is not None:
-            raise refusal[0](f"backend='triton': {refusal[1]}")
-        return Choice("triton", "backend='triton'")
-    if refusal is not None:
-        return Choice("reference", refusal[1])
-    if not q.is_cuda:
-        return Choice("reference", f"backend='auto': device {q.device} runs the reference backend")
-    if needs_grad:
-        return Choice("reference", "backend='auto': a gradient is needed and the kernel is forward only")
-    return Choice("triton", "backend='auto': CUDA tensors, no gradient")
+    kern = kernel(key, role, var)
+    what = f" ({var.split(':')[0]} variant)" if var else ""
+    return Choice("triton", f"the generated {name} kernel{what} ({type(kern).__name__})", role, kern)
 
 
 def explain(spec: Spec, q: torch.Tensor, k: torch.Tensor | None = None, *, head_indices=None) -> str:
@@ -219,7 +308,8 @@ def explain(spec: Spec, q: torch.Tensor, k: torch.Tensor | None = None, *, head_
     if not isinstance(q, torch.Tensor) or (k is not None and not isinstance(k, torch.Tensor)):
         raise TypeError("q, k: expected torch.Tensors (k defaults to q's shape with the spec's kv heads and tokens)")
     if k is None:
-        k = q.new_empty(q.shape[0], spec.num_kv_heads, spec.nkv, q.shape[-1])
+        nkv = q.shape[2] if spec.length_free else spec.nkv
+        k = q.new_empty(q.shape[0], spec.num_kv_heads, nkv, q.shape[-1])
     key = spec_key(spec)
     routed = head_indices is not None
     forward = choose(key, q, k, head_indices=routed)
@@ -227,5 +317,5 @@ def explain(spec: Spec, q: torch.Tensor, k: torch.Tensor | None = None, *, head_
     return f"forward {forward}\nbackward {backward}"
 
 
-__all__ = ["Choice", "KERNEL_DTYPES", "ROLES", "calls", "can_run_kernel", "choose", "choose_compiled", "explain",
+__all__ = ["Choice", "KERNEL_DTYPES", "ROLES", "calls", "can_run_kernel", "choose", "compile_options", "explain",
            "is_empty", "kernel", "kernels_on_cpu", "reason", "register_loaded"]

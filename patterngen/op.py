@@ -11,10 +11,12 @@ compiled backward graphs stay opaque too: the Triton backward kernels when no ls
 gradient flows, else the reference recomputed under autograd (`BACKWARD_KERNELS`
 overrides both on CUDA).
 
-A Spec is not a tensor, so the op receives it as a string key into a
-process-wide registry (`patterngen.registry.spec_key`). The key is derived from the spec's repr,
-stable across calls and processes, so a compiled graph holds a constant
-string and never recompiles because of the spec.
+A Spec is not a tensor, so the op receives it as its JSON text (`patterngen.registry.spec_key`):
+a compiled graph holds a constant string and never recompiles because of the spec, and an
+exported program carries its spec, so it runs in a fresh process. A length-free spec (no
+q_shape) takes each call's lengths from the tensors: the fake kernel only copies shapes, so
+symbolic lengths trace once for every length. `options` (JSON, `compile_options`) carries what
+a `pg.compile` kernel asks for: its backend and tiling.
 
 Why `custom_op` and not `triton_op`: `torch.compile` decomposes a
 `triton_op` into its body, which it cannot trace on a machine without a GPU
@@ -22,6 +24,7 @@ driver, and the reference body is data dependent (tile plans, masks).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -33,17 +36,29 @@ from .ir import Spec
 from .analysis.plan import Plan, build_plan
 from .registry import lookup_spec, spec_from_repr, spec_key
 
-_PLANS: dict[str, Plan] = {}
+MAX_PLANS = 64
+"""Reference plans kept, one per fixed-length spec (a length-free spec has one per length seen),
+least recently used first out."""
 
 
-def _plan(key: str, spec: Spec) -> Plan | None:
-    """The default-tiling plan of a static spec, built once (Routed plans depend on the indices)."""
-    if spec.routed is not None:
-        return None
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS.setdefault(key, build_plan(spec))
-    return plan
+@functools.lru_cache(maxsize=MAX_PLANS)
+def _static_plan(spec: Spec, tiling) -> Plan:
+    return build_plan(spec, tiling)
+
+
+def plan_cache_size() -> int:
+    return _static_plan.cache_info().currsize
+
+
+def _plan(spec: Spec, tiling=None) -> Plan | None:
+    """The plan of a static fixed-length spec, built once (Routed plans depend on the indices)."""
+    return None if spec.routed is not None else _static_plan(spec, tiling)
+
+
+def bound_spec(key: str, q: torch.Tensor, k: torch.Tensor) -> Spec:
+    """The fixed-length spec of a call: the spec of `key`, bound to q's and k's lengths when length-free."""
+    spec = lookup_spec(key)
+    return spec.bind(q.shape[2], k.shape[2]) if spec.length_free else spec
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,22 +84,24 @@ def reference(q, k, v, spec: Spec, scale=None, block_indices=None, head_indices=
     return out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
 
 
-def _reference(q, k, v, key, scale, block_indices, head_indices=None):
-    spec = lookup_spec(key)
-    return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(key, spec))
+def _reference(q, k, v, key, scale, block_indices, head_indices=None, options=""):
+    spec = bound_spec(key, q, k)
+    tiling = dispatch.read_options(options)[1]
+    return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(spec, tiling))
 
 
 # -- forward ------------------------------------------------------------------------
 @torch.library.custom_op("patterngen::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: str, scale: Optional[float] = None,
-                 block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec registered under `spec_key`, on the
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float] = None,
+                 block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None,
+                 options: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec whose JSON text is `spec`, on the
     backend `dispatch.choose` picks."""
-    choice = dispatch.choose(spec_key, q, k, head_indices=head_indices is not None)
+    choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, options=options, v=v,
+                             block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
     if choice.backend == "reference":
-        out, lse = _reference(q, k, v, spec_key, scale, block_indices, head_indices)
+        out, lse = _reference(q, k, v, spec, scale, block_indices, head_indices, options)
     elif head_indices is not None:
         check_head_values(head_indices, q.shape[1])
         out, lse = choice.kernel.forward(q, k, v, head_indices, scale=scale)
@@ -95,7 +112,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec_key: st
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, spec_key, scale=None, block_indices=None, head_indices=None):
+def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options=""):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -116,13 +133,13 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None):
+def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None, options=""):
     """Exact gradients: differentiate the reference forward again (dlse may be None)."""
     if dispatch.is_empty(q, k):  # nothing depends on q, k or v
         return tuple(torch.zeros_like(t) for t in (q, k, v))
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices)
+        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices, options)
         outs, grads = [out], [dout]
         if dlse is not None:
             outs.append(lse)
@@ -133,20 +150,20 @@ def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_ind
 
 @torch.library.custom_op("patterngen::attention_backward", mutates_args=())
 def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec_key: str,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: str,
                           scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
-                          head_indices: Optional[torch.Tensor] = None
+                          head_indices: Optional[torch.Tensor] = None, options: str = ""
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse)."""
-    override = BACKWARD_KERNELS.get(spec_key) if head_indices is None and q.is_cuda else None
+    override = BACKWARD_KERNELS.get(spec) if head_indices is None and q.is_cuda else None
     if override is not None and q.dtype != torch.float64 and not dispatch.is_empty(q, k):
         return tuple(g.contiguous() for g in override(dout, dlse, q, k, v, out, lse, scale, block_indices))
-    choice = dispatch.choose(spec_key, q, k, head_indices=head_indices is not None, role="backward",
-                             lse_grad=dlse is not None)
+    choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, role="backward",
+                             lse_grad=dlse is not None, options=options, block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
     if choice.backend == "reference":
-        return _reference_backward(dout, dlse, q, k, v, spec_key, scale, block_indices, head_indices)
+        return _reference_backward(dout, dlse, q, k, v, spec, scale, block_indices, head_indices, options)
     if head_indices is not None:
         grads = choice.kernel.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
     else:
@@ -155,16 +172,16 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec_key, scale=None, block_indices=None,
-                             head_indices=None):
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec, scale=None, block_indices=None,
+                             head_indices=None, options=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale, block_indices, head_indices = inputs
+    q, k, v, key, scale, block_indices, head_indices, options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices)
-    ctx.key, ctx.scale = key, scale
+    ctx.key, ctx.scale, ctx.options = key, scale, options
     ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the Triton backward can run
 
 
@@ -173,10 +190,11 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(dout.contiguous(), dlse, q, k, v, out, lse, ctx.key, ctx.scale,
-                                       block_indices, head_indices)
-    return dq, dk, dv, None, None, None, None
+                                       block_indices, head_indices, ctx.options)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "reference", "lookup_spec", "spec_from_repr", "spec_key"]
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "bound_spec", "reference",
+           "lookup_spec", "spec_from_repr", "spec_key"]

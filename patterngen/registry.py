@@ -1,62 +1,52 @@
-"""The process-wide registry of specs by key: how a Spec, which is not a tensor, reaches the op.
+"""How a Spec, which is not a tensor, reaches the op: as its JSON text.
 
-The key is derived from the spec's repr, so it is stable across calls and processes
-and a compiled graph holds a constant string that never causes a recompile. Under
-torch.compile a Spec built inside the compiled function exists only in Dynamo's trace;
-its repr, which Dynamo computes, is read back here (`spec_from_repr`).
+The op `patterngen::attention` takes the spec's JSON form (`spec_key`), so a compiled or
+exported graph holds the whole spec as a constant string: it never recompiles because of
+the spec, and an exported program or AOTInductor package runs in a fresh process that
+only imports patterngen. Reading the text back (`lookup_spec`) is cached, as is the text of
+a spec; under torch.compile a Spec built inside the compiled function exists only in
+Dynamo's trace, and its repr, which Dynamo computes, is read back here (`spec_from_repr`).
+
+Caches (least recently used first out): `MAX_SPECS` texts per direction.
 """
 from __future__ import annotations
 
-import hashlib
-import threading
+import functools
 
 from .ir import Spec
 from .ir.parse import parse_repr
+from .ir.serialize import from_json
 
-_LOCK = threading.Lock()
-_SPECS: dict[str, Spec] = {}
-_KEYS: dict[Spec, str] = {}
+MAX_SPECS = 256
 
 
+@functools.lru_cache(maxsize=MAX_SPECS)
 def spec_key(spec: Spec) -> str:
-    """The registry key of `spec` (registering it on first use): equal specs share a key."""
-    key = _KEYS.get(spec)
-    if key is not None:
-        return key
-    with _LOCK:
-        if spec in _KEYS:
-            return _KEYS[spec]
-        base = "pg-" + hashlib.sha256(repr(spec).encode()).hexdigest()[:20]
-        key, n = base, 0
-        while key in _SPECS:  # two unequal specs with one repr: keep them apart
-            n += 1
-            key = f"{base}-{n}"
-        _SPECS[key] = spec
-        _KEYS[spec] = key
-        return key
+    """The op's text for `spec`: its JSON form (equal specs give equal text)."""
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
+    return spec.to_json()
 
 
+@functools.lru_cache(maxsize=MAX_SPECS)
 def lookup_spec(key: str) -> Spec:
-    """The spec registered under `key` (by `spec_key` in this process)."""
+    """The Spec of the op's text `key` (`spec_key`)."""
     try:
-        return _SPECS[key]
-    except KeyError:
-        raise ValueError(f"spec_key: {key!r} names no registered spec; register it with "
-                         f"patterngen.registry.spec_key(spec) in this process first") from None
+        spec = from_json(key)
+    except ValueError as e:
+        raise ValueError(f"spec: the op's spec argument is not a Spec's JSON form: {e}") from None
+    if not isinstance(spec, Spec):
+        raise TypeError(f"spec: the op's spec argument holds a pattern, not a Spec: {key[:200]}")
+    return spec
 
 
-_REBUILT: dict[str, Spec] = {}
-
-
+@functools.lru_cache(maxsize=MAX_SPECS)
 def spec_from_repr(text: str) -> Spec:
     """The Spec whose repr is `text`, rebuilt from that Python with the IR's constructors.
 
     For torch.compile: a Spec built inside compiled code (directly, or by a cached factory that
     Dynamo traces through) exists only in Dynamo's trace, so eager code receives its repr, a
     string Dynamo computes; every IR object prints as the Python that builds it."""
-    spec = _REBUILT.get(text)
-    if spec is not None:
-        return spec
     try:
         spec = parse_repr(text)
     except ValueError as e:
@@ -64,9 +54,7 @@ def spec_from_repr(text: str) -> Spec:
                          f"{e}; build the Spec outside the compiled function") from None
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a patterngen.Spec, got the pattern {text[:200]}")
-    with _LOCK:
-        return _REBUILT.setdefault(text, spec)
+    return spec
 
 
-
-__all__ = ["lookup_spec", "spec_from_repr", "spec_key"]
+__all__ = ["MAX_SPECS", "lookup_spec", "spec_from_repr", "spec_key"]

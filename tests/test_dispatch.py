@@ -40,17 +40,24 @@ def test_explain_says_why_the_op_runs_the_reference_off_cuda():
 
 
 def test_compiled_kernel_choices_and_refusals():
+    """pg.compile's backends reach the op as options: "reference" always runs it, "triton" the
+    kernels or an error saying why not, "auto" what pg.attention runs."""
     q, k = _qk(STREAM)
-    choose = dispatch.choose_compiled
-    assert choose("reference", q, k, needs_grad=False).backend == "reference"
-    assert "device cpu" in choose("auto", q, k, needs_grad=False).reason
-    assert "float16, bfloat16 or float32" in choose("auto", q.double(), k.double(), needs_grad=False).reason
+    key, opts = spec_key(STREAM), dispatch.compile_options
+
+    def choose(backend, q, k, tiling=None, **kw):
+        return dispatch.choose(key, q, k, options=opts(backend, tiling), **kw)
+    assert choose("reference", q, k).backend == "reference"
+    assert "device cpu" in choose("auto", q, k).reason
+    assert "float16, bfloat16 or float32" in choose("auto", q.double(), k.double()).reason
     with pytest.raises(TypeError, match="backend='triton': dtype torch.float64"):
-        choose("triton", q.double(), k.double(), needs_grad=False)
+        choose("triton", q.double(), k.double())
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert choose("triton", q, k, needs_grad=True).backend == "triton"
-        with pytest.raises(NotImplementedError, match="head_indices with a Routed spec"):
-            choose("triton", q, k, needs_grad=False, head_indices=True, routed=True)
+        assert choose("triton", q, k, pg.Tiling(16, 32)).kernel.block_n == 32
+        assert choose("triton", q, k, pg.Tiling(16, 32), role="backward").backend == "triton"
+        routed = pg.Spec(pg.Routed(16, 2), q_shape=64, num_heads=1, head_dim=16)
+        with pytest.raises(NotImplementedError, match="backend='triton'.*head routing with Routed"):
+            dispatch.choose(spec_key(routed), q, k, options=opts("triton", pg.Tiling(16, 16)), head_indices=True)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
