@@ -31,7 +31,7 @@ import torch
 
 from .backends.inputs import check_head_values, head_selection
 from . import dispatch
-from .backends.reference import reference_attention
+from .backends.reference import SMALL_PAIRS, reference_attention, small_attention
 from .ir import Spec
 from .analysis.plan import Plan, build_plan
 from .registry import lookup_spec, spec_from_repr, spec_key
@@ -87,6 +87,9 @@ def reference(q, k, v, spec: Spec, scale=None, block_indices=None, head_indices=
 def _reference(q, k, v, key, scale, block_indices, head_indices=None, options=""):
     spec = bound_spec(key, q, k)
     tiling = dispatch.read_options(options)[1]
+    if (head_indices is None and spec.routed is None and tiling is None and spec.nq * spec.nkv <= SMALL_PAIRS
+            and not dispatch.is_empty(q, k)):
+        return small_attention(q, k, v, spec, scale)  # a decoding step: no plan to build
     return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(spec, tiling))
 
 

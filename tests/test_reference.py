@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import dispatch
-from patterngen.backends.reference import reference_attention
+from patterngen.backends.reference import SMALL_PAIRS, reference_attention, small_attention
 from patterngen.routing.blocks import block_counts
-from tests.strategies import scaled
+from tests.strategies import scaled, specs
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -338,3 +338,23 @@ def test_dropping_a_planned_tile_changes_the_result():
     b, _ = reference_attention(q, k, v, spec, plan=cut)
     changed = (a - b).abs().amax(-1)[0, 0] > 1e-6
     assert changed[48:].all() and not changed[:48].any()
+
+
+# -- small calls: the mask straight from the semantics -------------------------------------------
+@settings(max_examples=scaled(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(refine=False), seed=st.integers(0, 2**16))
+def test_small_attention_equals_the_oracle(spec, seed):
+    """The plan-free path the op takes for decoding steps and short prompts: values, lse and
+    gradients equal the dense oracle's, rows with nothing visible included."""
+    if spec.routed is not None or spec.nq * spec.nkv > SMALL_PAIRS or spec.num_heads == 0:
+        return
+    q, k, v = inputs(spec, 2, torch.float64, seed, requires_grad=True)
+    out, lse = small_attention(q, k, v, spec)
+    ref, ref_lse = dense_reference(q, k, v, pg.dense_mask(spec))
+    assert (out - ref).abs().max() < 1e-10
+    assert_lse(lse, ref_lse, 1e-10)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all() and (g - w).abs().max() < 1e-9

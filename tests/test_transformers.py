@@ -128,15 +128,19 @@ def test_per_layer_patterns_and_spec_factory(model):
     assert (listed - run(model, ids, NAME, DUO)).abs().max() > 1e-3
 
 
-def test_spec_is_cached_per_length():
+def test_one_length_free_spec_serves_every_length():
     class Cfg:
         patterngen_pattern = streaming()
         patterngen_spec = None
 
     a = spec_for(Cfg, 0, 16, 16, HEADS, KV_HEADS, HEAD_DIM)
-    assert a is spec_for(Cfg, 1, 16, 16, HEADS, KV_HEADS, HEAD_DIM)
-    b = spec_for(Cfg, 0, 1, 17, HEADS, KV_HEADS, HEAD_DIM)
-    assert (b.nq, b.nkv) == (1, 17) and b is not a
+    assert a.length_free and a is spec_for(Cfg, 1, 1, 17, HEADS, KV_HEADS, HEAD_DIM)
+
+    class Grid:  # a Window needs its extent: one Spec per length
+        patterngen_pattern = pg.Window(3)
+        patterngen_spec = None
+    b = spec_for(Grid, 0, 17, 17, HEADS, KV_HEADS, HEAD_DIM)
+    assert (b.nq, b.nkv) == (17, 17) and b is spec_for(Grid, 0, 17, 17, HEADS, KV_HEADS, HEAD_DIM)
 
 
 def test_refuses_what_it_would_ignore(model):

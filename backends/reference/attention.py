@@ -22,6 +22,9 @@ from ..inputs import check_inputs, check_scale
 
 DEFAULT_MAX_SCORES = 1 << 22
 """Default bound on the elements of one chunk's score block ([pairs, q tiles, q tile, visited kv tokens])."""
+SMALL_PAIRS = 1 << 14
+"""`small_attention` takes calls of at most this many (query, key) pairs per head: decoding steps
+and short prompts, where forming the mask costs less than planning tiles."""
 
 def _check_plan(plan, spec: Spec, index_batch: int | None) -> None:
     if not isinstance(plan, Plan):
@@ -195,4 +198,34 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     inverse = torch.argsort(torch.tensor(order, device=q.device))
     out = torch.cat(outs)[inverse].view(q.shape).to(q.dtype)
     lse = torch.cat(lses)[inverse].view(q.shape[:3])
+    return out, lse
+
+
+def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference_attention` of a small static call (Nq * Nkv <= SMALL_PAIRS, no Routed part)
+    without a plan: the element-wise semantics give the [heads, Nq, Nkv] mask directly. A
+    decoding step (one query, a new key length each time) then plans nothing."""
+    if spec.routed is not None or spec.nq * spec.nkv > SMALL_PAIRS:
+        raise ValueError(f"small_attention: takes static specs of at most {SMALL_PAIRS} pairs, got {spec!r}")
+    scale = check_scale(scale, spec.head_dim)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qi = torch.arange(spec.nq, device=q.device)[:, None]
+    kj = torch.arange(spec.nkv, device=q.device)[None, :]
+    heads = spec.head_patterns
+    masks = torch.stack([visible(p, qi, kj, spec).expand(spec.nq, spec.nkv) for p in heads.unique])
+    if len(heads.unique) > 1:
+        masks = masks[torch.tensor([heads.unique.index(p) for p in heads], device=q.device)]
+    rep = spec.num_heads // spec.num_kv_heads
+    kk, vv = (t.to(acc).repeat_interleave(rep, 1) if rep > 1 else t.to(acc) for t in (k, v))
+    s = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~masks, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing visible
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    empty = l == 0
+    l_safe = torch.where(empty, torch.ones_like(l), l)
+    out = (torch.matmul(p, vv) / l_safe).to(q.dtype)
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
     return out, lse

@@ -7,9 +7,11 @@
     config.patterngen_pattern = (pg.Sink(4) | pg.Band(1023)) & pg.Causal()
     model = LlamaForCausalLM._from_config(config, attn_implementation="patterngen")
 
-The model's attention modules then call `pg.attention` with a Spec built for
-the actual query and key lengths of each call (prefill and decoding differ),
-with the model's head counts and head dim; Specs are cached per length.
+The model's attention modules then call `pg.attention` with a length-free Spec
+(no q_shape) of the layer's pattern, head counts and head dim: every call, prefill
+or decoding, reads its lengths from the tensors and runs the same kernels. A
+pattern with a `Window` (whose neighbourhoods depend on the extent) gets a Spec
+per length instead (the most recent 256 kept).
 
 The pattern comes from the model config, read at every call (so it can be
 changed after loading):
@@ -36,7 +38,7 @@ preallocated slots; the mask builder registered with the attention reads the
 real length from the cache (tokens already cached + the new queries) and the
 attention attends only that filled prefix, so static and dynamic caches give the
 same tokens (reading the length is one host sync per forward, and a graph break
-under torch.compile: each length gets its own Spec). A sliding-window cache layer that has started dropping old keys
+under torch.compile). A sliding-window cache layer that has started dropping old keys
 (the config sets `sliding_window`) is refused with a ValueError: the pattern
 addresses positions the cache no longer holds.
 
@@ -71,12 +73,13 @@ run with a dropped mask.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..api import attention
-from ..ir import Pattern, Spec, from_json
+from ..ir import Pattern, Spec, Window, from_json
 from .hf_masks import packed_error, padding_guard
 
 PATTERN_ATTR = "patterngen_pattern"
@@ -84,7 +87,15 @@ SPEC_ATTR = "patterngen_spec"
 
 
 @functools.lru_cache(maxsize=256)
-def _spec_from_pattern(pattern: Pattern, nq: int, nkv: int, heads: int, kv_heads: int, head_dim: int) -> Spec:
+def _spec_from_pattern(pattern: Pattern, heads: int, kv_heads: int, head_dim: int) -> Spec | None:
+    """The layer's length-free Spec, or None for a pattern that needs its extent (a Window)."""
+    if any(isinstance(node, Window) for node in pattern.walk()):
+        return None
+    return Spec(pattern, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+
+
+@functools.lru_cache(maxsize=256)
+def _sized_spec(pattern: Pattern, nq: int, nkv: int, heads: int, kv_heads: int, head_dim: int) -> Spec:
     return Spec(pattern, q_shape=nq, kv_shape=nkv, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
 
 
@@ -97,33 +108,19 @@ def _spec_from_factory(factory: Callable, layer_idx, nq: int, nkv: int) -> Spec:
     return spec
 
 
-def _frozen(value):
-    """A hashable copy of a JSON value (dicts keep their key order)."""
-    if isinstance(value, dict):
-        return ("{",) + tuple((k, _frozen(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ("[",) + tuple(_frozen(v) for v in value)
-    return value
-
-
-_PARSED: dict = {}
-
-
 def _pattern_from_dict(value: dict, where: str = f"config.{PATTERN_ATTR}") -> Pattern:
-    """The pattern of a JSON dict form (as config.json stores it), parsed once per distinct dict."""
-    key = _frozen(value)
-    pattern = _PARSED.get(key)
-    if pattern is None:
-        try:
-            pattern = from_json(value)
-        except ValueError as e:
-            raise ValueError(f"{where}: not a valid patterngen pattern: {e}") from e
-        if not isinstance(pattern, Pattern):
-            raise ValueError(f"{where}: holds the JSON form of a {type(pattern).__name__}, "
-                             f"not of a pattern")
-        if len(_PARSED) > 256:
-            _PARSED.clear()
-        _PARSED[key] = pattern
+    """The pattern of a JSON dict form (as config.json stores it), parsed once per distinct text."""
+    return _pattern_from_text(json.dumps(value), where)
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_from_text(text: str, where: str) -> Pattern:
+    try:
+        pattern = from_json(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not a valid patterngen pattern: {e}") from e
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"{where}: holds the JSON form of a {type(pattern).__name__}, not of a pattern")
     return pattern
 
 
@@ -160,13 +157,15 @@ def spec_for(config, layer_idx, q_len: int, kv_len: int, num_heads: int, num_kv_
                          f"layer_idx -> pattern) and `{SPEC_ATTR}` ((layer_idx, q_len, kv_len) -> Spec) for "
                          f"the patterngen attention; got {PATTERN_ATTR}={pattern!r}, {SPEC_ATTR}={factory!r}")
     if pattern is not None:
-        return _spec_from_pattern(_layer_pattern(pattern, layer_idx), q_len, kv_len, num_heads, num_kv_heads,
-                                  head_dim)
+        pattern = _layer_pattern(pattern, layer_idx)
+        spec = _spec_from_pattern(pattern, num_heads, num_kv_heads, head_dim)
+        return spec if spec is not None else _sized_spec(pattern, q_len, kv_len, num_heads, num_kv_heads, head_dim)
     if not callable(factory):
         raise TypeError(f"config.{SPEC_ATTR}: expected a callable (layer_idx, q_len, kv_len) -> Spec, "
                         f"got {type(factory).__name__}")
     spec = _spec_from_factory(factory, layer_idx, q_len, kv_len)
-    got = (spec.nq, spec.nkv, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    lengths = (q_len, kv_len) if spec.length_free else (spec.nq, spec.nkv)  # a length-free spec takes any
+    got = (*lengths, spec.num_heads, spec.num_kv_heads, spec.head_dim)
     want = (q_len, kv_len, num_heads, num_kv_heads, head_dim)
     if got != want:
         names = ("q tokens", "kv tokens", "num_heads", "num_kv_heads", "head_dim")
