@@ -36,11 +36,13 @@ run: $(STAMP)
 	$(PYTHON) -m patterngen.tools.cli run
 
 # On a lent GPU machine (torch, triton, jinja2 and sympy preinstalled; no network): install
-# the project without touching those, run the GPU tests and a quick benchmark against
-# FlexAttention and SDPA, and leave everything in $(GPU_OUT)/. Each step has a time limit and a
+# the project without touching those, run the GPU tests, a quick benchmark against
+# FlexAttention and SDPA and the changing-lengths benchmark (`bench --lengths`: Hugging Face
+# decode, new lengths), and leave everything in $(GPU_OUT)/. Each step has a time limit and a
 # failing step does not stop the next one, so one call of a short lease returns every result.
 GPU_TEST_LIMIT ?= 240
 GPU_BENCH_LIMIT ?= 360
+GPU_LENGTHS_LIMIT ?= 180
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	$(PIP) install --no-build-isolation --no-deps -e . > $(GPU_OUT)/install.log 2>&1
@@ -52,3 +54,5 @@ gpu-check:
 		| tee $(GPU_OUT)/tests.txt
 	-PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 timeout $(GPU_BENCH_LIMIT) $(PYTHON) -m patterngen.tools.cli bench --quick \
 		--out $(GPU_OUT)/bench $(BENCH_ARGS) 2>&1 | tee $(GPU_OUT)/bench.txt
+	-PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 timeout $(GPU_LENGTHS_LIMIT) $(PYTHON) -m patterngen.tools.cli bench --lengths \
+		--out $(GPU_OUT)/lengths 2>&1 | tee $(GPU_OUT)/lengths.txt

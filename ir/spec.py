@@ -65,6 +65,12 @@ class Spec:
     _heads: HeadPatterns = field(default=(), init=False, repr=False, compare=False, hash=False)
     routed: Routed | None = field(default=None, init=False, repr=False, compare=False, hash=False)
     """The Routed node of this spec (all share block and topk), or None."""
+    _nq: int | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    _nkv: int | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    _hash: int = field(default=0, init=False, repr=False, compare=False, hash=False)
+
+    def __hash__(self) -> int:  # kept: specs key the caches of every call, and a pattern tree hashes deep
+        return self._hash
 
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
@@ -87,6 +93,9 @@ class Spec:
         head_dim = _count("head_dim", self.head_dim)
         object.__setattr__(self, "q_shape", q_shape)
         object.__setattr__(self, "kv_shape", kv_shape)
+        if q_shape is not None:  # plain attributes: the semantics read them per node of a pattern
+            object.__setattr__(self, "_nq", math.prod(q_shape))
+            object.__setattr__(self, "_nkv", math.prod(kv_shape))
         object.__setattr__(self, "num_heads", num_heads)
         object.__setattr__(self, "num_kv_heads", num_kv_heads)
         object.__setattr__(self, "head_dim", head_dim)
@@ -105,6 +114,7 @@ class Spec:
                              f"serves them all; got {sorted(routed)}")
         # a plain attribute, not a cached property: torch.compile traces reads of it
         object.__setattr__(self, "routed", first_routed)
+        object.__setattr__(self, "_hash", hash((self.pattern, q_shape, kv_shape, num_heads, num_kv_heads, head_dim)))
 
     # -- geometry --------------------------------------------------------------
     @property
@@ -118,17 +128,19 @@ class Spec:
 
     @property
     def nq(self) -> int:
-        return math.prod(self._shapes()[0])
+        if self._nq is None:
+            self._length_free_error()
+        return self._nq
 
     @property
     def nkv(self) -> int:
-        return math.prod(self._shapes()[1])
+        if self._nkv is None:
+            self._length_free_error()
+        return self._nkv
 
-    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if self.q_shape is None:
-            raise ValueError(f"{self!r} is length-free: its lengths come from each call's tensors; "
-                             f"spec.bind(nq, nkv) gives the spec of one call")
-        return self.q_shape, self.kv_shape
+    def _length_free_error(self):
+        raise ValueError(f"{self!r} is length-free: its lengths come from each call's tensors; "
+                         f"spec.bind(nq, nkv) gives the spec of one call")
 
     def bind(self, nq: int, nkv: int | None = None) -> "Spec":
         """The fixed-length spec of a call with `nq` queries and `nkv` keys (default nq); a
@@ -212,5 +224,14 @@ class Spec:
 
 @functools.lru_cache(maxsize=256)
 def _bound(spec: Spec, nq: int, nkv: int) -> Spec:
-    """`spec.bind(nq, nkv)` of a length-free spec; the most recent 256 (spec, lengths) are kept."""
-    return Spec(spec.pattern, (nq,), (nkv,), spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    """`spec.bind(nq, nkv)` of a length-free spec; the most recent 256 (spec, lengths) are kept.
+    A copy of the validated length-free spec with its lengths set (a decoding step binds a new
+    length each time): only the checks that involve lengths run again."""
+    bound = object.__new__(Spec)
+    bound.__dict__.update(spec.__dict__)
+    shape = {"q_shape": (nq,), "kv_shape": (nkv,), "_nq": nq, "_nkv": nkv}
+    bound.__dict__.update(shape, _hash=hash((spec.pattern, (nq,), (nkv,), spec.num_heads, spec.num_kv_heads,
+                                             spec.head_dim)))
+    if spec.routed is not None:
+        bound._check_node(spec.routed)
+    return bound

@@ -14,7 +14,7 @@ import torch
 from .backends.inputs import check_head_indices, check_inputs, check_scale
 from .dispatch import compile_options
 from .ir import Spec
-from .op import attention_op
+from .op import attention_forward, attention_op, runs_eagerly
 from .registry import spec_from_repr, spec_key
 from .analysis.plan import build_plan
 from .analysis.tiling import volume
@@ -79,7 +79,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     check_head_indices(head_indices, q)
     has_indices = block_indices is not None
     key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
-    out, lse = attention_op(q, k, v, key, scale, block_indices, head_indices, _options)
+    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices) else attention_op
+    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options)
     return (out, lse) if return_lse else out
 
 

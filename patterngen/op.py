@@ -28,10 +28,11 @@ import functools
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .backends.inputs import check_head_values, head_selection
 from . import dispatch
-from .backends.reference import SMALL_PAIRS, reference_attention, small_attention
+from .backends.reference import SMALL_PAIRS, reference_attention, small_attention, small_attention_cpu
 from .ir import Spec
 from .analysis.plan import Plan, build_plan
 from .registry import lookup_spec, spec_from_repr, spec_key
@@ -84,20 +85,23 @@ def reference(q, k, v, spec: Spec, scale=None, block_indices=None, head_indices=
     return out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
 
 
-def _reference(q, k, v, key, scale, block_indices, head_indices=None, options=""):
+def _reference(q, k, v, key, scale, block_indices, head_indices=None, options="", differentiable=False):
+    """The reference result of one op call; `differentiable` where autograd records it (the
+    backward's recomputation), which the fused CPU path of small calls is not, through its lse."""
     spec = bound_spec(key, q, k)
     tiling = dispatch.read_options(options)[1]
     if (head_indices is None and spec.routed is None and tiling is None and spec.nq * spec.nkv <= SMALL_PAIRS
-            and not dispatch.is_empty(q, k)):
-        return small_attention(q, k, v, spec, scale)  # a decoding step: no plan to build
+            and not dispatch.is_empty(q, k)):  # a decoding step or a short prompt: no plan to build
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not differentiable:
+            return small_attention_cpu(q, k, v, spec, scale)
+        return small_attention(q, k, v, spec, scale)
     return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(spec, tiling))
 
 
 # -- forward ------------------------------------------------------------------------
-@torch.library.custom_op("patterngen::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float] = None,
-                 block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None,
-                 options: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float] = None,
+                      block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None,
+                      options: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec whose JSON text is `spec`, on the
     backend `dispatch.choose` picks."""
     choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, options=options, v=v,
@@ -112,6 +116,21 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, s
         out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices)
     # the fake kernel promises contiguous results whatever the input strides
     return out.contiguous(), lse.contiguous()
+
+
+attention_op = torch.library.custom_op("patterngen::attention", mutates_args=())(attention_forward)
+
+
+def runs_eagerly(*tensors) -> bool:
+    """Whether a call may run `attention_forward` itself rather than through the op: plain tensors
+    that record no gradient, outside any tracing (Dynamo, export, make_fx, functorch), where the op
+    would run the same body after ~20 us of dispatch, a decoding step's worth on the CPU."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)
+                             and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
 
 
 @attention_op.register_fake
@@ -142,7 +161,7 @@ def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_ind
         return tuple(torch.zeros_like(t) for t in (q, k, v))
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices, options)
+        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices, options, differentiable=True)
         outs, grads = [out], [dout]
         if dlse is not None:
             outs.append(lse)
@@ -199,5 +218,5 @@ def _backward(ctx, dout, dlse):
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_op", "bound_spec", "reference",
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_forward", "attention_op", "runs_eagerly", "bound_spec", "reference",
            "lookup_spec", "spec_from_repr", "spec_key"]

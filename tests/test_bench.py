@@ -201,3 +201,49 @@ def test_cpu_smoke_runs(tmp_path, capsys):
     kinds = [r.get("kind") for r in doc["results"]]
     assert kinds.count("dense") == 2 and len(kinds) == 4
     assert all(r["time_ms"] > 0 for r in doc["results"])
+
+
+def test_lengths_mask_is_the_pattern():
+    """The hand-written mask_mod that FlexAttention and SDPA get in `bench --lengths` is the
+    spec's own mask, queries aligned bottom-right to the keys, at any lengths in any order."""
+    from patterngen.tools.bench.lengths import FlexMask, pattern
+    flex_mask = FlexMask(6, torch.device("cpu"))
+    spec = pg.Spec(pattern(6), num_heads=2, num_kv_heads=1, head_dim=8)
+    for nq, nkv in [(20, 20), (3, 20), (1, 17), (5, 5), (9, 30)]:
+        assert torch.equal(flex_mask.dense(nq, nkv), pg.dense_mask(spec.bind(nq, nkv))[0]), (nq, nkv)
+
+
+def test_lengths_smoke(tmp_path, capsys):
+    """`bench --lengths` end to end at a tiny size: both tables, the counts of generated sources
+    and the cache entries against their sizes, patterngen agreeing with eager FlexAttention and
+    masked SDPA; the private kernel cache is undone afterwards. No timing is asserted."""
+    cache_before = os.environ.get("PATTERNGEN_CACHE")
+    rc = main(["bench", "--lengths", "--quick", "--tokens", "8", "--out", str(tmp_path / "lengths")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert os.environ.get("PATTERNGEN_CACHE") == cache_before
+    assert "ms/token" in text and "pg 1st ms" in text and "kernel sources generated" in text and "caches:" in text
+    doc = json.loads((tmp_path / "lengths.json").read_text())
+    assert "# patterngen bench --lengths" in (tmp_path / "lengths.md").read_text()
+    assert doc["environment"]["torch"] == torch.__version__ and doc["note"]
+
+    dec = doc["decode"]
+    for impl in ("patterngen", "sdpa"):
+        r = dec["impl"][impl]
+        assert r["steps"] == 8 and math.isfinite(r["ms_per_token"]) and r["ms_per_token"] > 0
+    assert dec["ratio"] > 0 and isinstance(dec["sources_generated"], int) and dec["sources_generated"] >= 0
+    for caches in (dec["caches"], doc["lengths"]["caches"]):
+        assert {"kernels", "specs", "bound_specs", "plans"} <= set(caches)
+        for c in caches.values():
+            assert isinstance(c["entries"], int) and (c["limit"] is None or 0 <= c["entries"] <= c["limit"])
+
+    lens = doc["lengths"]
+    assert [(r["nq"], r["nkv"]) for r in lens["rows"]] == [tuple(x) for x in doc["setup"]["lengths"]]
+    assert isinstance(lens["sources_generated"], int) and isinstance(lens["sources_at_later_lengths"], int)
+    for r in lens["rows"]:
+        assert not any(k.endswith("_error") for k in r), r
+        assert r["variant"] == ("decode" if r["nq"] <= pg.dispatch.DECODE_ROWS else "prefill")
+        assert isinstance(r["sources_generated"], int)
+        for key in ("pg_first_ms", "pg_ms", "flex_mask_ms", "flex_ms", "sdpa_mask_ms"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r, key)
+        assert r["err_vs_flex"] < 2e-6 and r["err_vs_sdpa_mask"] < 2e-6

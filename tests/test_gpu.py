@@ -32,13 +32,17 @@ CASES = {
     "strided_3d": pg.Spec(pg.Window((4, 8, 8), stride=(2, 4, 4)), q_shape=(8, 16, 16), num_heads=2, head_dim=64),
     "per_head": pg.Spec(pg.Heads([pg.Causal(), pg.Band(63) & pg.Causal()]), q_shape=777, num_heads=2, head_dim=64),
 }
+FREE = pg.Spec((pg.Sink(4) | pg.Band(255)) & pg.Causal(), num_heads=8, num_kv_heads=2, head_dim=128)
+"""A length-free spec: one decode and one prefill kernel for every length below."""
+FREE_LENGTHS = [(1, 1000), (7, 333), (1000, 1000), (640, 2600), (1, 4097), (1537, 1537)]
 TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-2}  # TF32 dots in float32
 
 
-def _inputs(spec: pg.Spec, dtype: torch.dtype, seed: int = 0):
+def _inputs(spec: pg.Spec, dtype: torch.dtype, seed: int = 0, lengths=None):
+    nq, nkv = lengths or (spec.nq, spec.nkv)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(2, spec.num_heads, spec.nq, spec.head_dim, device="cuda", generator=g)
-    k, v = (torch.randn(2, spec.num_kv_heads, spec.nkv, spec.head_dim, device="cuda", generator=g)
+    q = torch.randn(2, spec.num_heads, nq, spec.head_dim, device="cuda", generator=g)
+    k, v = (torch.randn(2, spec.num_kv_heads, nkv, spec.head_dim, device="cuda", generator=g)
             for _ in range(2))
     return [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
 
@@ -50,14 +54,14 @@ def _run(spec, q, k, v):
     return out, grads
 
 
-def check_against_float64(name: str, dtype: torch.dtype) -> float:
+def check_against_float64(name: str, dtype: torch.dtype, lengths=None) -> float:
     """Largest error of out, dq, dk, dv, relative to each tensor's largest magnitude."""
-    spec = CASES[name]
-    q, k, v = _inputs(spec, dtype)
+    spec = CASES[name] if lengths is None else FREE
+    q, k, v = _inputs(spec, dtype, lengths=lengths)
     before = dispatch.calls.copy()
     out, grads = _run(spec, q, k, v)
     ran = {role: dispatch.calls[role, "triton"] - before[role, "triton"] for role in ("forward", "backward")}
-    assert ran == {"forward": 1, "backward": 1}, f"{name} {dtype}: {pg.explain(spec, q)}"
+    assert ran == {"forward": 1, "backward": 1}, f"{name} {dtype}: {pg.explain(spec, q, k)}"
     want, want_grads = _run(spec, *(t.detach().double().requires_grad_(True) for t in (q, k, v)))
     worst = 0.0
     for got, ref in zip((out, *grads), (want, *want_grads)):
@@ -90,6 +94,20 @@ if pytest is not None:
     def test_kernels_against_sdpa_with_the_oracle_mask(name):
         check_against_sdpa(name)
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    def test_length_free_kernels_every_length(dtype):
+        check_length_free(dtype)
+
+
+def check_length_free(dtype: torch.dtype) -> float:
+    """One length-free spec at decode and prefill lengths: each against float64, and no kernel
+    built past the first of each variant (decode, prefill) and role."""
+    worst = max(check_against_float64(f"free {nq}x{nkv}", dtype, (nq, nkv)) for nq, nkv in FREE_LENGTHS)
+    from patterngen.registry import spec_key
+    built = {slot[1:] for slot in dispatch._KERNELS if slot[0] == spec_key(FREE)}
+    assert built <= {(role, var) for role in ("forward", "backward") for var in ("decode", "prefill")}, built
+    return worst
+
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
@@ -108,6 +126,13 @@ if __name__ == "__main__":
             passed += 1
         except Exception as exc:
             print(f"{case:16s} vs sdpa          FAILED: {type(exc).__name__}: {exc}")
+            failed += 1
+    for dt in (torch.float16, torch.bfloat16):
+        try:
+            print(f"length-free      {str(dt):15s} relative error {check_length_free(dt):.2e}")
+            passed += 1
+        except Exception as exc:
+            print(f"length-free      {str(dt):15s} FAILED: {type(exc).__name__}: {exc}")
             failed += 1
     print(f"{passed} passed, {failed} failed")
     raise SystemExit(1 if failed else 0)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import dispatch
-from patterngen.backends.reference import SMALL_PAIRS, reference_attention, small_attention
+from patterngen.backends.reference import SMALL_PAIRS, reference_attention, small_attention, small_attention_cpu
 from patterngen.routing.blocks import block_counts
 from tests.strategies import scaled, specs
 
@@ -353,6 +353,9 @@ def test_small_attention_equals_the_oracle(spec, seed):
     ref, ref_lse = dense_reference(q, k, v, pg.dense_mask(spec))
     assert (out - ref).abs().max() < 1e-10
     assert_lse(lse, ref_lse, 1e-10)
+    fused, fused_lse = small_attention_cpu(q, k, v, spec)  # the op's forward on the CPU
+    assert (fused - ref).abs().max() < 1e-10
+    assert_lse(fused_lse, ref_lse, 1e-10)
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), dout)
     want = torch.autograd.grad(ref, (q, k, v), dout)

@@ -9,6 +9,7 @@ plain torch ops, so autograd differentiates it and it runs on any device.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -201,19 +202,29 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     return out, lse
 
 
+def _small_masks(spec: Spec, device) -> torch.Tensor:
+    """bool [distinct head patterns, Nq, Nkv] of a small call, straight from the semantics."""
+    qi = torch.arange(spec.nq, device=device)[:, None]
+    kj = torch.arange(spec.nkv, device=device)[None, :]
+    return torch.stack([visible(p, qi, kj, spec).expand(spec.nq, spec.nkv) for p in spec.head_patterns.unique])
+
+
+def _check_small(spec: Spec) -> None:
+    if spec.routed is not None or spec.nq * spec.nkv > SMALL_PAIRS:
+        raise ValueError(f"small_attention: takes static specs of at most {SMALL_PAIRS} pairs, got {spec!r}")
+
+
 def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
                     scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference_attention` of a small static call (Nq * Nkv <= SMALL_PAIRS, no Routed part)
     without a plan: the element-wise semantics give the [heads, Nq, Nkv] mask directly. A
-    decoding step (one query, a new key length each time) then plans nothing."""
-    if spec.routed is not None or spec.nq * spec.nkv > SMALL_PAIRS:
-        raise ValueError(f"small_attention: takes static specs of at most {SMALL_PAIRS} pairs, got {spec!r}")
+    decoding step (one query, a new key length each time) then plans nothing. Plain torch
+    ops: differentiable, also through the lse."""
+    _check_small(spec)
     scale = check_scale(scale, spec.head_dim)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qi = torch.arange(spec.nq, device=q.device)[:, None]
-    kj = torch.arange(spec.nkv, device=q.device)[None, :]
+    masks = _small_masks(spec, q.device)
     heads = spec.head_patterns
-    masks = torch.stack([visible(p, qi, kj, spec).expand(spec.nq, spec.nkv) for p in heads.unique])
     if len(heads.unique) > 1:
         masks = masks[torch.tensor([heads.unique.index(p) for p in heads], device=q.device)]
     rep = spec.num_heads // spec.num_kv_heads
@@ -229,3 +240,37 @@ def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spe
     out = (torch.matmul(p, vv) / l_safe).to(q.dtype)
     lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
     return out, lse
+
+
+@functools.lru_cache(maxsize=16)
+def _fused_bias(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(additive mask [1, Hkv, group * Nq, Nkv], rows that see nothing or None) of a small call,
+    kept for the next calls of the same lengths: every layer of a decoding step shares one."""
+    hkv, rep = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
+    masks = _small_masks(spec, device)
+    heads = spec.head_patterns
+    if len(heads.unique) > 1:
+        masks = masks[torch.tensor([heads.unique.index(p) for p in heads], device=device)]
+    else:
+        masks = masks.expand(spec.num_heads, spec.nq, spec.nkv)
+    bias = torch.zeros(masks.shape, dtype=dtype, device=device).masked_fill_(~masks, float("-inf"))
+    blind = ~masks.any(-1)
+    return bias.reshape(1, hkv, rep * spec.nq, spec.nkv), (blind if bool(blind.any()) else None)
+
+
+def small_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
+                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`small_attention`'s result through PyTorch's fused CPU attention, for the op's forward
+    (its backward differentiates `small_attention`): a decoding step costs a few small ops.
+    The query heads of a GQA group ride along the query axis, so keys are never repeated.
+    For float32 and float64: with half inputs the fused kernel's lse strays ~5e-5 from the
+    float32 accumulation the reference promises."""
+    _check_small(spec)
+    B, H, nq, D = q.shape
+    bias, blind = _fused_bias(spec, q.device, q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(B, spec.num_kv_heads, -1, D), k, v, attn_mask=bias, scale=check_scale(scale, spec.head_dim))
+    lse = lse.reshape(B, H, nq)
+    if blind is not None:  # rows with nothing visible: zeros (as computed) and lse -inf
+        lse = lse.masked_fill(blind, float("-inf"))
+    return out.reshape(B, H, nq, D), lse

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", type=int, default=0, help="seed of the random routing of Routed specs")
     plan.set_defaults(func=cmd_plan)
 
-    bench = sub.add_parser("bench", help="time patterngen vs FlexAttention vs dense SDPA on the current GPU")
+    bench = sub.add_parser("bench", help="time patterngen vs FlexAttention vs dense SDPA on the current GPU "
+                                         "(--lengths: at changing lengths, Hugging Face decode; on the CPU too)")
     bench_command.add_cli_arguments(bench)
     bench.set_defaults(func=bench_command.run)
 

@@ -40,6 +40,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=None, help="with --cpu-smoke: timed repeats (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
+    parser.add_argument("--lengths", action="store_true",
+                        help="instead of the suite: a length-free spec at changing lengths (Hugging Face greedy "
+                             "decode vs SDPA, new lengths vs FlexAttention and SDPA; runs on the CPU too)")
+    parser.add_argument("--tokens", type=int, default=300, metavar="N",
+                        help="with --lengths: decode steps of the greedy-decode measurement (default 300)")
 
 
 def run_suite(cases: list[Case], opts: Options, scale: str, smoke: bool, out: str | None = None,
@@ -74,6 +79,9 @@ def run_suite(cases: list[Case], opts: Options, scale: str, smoke: bool, out: st
 
 def run(args) -> int:
     """Run `patterngen bench` with parsed arguments; returns the exit status."""
+    if getattr(args, "lengths", False):
+        from .lengths import run as run_lengths
+        return run_lengths(args)
     smoke = bool(args.cpu_smoke)
     if not smoke and not torch.cuda.is_available():
         print("patterngen bench: no CUDA device is present, so no timing is produced.\n"
