@@ -25,8 +25,7 @@ def build(specs: list[tuple[str, Spec]], out, archs=("sm_90",), dtypes=("bf16",)
           log=None) -> dict:
     """Render each (name, spec)'s forward and backward kernels once on the tiling policy's first
     tiling and cross-compile them for every arch x dtype into `out`; returns the manifest."""
-    from .sim import ranked_kernel_tilings
-    return write_build(specs, out, lambda spec: ranked_kernel_tilings(spec)[0], archs, dtypes, head_dim, log)
+    return write_build(specs, out, dispatch.policy_tiling, archs, dtypes, head_dim, log)
 
 
 class AOTKernel:
@@ -62,8 +61,9 @@ class AOTKernel:
         if q.is_cuda and q.dtype in dispatch.KERNEL_DTYPES:
             self._loaded.record_of(q)  # AOTError when the build lacks this arch or dtype
         # `load` registered this build already; again here, so that of two loaded builds of one spec the
-        # one called is the one that runs
-        dispatch.register_loaded(spec_key(self.spec), self._loaded)
+        # one called is the one that runs (eagerly: under torch.compile the registration stands)
+        if not torch.compiler.is_compiling():
+            dispatch.register_loaded(spec_key(self.spec), self._loaded)
         return attention(q, k, v, self.spec, scale, block_indices, return_lse)
 
     def __repr__(self):

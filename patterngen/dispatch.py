@@ -100,21 +100,25 @@ def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 
 @functools.lru_cache(maxsize=MAX_KERNELS)
-def forward_tiling(key: str, variant: str = ""):
+def policy_tiling(spec: Spec, variant: str = ""):
     """The tiling policy on the simulator's ranking, once per spec whatever the roles built:
     the tiles `patterngen build` and an untuned `pg.compile` use too. A length-free spec is
-    ranked at TYPICAL_LENGTH tokens; its decode variant keeps that kv tile under DECODE_ROWS
-    query rows."""
+    ranked at TYPICAL_LENGTH tokens; its decode variant has DECODE_ROWS query rows and that kv
+    tile, at most 64 keys from head dim 128 on (a 128-key tile spills there)."""
     from .core.tiles import Tiling
-    from .registry import lookup_spec
     from .sim import ranked_kernel_tilings
-    spec = lookup_spec(key)
     if not spec.length_free:
         return ranked_kernel_tilings(spec)[0]
     prefill = ranked_kernel_tilings(spec.bind(TYPICAL_LENGTH, TYPICAL_LENGTH))[0]
     if variant == "decode" and spec.routed is None:
-        return Tiling(DECODE_ROWS, prefill.kv_tile)
+        return Tiling(DECODE_ROWS, min(prefill.kv_tile, 64) if spec.head_dim >= 128 else prefill.kv_tile)
     return prefill
+
+
+def forward_tiling(key: str, variant: str = ""):
+    """`policy_tiling` of the spec whose JSON text is `key`."""
+    from .registry import lookup_spec
+    return policy_tiling(lookup_spec(key), variant)
 
 
 def variant(key: str, q: torch.Tensor) -> str:
@@ -180,15 +184,6 @@ def reason(key: str, role: str, var: str = "") -> str | None:
     return _entry(key, role, var)[1]
 
 
-def cache_entries() -> dict[str, int]:
-    """How many entries each of the package's bounded caches holds now (for benchmarks and tests)."""
-    from . import op, registry
-    from .ir.spec import _bound
-    return {"kernels": len(_KERNELS), "spec_texts": registry.spec_key.cache_info().currsize,
-            "specs": registry.lookup_spec.cache_info().currsize, "bound_specs": _bound.cache_info().currsize,
-            "plans": op.plan_cache_size(), "tilings": forward_tiling.cache_info().currsize}
-
-
 def register_loaded(key: str, kernels) -> None:
     """Run the kernels of a build (`pg.load`) for the spec registered under `key`:
     `kernels.select(role, q)` gives (kernel, what it is) for q's arch and dtype, or
@@ -237,13 +232,11 @@ def _tuned(key: str, var: str, q, k, v, block_indices):
         entry = _KERNELS.get(slot)
     if entry is None:
         from .backends.triton import tuned_kernel
-        from .op import bound_spec
         from .registry import lookup_spec
         from .sim import ranked_kernel_tilings
         spec = lookup_spec(key)
-        ranked = ([forward_tiling(key, var)] if spec.length_free else ranked_kernel_tilings(spec))
-        entry = (tuned_kernel(spec if spec.length_free else bound_spec(key, q, k), q, k, v, block_indices,
-                              tilings=ranked), None)
+        ranked = [forward_tiling(key, var)] if spec.length_free else ranked_kernel_tilings(spec)
+        entry = (tuned_kernel(spec, q, k, v, block_indices, tilings=ranked), None)
         with _LOCK:
             entry = _KERNELS.setdefault(slot, entry)
             while len(_KERNELS) > MAX_KERNELS:
@@ -281,9 +274,6 @@ def choose(key: str, q: torch.Tensor, k: torch.Tensor, *, head_indices: bool = F
         return Choice("reference", f"device {q.device}: off CUDA the op runs the exact reference backend{detail}",
                       role)
     var = variant(key, q)
-    if head_indices and var:  # the head-routed kernels are built per length
-        from .registry import lookup_spec, spec_key
-        key, var = spec_key(lookup_spec(key).bind(q.shape[2], k.shape[2])), ""
     if tiling is not None:
         from .backends.triton.config import tiling_json
         var = "tiling:" + json.dumps(tiling_json(tiling))

@@ -18,9 +18,24 @@ q_shape) takes each call's lengths from the tensors: the fake kernel only copies
 symbolic lengths trace once for every length. `options` (JSON, `compile_options`) carries what
 a `pg.compile` kernel asks for: its backend and tiling.
 
-Why `custom_op` and not `triton_op`: `torch.compile` decomposes a
-`triton_op` into its body, which it cannot trace on a machine without a GPU
-driver, and the reference body is data dependent (tile plans, masks).
+Why `custom_op` and not `triton_op` (measured on an H200, 2026-11-30,
+benchmarks/triton_op_probe.py, results in benchmarks/results/):
+- A `triton_op` body is traced by torch.compile, so it must be plain tensor code around
+  `wrap_triton` launches. The reference body is data dependent (plans, masks) and, on the CPU,
+  the Triton interpreter reads data pointers, which tracing forbids ("Cannot access data pointer
+  of Tensor", seen with a toy triton_op under TRITON_INTERPRET=1). Table walks need host tables
+  per length. Only closed-form CUDA kernels could be a triton_op, beside this op, not instead.
+- Eager, the two cost the same: a decode call (1 x 8192 keys, 32 heads, bf16) 33.7 us through
+  pg.attention (this op's body, called directly when nothing is traced: `runs_eagerly`) and
+  34.1 us through a triton_op; prefill 4096: 241.5 vs 242.8 us.
+- Under torch.compile the opaque op costs more per call: decode 148 us (57 us with CUDA graphs),
+  prefill 303 us (290 us). A triton_op would let Inductor launch the kernel from its own code,
+  but compiling it failed then: Inductor passes Python floats as float64, which made the
+  softmax state float64 (the templates now cast the scale to float32; not yet re-measured).
+- AOTInductor packages of this op run in a fresh process that imports patterngen (the spec is
+  the op's argument); a triton_op would embed the kernel instead, with no Python at all.
+So the one op stays a custom_op for every device; a triton_op for closed-form CUDA forwards is
+the next step once it compiles and shows the compiled-call saving on a GPU.
 """
 from __future__ import annotations
 
@@ -47,8 +62,13 @@ def _static_plan(spec: Spec, tiling) -> Plan:
     return build_plan(spec, tiling)
 
 
-def plan_cache_size() -> int:
-    return _static_plan.cache_info().currsize
+def cache_entries() -> dict[str, int]:
+    """How many entries each of the package's bounded caches holds now (for benchmarks and tests)."""
+    from . import registry
+    from .ir.spec import _bound
+    return {"kernels": len(dispatch._KERNELS), "spec_texts": registry.spec_key.cache_info().currsize,
+            "specs": registry.lookup_spec.cache_info().currsize, "bound_specs": _bound.cache_info().currsize,
+            "plans": _static_plan.cache_info().currsize, "tilings": dispatch.policy_tiling.cache_info().currsize}
 
 
 def _plan(spec: Spec, tiling=None) -> Plan | None:
@@ -218,5 +238,5 @@ def _backward(ctx, dout, dlse):
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_forward", "attention_op", "runs_eagerly", "bound_spec", "reference",
+__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_forward", "attention_op", "cache_entries", "runs_eagerly", "bound_spec", "reference",
            "lookup_spec", "spec_from_repr", "spec_key"]

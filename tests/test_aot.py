@@ -356,3 +356,54 @@ def test_lse_gradients_of_a_loaded_kernel_take_the_reference(grads_build):
     want = loss(lambda *x: dense_attention(*x, spec))
     for a, b in zip(got, want):
         assert (a - b).abs().max() < 1e-4
+
+
+def test_a_length_free_build_runs_every_length(tmp_path):
+    """A length-free spec builds once for every length: no tables in the build (a closed-form
+    forward reads none; the others are planned per length at load), and the loaded kernels
+    equal float64 dense attention at lengths the build never saw."""
+    from patterngen.backends.triton import TritonBackward, TritonForward
+    from patterngen.backends.triton.aot import build, open_build
+    specs = [("stream", pg.Spec((pg.Sink(2) | pg.Band(20)) & pg.Causal(), num_heads=2, num_kv_heads=1, head_dim=16)),
+             ("strided", pg.Spec(pg.Strided(3) & pg.Causal(), num_heads=2, head_dim=16))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TritonForward, "cross_compile", lambda self, arch, dtype: _fake_compile(self, [ENTRY])[0])
+        mp.setattr(TritonBackward, "cross_compile", lambda self, arch, dtype, preprocess=False: _fake_compile(
+            self, ["attention_bwd_dkdv", "attention_bwd_dq"] + ["bwd_preprocess"] * preprocess))
+        m = build(specs, tmp_path / "free", lambda spec: pg.Tiling(16, 16), dtypes=("fp32",))
+    assert [(r["length_free"], r["walk"]) for r in m["kernels"]] == [(True, "closed_form"), (True, "table")]
+    assert all("tables" not in r["files"] and "tables" not in r["backward"]["files"] for r in m["kernels"])
+    assert not list((tmp_path / "free").glob("*_tables.pt"))
+    _, loaded = open_build(tmp_path / "free")
+    g = torch.Generator().manual_seed(3)
+    for _, spec in specs:
+        held = loaded[repr(spec)]
+        fwd, bwd = held.forward(held.records[0]), held.backward(held.records[0])
+        for nq, nkv in ((5, 40), (40, 17)):
+            q = torch.randn(1, 2, nq, 16, generator=g)
+            k, v = (torch.randn(1, spec.num_kv_heads, nkv, 16, generator=g) for _ in range(2))
+            out, lse = fwd(q, k, v)
+            leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+            want, _ = dense_attention(*leaves, spec.bind(nq, nkv))
+            dout = torch.randn(out.shape, generator=g)
+            want.backward(dout.double())
+            for got, ref in zip((out, *bwd(q, k, v, out, lse, dout)), (want, *(t.grad for t in leaves))):
+                assert (got - ref).abs().max() < 1e-4
+
+
+def test_loaded_kernels_trace_with_fullgraph(grads_build):
+    """A loaded kernel is pg.attention with the build's kernels: one graph, no break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    build = pg.load(grads_build)
+    spec = next(s for s in build.specs if s.routed is None)
+    kern = build[spec]
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda q, k, v: kern(q, k, v) * 2, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, spec.num_heads, spec.nq, spec.head_dim, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, spec.num_kv_heads, spec.nkv, spec.head_dim, generator=g, requires_grad=True)
+            for _ in range(2))
+    out = f(q, k, v)
+    assert close(out, 2 * dense_attention(q, k, v, spec)[0]) and counter.frame_count == 1
+    out.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v))

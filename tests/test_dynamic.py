@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import patterngen as pg
-from patterngen import dispatch
+from patterngen import dispatch, op
 
 STREAM = pg.Spec((pg.Sink(4) | pg.Band(15)) & pg.Causal(), num_heads=4, num_kv_heads=2, head_dim=16)
 PREFILL = [33, 40, 57, 64, 100, 129, 200, 90]
@@ -147,13 +147,13 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
 def test_decode_calls_plan_nothing_and_caches_stay_bounded():
     """A decoding loop (one query, a new key length every step) on the reference path: no plan
     per step, and every cache within its documented size."""
-    before = dispatch.cache_entries()
+    before = op.cache_entries()
     for n in range(1, 301):
         q, k, v = _inputs(1, n)
         pg.attention(q, k, v, STREAM)
-    after = dispatch.cache_entries()
+    after = op.cache_entries()
     assert after["plans"] == before["plans"]  # the small-call path builds no plan
-    from patterngen import op, registry
+    from patterngen import registry
     from patterngen.ir.spec import _bound
     assert after["bound_specs"] <= _bound.cache_info().maxsize
     assert after["specs"] <= registry.MAX_SPECS and after["plans"] <= op.MAX_PLANS

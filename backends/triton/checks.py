@@ -18,6 +18,9 @@ def check_tiling(spec: Spec, tiling: Tiling) -> None:
         if not kernel_tile_ok(tile):
             raise ValueError(f"tiling: {name}={tile!r} has {volume(tile)} tokens; the Triton backend needs a "
                              f"power of two >= 16 (tl.dot and tl.arange), e.g. 64, 128 or boxes such as (16, 8)")
+    if spec.length_free and not (isinstance(tiling.q_tile, int) and isinstance(tiling.kv_tile, int)):
+        raise ValueError(f"tiling: {spec!r} is length-free (a sequence of any length), so its tiles are flat "
+                         f"token counts such as Tiling(64, 64); got {tiling!r}")
     if spec.routed is not None and not (tiling.q_tile == tiling.kv_tile == spec.routed.block):
         raise ValueError(f"tiling: {spec.routed!r} needs q and kv tiles equal to its block "
                          f"({spec.routed.block}), got {tiling!r}")
@@ -35,3 +38,10 @@ def check_launch_dtype(q: torch.Tensor) -> None:
     problem = interpreter_dtype_problem(q)
     if problem is not None:
         raise TypeError(f"q: {problem}")
+
+
+def check_lengths(spec: Spec, nq: int, nkv: int) -> None:
+    """A fixed-length spec's kernels run its own lengths only (a length-free spec any)."""
+    if not spec.length_free and (nq, nkv) != (spec.nq, spec.nkv):
+        raise ValueError(f"q, k: {nq} queries and {nkv} keys, but {spec!r} has nq={spec.nq}, nkv={spec.nkv}; "
+                         f"give the tensors of its shapes, or use a length-free spec (no q_shape) for any length")

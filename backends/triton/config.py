@@ -65,3 +65,7 @@ def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> 
 # rowsum(dO * O) before the backward: a trivial kernel with nothing to tune
 PREPROCESS_BLOCK_M = 64
 PREPROCESS_CONFIG = KernelConfig(num_warps=4, num_stages=2)
+
+# the routed walks compare a run-time block with a q tile's static kv tiles this many at a
+# time (a length-independent constant, so that no launch constant depends on the lengths)
+STATIC_CHUNK = 16

@@ -1,28 +1,31 @@
 """Build and launch the generated kernels of a spec and tiling: forward and backward.
 
-Building checks the tiling, plans each group of heads, renders and imports the kernel
-module, and lays the plans out as tables (once per spec and tiling). A launch copies the
-tables to the inputs' device once and calls the kernels; it returns (out, lse) or
-(dq, dk, dv) like the reference backend.
+Building checks the tiling, groups the heads, picks the kv walk, renders and imports the
+kernel module (once: the lengths are run-time arguments). The plan tables depend on the
+lengths: a fixed-length spec has one set, built on first use; a length-free spec
+(`Spec(pattern, num_heads=..., head_dim=...)`) reads nq and nkv from each call's tensors
+and builds the tables of those lengths from `spec.bind(nq, nkv)` when its walk needs
+them, keeping the most recent `tables.LENGTH_TABLES`. A closed-form forward needs none.
+A launch copies the tables to the inputs' device once and calls the kernels; it returns
+(out, lse) or (dq, dk, dv) like the reference backend.
 """
 from __future__ import annotations
 
 import torch
 
-from ...analysis.tiling import default_tiling
+from ...analysis.tiling import default_tiling, volume
 from ...core.tiles import TileGrid, Tiling
 from ...ir import Spec
 from ...routing.blocks import normalize_block_indices
 from ..inputs import check_scale
 from .cache import load_source
-from .checks import check_launch_dtype, check_routed_block, check_tiling
-from .config import (PREPROCESS_BLOCK_M, PREPROCESS_CONFIG, KernelConfig, backward_config, default_config, head_block,
-                     pow2_ceil)
+from .checks import check_launch_dtype, check_lengths, check_routed_block, check_tiling
+from .config import (PREPROCESS_BLOCK_M, PREPROCESS_CONFIG, STATIC_CHUNK, KernelConfig, backward_config,
+                     default_config, head_block, pow2_ceil)
 from .cross_compile import CompiledKernel, compile_generated
 from .ranges import closed_form
 from .render import forward_walk, render_backward, render_forward
-from .tables import (DeviceTables, forward_tables, group_plans, head_groups, max_static, routed_transpose,
-                     transposed_tables)
+from .tables import DeviceTables, LengthCache, LengthTables, head_groups, routed_transpose
 
 LOG2E = 1.4426950408889634
 
@@ -38,12 +41,19 @@ def log2_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), float("inf"), lse.float() * LOG2E).contiguous()
 
 
-class TritonForward:
-    """The forward kernel of one spec and tiling: plan tables on the device, the
-    generated module, and a launcher returning (out, lse) like the reference.
+def no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Nothing to launch: no batch entry, head, query or key (the result is zeros, lse -inf)."""
+    return q.numel() == 0 or k.shape[2] == 0
 
-    Routed specs need q and kv tiles equal to the routing block, so that a
-    selected block is one kv tile; the static part is planned ahead of time.
+
+class TritonForward:
+    """The forward kernel of one spec and tiling: the generated module, the plan tables of
+    the lengths it runs, and a launcher returning (out, lse) like the reference.
+
+    A length-free spec takes any q [B, H, Nq, D], k/v [B, Hkv, Nkv, D] (flat tiles only);
+    a fixed one the lengths of its shapes. Routed specs need q and kv tiles equal to the
+    routing block, so that a selected block is one kv tile; the static part is planned
+    ahead of the call.
     """
 
     def __init__(self, spec: Spec, tiling: Tiling | None = None, config: KernelConfig | None = None):
@@ -52,52 +62,120 @@ class TritonForward:
         check_tiling(spec, tiling)
         self._set_tiles(spec, tiling, config)
         self.statics, self.head_group, self.routed_heads = head_groups(spec)
-        self.groups = group_plans(spec, self.statics, self.q_grid, self.kv_grid)
-        self.segments = None
-        if len(self.statics) == 1 and spec.routed is None and self.q_grid.flat and self.kv_grid.flat:
-            self.segments = closed_form(self.statics[0], spec, self.block_m, self.block_n, self.groups[0])
-        self.walk = forward_walk(spec, self.statics, self.q_grid, self.kv_grid, self.segments)
-        self.source = render_forward(spec, self.statics, self.q_grid, self.kv_grid, self.walk)
-        self.module = load_source(self.source)
-        self.rows, self.cols, self.work = forward_tables(spec, self.groups, self.head_group, self.routed_heads)
-        self.max_static = max_static(self.groups)
         self._hold_tables()
+        self.segments = None
+        if len(self.statics) == 1 and spec.routed is None and isinstance(tiling.q_tile, int) \
+                and isinstance(tiling.kv_tile, int):
+            if spec.length_free:
+                self.segments = closed_form(self.statics[0], self.block_m, self.block_n)
+            else:
+                fixed = self.lengths(spec.nq, spec.nkv)
+                self.segments = closed_form(self.statics[0], self.block_m, self.block_n, fixed.groups[0],
+                                            (spec.nq, spec.nkv))
+        grids = self.template_grids()
+        self.walk = forward_walk(spec, self.statics, *grids, self.segments)
+        self.source = render_forward(spec, self.statics, *grids, self.walk)
+        self.module = load_source(self.source)
+        if self._fixed is not None and self.walk.name != "closed_form":
+            self._fixed.forward  # noqa: B018 - a fixed spec plans now, as it always did (errors at build)
 
     def _set_tiles(self, spec: Spec, tiling: Tiling, config: KernelConfig | None) -> None:
-        self.spec = spec
-        self.q_grid = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
-        self.kv_grid = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
-        self.block_m, self.block_n = self.q_grid.volume, self.kv_grid.volume
+        self.spec, self.tiling = spec, tiling
+        self.block_m, self.block_n = volume(tiling.q_tile), volume(tiling.kv_tile)
         self.block_d = head_block(spec.head_dim)
         self.config = config or default_config(self.block_m, self.block_d)
 
-    def _hold_tables(self) -> None:
-        """The plan tables (and which heads are routed), copied to each device once (`tables_on`)."""
-        self.device_tables = DeviceTables(rows=self.rows, cols=self.cols, work=self.work, head_group=self.head_group,
-                                          routed_heads=self.routed_heads)
+    def _hold_tables(self, saved: dict | None = None) -> None:
+        """Head groups on the devices (`device_tables`), and the length tables: one set for a
+        fixed spec (`saved`: a build's), an LRU of them for a length-free one."""
+        self.device_tables = DeviceTables(head_group=self.head_group, routed_heads=self.routed_heads)
+        if self.spec.length_free:
+            self._fixed, self._cache = None, LengthCache(self._make_tables)
+        else:
+            self._fixed, self._cache = self._make_tables(self.spec.nq, self.spec.nkv, saved), None
+
+    def _make_tables(self, nq: int, nkv: int, saved: dict | None = None) -> LengthTables:
+        return LengthTables(self.spec.bind(nq, nkv), self.tiling, self.statics, self.head_group, self.routed_heads,
+                            saved)
+
+    def template_grids(self) -> tuple:
+        """What the templates address tiles with (render.tile_context): a fixed spec's grids,
+        else the flat tile sizes."""
+        if self.spec.length_free:
+            return self.tiling.q_tile, self.tiling.kv_tile
+        return self._fixed.q_grid, self._fixed.kv_grid
+
+    def lengths(self, nq: int, nkv: int) -> LengthTables:
+        """The tables (and bound spec, grids, plans) of a call with nq queries and nkv keys;
+        ValueError when a fixed spec is called with other lengths."""
+        if self._fixed is not None:
+            check_lengths(self.spec, nq, nkv)
+            return self._fixed
+        return self._cache.get(nq, nkv)
+
+    # -- the fixed spec's tables, as builds save them ---------------------------------
+    @property
+    def q_grid(self) -> TileGrid | None:
+        """The q tile grid of a fixed spec (None when length-free: see `lengths`)."""
+        return None if self._fixed is None else self._fixed.q_grid
+
+    @property
+    def kv_grid(self) -> TileGrid | None:
+        return None if self._fixed is None else self._fixed.kv_grid
+
+    def _fixed_tables(self) -> LengthTables:
+        if self._fixed is None:
+            raise ValueError(f"{self.spec!r} is length-free: its tables are per call, see lengths(nq, nkv)")
+        return self._fixed
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self._fixed_tables().device.host_table("rows")
+
+    @property
+    def cols(self) -> torch.Tensor:
+        return self._fixed_tables().device.host_table("cols")
+
+    @property
+    def work(self) -> torch.Tensor:
+        return self._fixed_tables().device.host_table("work")
+
+    @property
+    def walk_name(self) -> str | None:
+        """The forward's kv walk (render.Walk's name); a build's module names it."""
+        walk = getattr(self, "walk", None)
+        return walk.name if walk is not None else getattr(self.module, "WALK", None)
 
     @classmethod
-    def from_saved(cls, spec: Spec, tiling: Tiling, config: KernelConfig, module, tables: dict) -> "TritonForward":
-        """A launcher from a build's imported module and saved plan tables: nothing rendered or analysed."""
+    def from_saved(cls, spec: Spec, tiling: Tiling, config: KernelConfig, module,
+                   tables: dict | None) -> "TritonForward":
+        """A launcher from a build's imported module and saved plan tables: nothing rendered, and
+        for a fixed spec nothing analysed. A length-free build saves no tables (`tables` None or
+        holding only the head groups): those of each length are planned at its first call."""
         self = cls.__new__(cls)
         self._set_tiles(spec, tiling, config)
-        self.module, self.source = module, None
-        self.rows, self.cols, self.work = tables["rows"], tables["cols"], tables["work"]
-        self.head_group, self.routed_heads = tables["head_group"], tables["routed_heads"]
-        self.max_static = int(tables["max_static"])
-        self._hold_tables()
+        self.module, self.source, self.walk, self.segments = module, None, None, None
+        self.statics, self.head_group, self.routed_heads = head_groups(spec)  # the patterns' split, no plan
+        tables = tables or {}
+        if "head_group" in tables:
+            self.head_group, self.routed_heads = tables["head_group"], tables["routed_heads"]
+        self._hold_tables(None if spec.length_free else
+                          {n: tables[n] for n in ("rows", "cols", "work", "rows_t", "cols_t") if n in tables})
         return self
 
-    def routed_indices(self, block_indices, batch: int, device) -> torch.Tensor:
+    def routed_indices(self, block_indices, batch: int, device, nq: int | None = None,
+                       nkv: int | None = None) -> torch.Tensor:
         """int32 [B, H, q blocks, topk] block indices as the kernels read them (checked and
-        normalised; -1 in the heads whose pattern has no Routed part)."""
-        idx = normalize_block_indices(self.spec, block_indices).expand(batch, -1, -1, -1)
+        normalised against the spec of these lengths; -1 in the heads whose pattern has no
+        Routed part)."""
+        spec = self.spec if nq is None else self.lengths(nq, nkv).spec
+        idx = normalize_block_indices(spec, block_indices).expand(batch, -1, -1, -1)
         idx = torch.where(self.device_tables.get("routed_heads", idx.device)[None, :, None, None], idx, -1)
         return idx.to(device=device, dtype=torch.int32).contiguous()
 
-    def tables_on(self, device: torch.device):
-        """(ROWS, COLS, WORK, HEAD_GROUP) on `device`, copied once."""
-        return self.device_tables.on(device, "rows", "cols", "work", "head_group")
+    def head_groups(self, batch: int, device) -> torch.Tensor:
+        """[B, H] static group of each head (the same for every batch entry)."""
+        return self.device_tables.get("head_group", device).repeat(batch)
 
     def constexprs(self, dtype: torch.dtype, topk: int | None = None) -> dict:
         out = {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
@@ -105,31 +183,39 @@ class TritonForward:
                "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
         if self.spec.routed is not None:
             topk = self.spec.routed.topk if topk is None else topk
-            out.update(TOPK=topk, TOPK_P2=max(2, pow2_ceil(topk)), MAX_STATIC=self.max_static)
+            out.update(TOPK=topk, TOPK_P2=max(2, pow2_ceil(topk)), STATIC_CHUNK=STATIC_CHUNK)
         return out
 
     def __call__(self, q, k, v, scale: float | None = None,
                  block_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         check_launch_dtype(q)
-        B = q.shape[0]
-        routed = [] if self.spec.routed is None else [self.routed_indices(block_indices, B, q.device)]
+        B, H, nq, nkv = q.shape[0], self.spec.num_heads, q.shape[2], k.shape[2]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, nq, device=q.device, dtype=torch.float32)
+        if no_pairs(q, k):
+            check_lengths(self.spec, nq, nkv)
+            return out.zero_(), lse.fill_(float("-inf"))
+        lt = self.lengths(nq, nkv)
+        routed = [] if self.spec.routed is None else [self.routed_indices(block_indices, B, q.device, nq, nkv)]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = softmax_scale(self.spec.head_dim, scale)
-        out = torch.empty_like(q)
-        lse = torch.empty(B, self.spec.num_heads, self.spec.nq, device=q.device, dtype=torch.float32)
-        rows, cols, work, head_group = self.tables_on(q.device)
-        head_group = head_group.repeat(B)  # [B, H]: static groups are the same for every batch entry
-        grid = (work.shape[0], B)
+        nq_t = lt.q_grid.count
+        if self.walk_name == "closed_form":  # work order and kv tiles from the program id: no tables
+            tables, grid = (), (nq_t * H, B)
+        else:
+            rows, cols, work = lt.device.on(q.device, "rows", "cols", "work")
+            tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
         self.module.attention_fwd[grid](
-            q, k, v, out, lse, rows, cols, work, head_group, *routed, scale,
+            q, k, v, out, lse, *tables, *routed, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *(routed[0].stride()[:2] if routed else ()), self.spec.num_heads, self.q_grid.count,
+            *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv,
             **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None),
             num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         return out, lse
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> CompiledKernel:
-        """Compile for sm_<arch> without a GPU: cubin, PTX and shared memory."""
+        """Compile for sm_<arch> without a GPU: cubin, PTX and shared memory (the lengths are
+        plain int arguments, so one compilation serves every length)."""
         return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names,
                                  self.constexprs(dtype), dtype, arch, self.config, self.spec.head_dim)
 
@@ -141,10 +227,10 @@ def preprocess_consts(fwd: TritonForward) -> dict:
 def preprocess(module, fwd: TritonForward, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """DELTA = rowsum(dO * O) [B, H, Nq] in float32, by the module's `bwd_preprocess` kernel
     (every backward template has one)."""
-    B, H = out.shape[:2]
-    delta = torch.empty(B, H, fwd.spec.nq, device=out.device, dtype=torch.float32)
-    module.bwd_preprocess[(-(-fwd.spec.nq // PREPROCESS_BLOCK_M), H, B)](
-        out, dout, delta, *out.stride()[:3], H, **preprocess_consts(fwd),
+    B, H, nq = out.shape[:3]
+    delta = torch.empty(B, H, nq, device=out.device, dtype=torch.float32)
+    module.bwd_preprocess[(-(-nq // PREPROCESS_BLOCK_M), H, B)](
+        out, dout, delta, *out.stride()[:3], H, nq, **preprocess_consts(fwd),
         num_warps=PREPROCESS_CONFIG.num_warps, num_stages=PREPROCESS_CONFIG.num_stages)
     return delta
 
@@ -153,26 +239,33 @@ class TritonBackward:
     """dQ, dK, dV of a forward kernel's spec and tiling, from the same plan: dK/dV walk the
     transposed plan (per kv tile, the q tiles that see it), dQ the forward plan; full tiles
     run without mask code. Deterministic (no atomics). Routed blocks: dQ walks them as the
-    forward does, dK/dV the run-time routing transposed (`routed_transpose`)."""
+    forward does, dK/dV the run-time routing transposed (`routed_transpose`). A length-free
+    forward gives a length-free backward: the tables of each call's lengths come from the
+    forward's (`TritonForward.lengths`)."""
 
     def __init__(self, forward: TritonForward, config: KernelConfig | None = None):
-        source = render_backward(forward.spec, forward.statics, forward.q_grid, forward.kv_grid)
-        self._setup(forward, config or backward_config(forward.block_d), source, load_source(source),
-                    *transposed_tables(forward.groups, forward.kv_grid.count))
+        source = render_backward(forward.spec, forward.statics, *forward.template_grids())
+        self._setup(forward, config or backward_config(forward.block_d), source, load_source(source))
 
     @classmethod
-    def from_saved(cls, forward: TritonForward, module, rows_t: torch.Tensor, cols_t: torch.Tensor,
-                   config: KernelConfig) -> "TritonBackward":
-        """A launcher from a module and tables saved by an ahead-of-time build: nothing is
-        rendered or analysed (`forward` only supplies its plan tables and constants)."""
+    def from_saved(cls, forward: TritonForward, module, config: KernelConfig) -> "TritonBackward":
+        """A launcher from a module saved by an ahead-of-time build: nothing is rendered
+        (`forward` supplies the tables, a fixed build's saved ones included, and constants)."""
         self = cls.__new__(cls)
-        self._setup(forward, config, None, module, rows_t, cols_t)
+        self._setup(forward, config, None, module)
         return self
 
-    def _setup(self, forward, config, source, module, rows_t, cols_t):
+    def _setup(self, forward, config, source, module):
         self.fwd, self.config, self.source, self.module = forward, config, source, module
-        self.rows_t, self.cols_t = rows_t, cols_t
-        self.device_tables = DeviceTables(rows_t=rows_t, cols_t=cols_t)
+
+    @property
+    def rows_t(self) -> torch.Tensor:
+        """A fixed spec's transposed tables (ROWS_T, COLS_T), as builds save them."""
+        return self.fwd._fixed_tables().device.host_table("rows_t")
+
+    @property
+    def cols_t(self) -> torch.Tensor:
+        return self.fwd._fixed_tables().device.host_table("cols_t")
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
                       preprocess: bool = False) -> list[CompiledKernel]:
@@ -193,30 +286,33 @@ class TritonBackward:
         """(dq, dk, dv) for the forward's (out, lse) (and a Routed spec's block indices)."""
         check_launch_dtype(q)
         spec, fwd = self.fwd.spec, self.fwd
-        B = q.shape[0]
+        B, nq, nkv = q.shape[0], q.shape[2], k.shape[2]
+        if no_pairs(q, k):
+            check_lengths(spec, nq, nkv)
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        lt = fwd.lengths(nq, nkv)
         scale = softmax_scale(spec.head_dim, scale)
         q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
-        rows_t, cols_t = self.device_tables.on(q.device, "rows_t", "cols_t")
-        rows, cols, head_group = fwd.device_tables.on(q.device, "rows", "cols", "head_group")
-        head_group = head_group.repeat(B)
+        rows, cols, rows_t, cols_t = lt.device.on(q.device, "rows", "cols", "rows_t", "cols_t")
+        head_group = fwd.head_groups(B, q.device)
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         consts = fwd.constexprs(q.dtype)
         common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-        dkdv_routed, dq_routed, idx_strides, nq_t = (), (), (), ()
+        nq_t, nkv_t = lt.q_grid.count, lt.kv_grid.count
+        dkdv_routed, dq_routed, idx_strides = (), (), ()
         if spec.routed is not None:
-            idx = fwd.routed_indices(block_indices, B, q.device)
+            idx = fwd.routed_indices(block_indices, B, q.device, nq, nkv)
             consts = fwd.constexprs(q.dtype, idx.shape[-1])
-            dkdv_routed = (rows, cols, idx, *routed_transpose(idx, fwd.kv_grid.count))
-            dq_routed, idx_strides, nq_t = (idx,), idx.stride()[:2], (fwd.q_grid.count,)
-        self.module.attention_bwd_dkdv[(fwd.kv_grid.count, spec.num_kv_heads, B)](
+            dkdv_routed = (rows, cols, idx, *routed_transpose(idx, nkv_t))
+            dq_routed, idx_strides = (idx,), idx.stride()[:2]
+        self.module.attention_bwd_dkdv[(nkv_t, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
-            *dk.stride()[:3], *dv.stride()[:3], *idx_strides, spec.num_heads, fwd.kv_grid.count, *nq_t, **consts,
+            *dk.stride()[:3], *dv.stride()[:3], *idx_strides, spec.num_heads, nkv_t, nq_t, nq, nkv, **consts,
             **common)
-        self.module.attention_bwd_dq[(fwd.q_grid.count, spec.num_heads, B)](
+        self.module.attention_bwd_dq[(nq_t, spec.num_heads, B)](
             q, k, v, dout, lse2, delta, dq, rows, cols, head_group, *dq_routed, scale, *strides, *dq.stride()[:3],
-            *idx_strides, spec.num_heads, fwd.q_grid.count, **consts, **common)
+            *idx_strides, spec.num_heads, nq_t, nq, nkv, **consts, **common)
         return dq, dk, dv
-

@@ -128,7 +128,7 @@ def window_bounds_lines(L: int, w: int, s: int, causal: bool) -> list[str]:
 
 class MaskWriter:
     """Lowers a Heads-free pattern to Triton statements computing a bool [M, N] mask
-    from q [M, 1] and kv [1, N] flattened indices. Per-query quantities (window
+    from q [M, 1] and kv [1, N] flattened indices and the scalar off = nkv - nq. Per-query quantities (window
     centres) stay [M, 1] and per-key ones [1, N] until the final comparison."""
 
     def __init__(self, spec: Spec):
@@ -160,15 +160,17 @@ class MaskWriter:
         return self.coords[key]
 
     def lower(self, p: Pattern) -> str | None:
-        """Name of a bool expression for `p`, or None when everything is visible."""
-        offset = self.spec.nkv - self.spec.nq
-        shift = f" + {offset}" if offset > 0 else (f" - {-offset}" if offset < 0 else "")
+        """Name of a bool expression for `p`, or None when everything is visible. Causal and
+        Band align the last query with the last key through the run-time `off` = nkv - nq,
+        so the text never holds a length. The shift goes to the key side (per kv tile): on
+        the query side the compiler hoists q + off out of the kv loop, which costs the dQ
+        kernels registers (spills on sm_90)."""
         if isinstance(p, Full):
             return None
         if isinstance(p, Causal):
-            return self.tmp(f"kv <= q{shift}")
+            return self.tmp("kv - off <= q")
         if isinstance(p, Band):
-            delta = self.tmp(f"kv - (q{shift})")
+            delta = self.tmp("kv - off - q")
             return self.tmp(f"({delta} >= {-p.left}) & ({delta} <= {p.right})")
         if isinstance(p, Sink):
             return self.tmp(f"kv < {p.n}")

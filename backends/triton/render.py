@@ -2,7 +2,10 @@
 
 The Python here decides *what* to emit: the mask function of each group of heads
 (masks.py), tile geometry as constants, and the kv walk of each kernel (`Walk`); the
-templates hold the kernel text and read those named values.
+templates hold the kernel text and read those named values. Sequence lengths never enter
+the text (they are run-time arguments), so one module serves every length; a grid's
+shape does (box tiles and windows are addressed with its constants). Where a grid may be
+passed, an int stands for flat tiles of that size on a sequence of any length.
 """
 from __future__ import annotations
 
@@ -29,14 +32,15 @@ class TileDims:
     ragged: bool
 
 
-def tile_context(name: str, grid: TileGrid) -> dict:
-    """What the template needs to address a tile's tokens straight from the row-major layout."""
-    ctx = {"name": name, "flat": grid.flat, "n": grid.n, "even": grid.n % grid.volume == 0 if grid.flat else
-           all(s % t == 0 for s, t in zip(grid.shape, grid.tile))}
-    if grid.flat:
-        ctx["describe"] = f"{grid.tile} consecutive tokens"
-        return ctx
-    ctx["describe"] = "x".join(map(str, grid.tile)) + " boxes of a " + "x".join(map(str, grid.shape)) + " grid"
+def tile_context(name: str, grid: TileGrid | int) -> dict:
+    """What the template needs to address a tile's tokens: for flat tiles (an int, or a flat
+    TileGrid) only the tile size, the length being a run-time argument; for boxes the grid's
+    constants, straight from the row-major layout."""
+    if isinstance(grid, int) or grid.flat:
+        tile = grid if isinstance(grid, int) else grid.tile
+        return {"name": name, "flat": True, "describe": f"{tile} consecutive tokens"}
+    ctx = {"name": name, "flat": False,
+           "describe": "x".join(map(str, grid.tile)) + " boxes of a " + "x".join(map(str, grid.shape)) + " grid"}
     ctx["dims"] = [TileDims(extent=s, stride=grid.strides[k], tile=t, count=c,
                             inner=math.prod(grid.tile[k + 1:]), tile_stride=math.prod(grid.counts[k + 1:]),
                             ragged=s % t != 0)
@@ -49,11 +53,14 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(importlib.resources
                           undefined=jinja2.StrictUndefined)
 
 
-def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid, kv_grid: TileGrid) -> dict | None:
+def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid | int,
+                   kv_grid: TileGrid | int) -> dict | None:
     """Per-dimension constants for table-free neighbourhood loops: a single undilated Window on
-    box tiles (or 1-D tiles) of one grid; None otherwise. `bounds` is the body of the kernel's
-    bounds function along the dimension, generated from the window rule."""
-    if not isinstance(pattern, Window) or spec.q_shape != spec.kv_shape or spec.routed is not None:
+    box tiles (or 1-D tiles) of one fixed grid; None otherwise (a length-free spec has no
+    Window). `bounds` is the body of the kernel's bounds function along the dimension,
+    generated from the window rule."""
+    if (not isinstance(pattern, Window) or spec.length_free or spec.q_shape != spec.kv_shape
+            or spec.routed is not None):
         return None
     if len(spec.q_shape) > 1 and (q_grid.flat or kv_grid.flat):
         return None
@@ -75,7 +82,8 @@ class Walk:
 
     - table: the plan's index table, ROWS[group, q tile] into COLS, full tiles first.
     - routed: the table, then the run-time blocks IDX[b, h, q tile] not yet visited.
-    - closed_form: `segments`, kv-tile ranges as expressions of the q tile (ranges.py).
+    - closed_form: `segments`, kv-tile ranges as expressions of the q tile and the lengths
+      (ranges.py); the work order comes from the program id, no table at all.
     - window: `window`, the neighbourhood per dimension from the window rule.
     - tile_union (head-routed kernels): the kv tiles of the q tiles a compacted row tile
       draws from, from the tile-class table.
@@ -86,12 +94,13 @@ class Walk:
     segments: tuple | None = None
 
 
-def _one_window(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> dict | None:
+def _one_window(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int,
+                kv_grid: TileGrid | int) -> dict | None:
     """`window_context` of the heads' one static pattern; None where the heads have several."""
     return window_context(patterns[0], spec, q_grid, kv_grid) if len(patterns) == 1 else None
 
 
-def forward_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+def forward_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
                  segments: list[dict] | None = None) -> Walk:
     """The forward's walk: an undilated window's neighbourhood, else closed-form `segments`
     (see ranges.closed_form), else the index table (with routed blocks for Routed specs),
@@ -109,7 +118,7 @@ def backward_walk(spec: Spec) -> Walk:
     return Walk("table" if spec.routed is None else "routed")
 
 
-def heads_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> Walk:
+def heads_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int) -> Walk:
     """The head-routed forward and dQ: an undilated window's neighbourhood of the rows'
     bounding box, else the union of their q tiles' kv tiles (needs the tile-class table)."""
     window = _one_window(spec, patterns, q_grid, kv_grid)
@@ -123,19 +132,29 @@ def _groups(patterns: list[Pattern | None], spec: Spec) -> list[dict]:
 
 
 def _routed_context(spec: Spec) -> dict | None:
-    """What the templates need of a Routed node: its causal flag and the q -> kv index offset."""
-    return None if spec.routed is None else {"causal": spec.routed.causal, "offset": spec.nkv - spec.nq}
+    """What the templates need of a Routed node: its causal flag (the q -> kv offset is the
+    kernels' run-time off = nkv - nq)."""
+    return None if spec.routed is None else {"causal": spec.routed.causal}
 
 
-def _render(template: str, spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
-            walk: Walk, **extra) -> str:
+def _spec_text(spec: Spec) -> str:
+    """The spec in the module's header: a 1-D spec without a Window in its length-free form,
+    so that the text of a sequence kernel never depends on the lengths."""
+    try:
+        return repr(spec.unbound())
+    except ValueError:  # a grid or a Window: its shape is part of the kernel
+        return repr(spec)
+
+
+def _render(template: str, spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int,
+            kv_grid: TileGrid | int, walk: Walk, **extra) -> str:
     return _env.get_template(template).render(
-        version=__version__, spec_repr=repr(spec), nq=spec.nq, groups=_groups(patterns, spec),
+        version=__version__, spec_repr=_spec_text(spec), groups=_groups(patterns, spec),
         routed=_routed_context(spec), walk=walk.name, window=walk.window, segments=walk.segments,
         q=tile_context("q", q_grid), kv=tile_context("kv", kv_grid), **extra)
 
 
-def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
                    walk: Walk) -> str:
     """The forward kernel module: one mask function per group of heads (`patterns`,
     the static part of each group's pattern), tile addressing, and the kv walk (see
@@ -143,14 +162,14 @@ def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid,
     return _render("attention_fwd.jinja", spec, patterns, q_grid, kv_grid, walk)
 
 
-def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> str:
+def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int) -> str:
     """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
     same mask functions and tile addressing as the forward."""
     return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, backward_walk(spec),
                    q_parts=2 if spec.head_dim > 64 else 1)
 
 
-def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid,
+def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
                  walk: Walk) -> str:
     """The head-routed kernels (token compaction, forward, dQ, dK/dV over compacted q tiles)
     with the same mask functions, tile addressing and kv-tile steps as the dense-head ones;

@@ -3,32 +3,53 @@
 A spec's heads fall into groups sharing one static pattern (a head's Routed part is chosen
 at run time); each group gets a tile plan, and the kernels read the plans as flat index
 tables: per q tile its kv tiles (forward, dQ), per kv tile its q tiles (dK/dV), full tiles
-first so that they run without mask code. Built on the host, once per spec and tiling.
+first so that they run without mask code. A kv tile cut short by the end of the keys (or a
+grid's edge) is never full in these tables (`kernel_plan`), so full tiles need no bounds
+mask and the kernel text does not depend on whether the lengths divide the tiles.
+
+The tables depend on the lengths: a fixed-length spec has one set (`LengthTables`, built
+on first use), a length-free spec one per call's (nq, nkv), kept in a `LengthCache`.
 """
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from functools import cached_property
+from typing import Callable
 
 import torch
 
 from ...analysis.classify import TileAnalysis, has_routed
 from ...analysis.plan import TilePlan
-from ...core.tiles import TileGrid
+from ...core.tiles import TileGrid, Tiling
 from ...ir import Pattern, Routed, Spec, Union
-from .config import pow2_ceil
+
+LENGTH_TABLES = 64
+"""Most (nq, nkv) whose tables one length-free kernel keeps (least recently used dropped):
+a few hundred KB each at 32K tokens with 64-token tiles, rebuilt in milliseconds."""
 
 
 class DeviceTables:
     """Named host tables and their copies on the devices the kernels run on: each table is
-    copied to a device once, on its first use there."""
+    copied to a device once, on its first use there. A table may be given as a function
+    that makes it, called on first use (tables a walk does not read are never built)."""
 
-    def __init__(self, **host: torch.Tensor):
+    def __init__(self, **host: torch.Tensor | Callable[[], torch.Tensor]):
         self.host = host
         self._copies: dict = {}
+
+    def host_table(self, name: str) -> torch.Tensor:
+        """The table `name` on the host (made now if it was given as a function)."""
+        table = self.host[name]
+        if callable(table):
+            table = self.host[name] = table()
+        return table
 
     def get(self, name: str, device) -> torch.Tensor:
         """The table `name` on `device`."""
         key = (name, device)
         if key not in self._copies:
-            self._copies[key] = self.host[name].to(device)
+            self._copies[key] = self.host_table(name).to(device)
         return self._copies[key]
 
     def on(self, device, *names: str) -> tuple[torch.Tensor, ...]:
@@ -65,12 +86,33 @@ def head_groups(spec: Spec) -> tuple[list[Pattern | None], torch.Tensor, torch.T
     return statics, head_group, torch.tensor([r is not None for r, _ in parts])
 
 
+def short_tiles(grid: TileGrid) -> torch.Tensor:
+    """bool [tiles]: which tiles hold fewer tokens than the tile's volume (the last flat tile
+    of a length the tile does not divide; boxes at a ragged grid edge)."""
+    if grid.flat:
+        short = torch.zeros(grid.count, dtype=torch.bool)
+        if grid.n % grid.tile:
+            short[-1] = True
+        return short
+    return grid.sizes < grid.volume
+
+
+def kernel_plan(tp: TilePlan, kv_grid: TileGrid) -> TilePlan:
+    """The plan as the kernels walk it: a full kv tile that is cut short becomes partial, so
+    the masked step (which drops missing keys) handles it and full steps need no mask."""
+    short = short_tiles(kv_grid)
+    if not tp.visited or not bool(short.any()):
+        return tp
+    return TilePlan(tp.q_ptr, tp.kv_tiles, tp.full & ~short[tp.kv_tiles])
+
+
 def group_plans(spec: Spec, statics: list[Pattern | None], q_grid: TileGrid, kv_grid: TileGrid) -> list[TilePlan]:
-    """The tile plan of each group's static part (an empty plan for None)."""
+    """The kernel plan (`kernel_plan`) of each group's static part (an empty plan for None)."""
     ctx = TileAnalysis(spec, q_grid, kv_grid)
     empty = TilePlan.from_pairs(q_grid.count, *(torch.zeros(0, dtype=torch.long),) * 2,
                                 torch.zeros(0, dtype=torch.int8))
-    return [empty if p is None else TilePlan.from_pairs(q_grid.count, *ctx.classify(p)) for p in statics]
+    return [empty if p is None else kernel_plan(TilePlan.from_pairs(q_grid.count, *ctx.classify(p)), kv_grid)
+            for p in statics]
 
 
 def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor, routed_heads: torch.Tensor):
@@ -91,12 +133,6 @@ def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor,
     order = torch.argsort(cost.flatten(), descending=True, stable=True)
     work = torch.stack([order // cost.shape[1], order % cost.shape[1]], 1)
     return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32), work.to(torch.int32)
-
-
-def max_static(groups: list[TilePlan]) -> int:
-    """MAX_STATIC: the most static kv tiles of one q tile, as a power of two (the routed walk
-    checks its run-time blocks against them)."""
-    return pow2_ceil(max(int(g.q_ptr.diff().max()) for g in groups))
 
 
 def transposed_tables(groups: list[TilePlan], num_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,3 +209,69 @@ def heads_tables(groups: list[TilePlan], num_q_tiles: int, num_kv_tiles: int, cl
         base += len(r)
     return {"KV_LO": kv_lo.to(torch.int32), "KV_HI": kv_hi.to(torch.int32), "CLASSES": table,
             "RUN_PTR": torch.stack(ptrs).to(torch.int32), "RUNS": torch.cat(runs).to(torch.int32)}
+
+
+class LengthTables:
+    """Everything that depends on one call's lengths: the bound spec, its tile grids, the
+    groups' kernel plans and the tables the walks read (`device`), each made on first use;
+    `device` is where the launchers take them from. `saved` (a build's tables) replaces
+    the analysis."""
+
+    def __init__(self, spec: Spec, tiling: Tiling, statics: list[Pattern | None], head_group: torch.Tensor,
+                 routed_heads: torch.Tensor, saved: dict | None = None):
+        self.spec, self.statics = spec, statics
+        self.head_group, self.routed_heads = head_group, routed_heads
+        self.q_grid = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
+        self.kv_grid = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
+        self._heads: dict[bool, dict] = {}
+        made = {"rows": lambda: self.forward[0], "cols": lambda: self.forward[1], "work": lambda: self.forward[2],
+                "rows_t": lambda: self.transposed[0], "cols_t": lambda: self.transposed[1]}
+        self.device = DeviceTables(**{**made, **(saved or {})})
+
+    @cached_property
+    def groups(self) -> list[TilePlan]:
+        return group_plans(self.spec, self.statics, self.q_grid, self.kv_grid)
+
+    @cached_property
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ROWS, COLS, WORK): `forward_tables`."""
+        return forward_tables(self.spec, self.groups, self.head_group, self.routed_heads)
+
+    @cached_property
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ROWS_T, COLS_T): `transposed_tables`."""
+        return transposed_tables(self.groups, self.kv_grid.count)
+
+    def heads(self, classes: bool) -> DeviceTables:
+        """The head-routed kernels' tables (`heads_tables`)."""
+        if classes not in self._heads:
+            self._heads[classes] = DeviceTables(**heads_tables(self.groups, self.q_grid.count, self.kv_grid.count,
+                                                               classes))
+        return self._heads[classes]
+
+
+class LengthCache:
+    """The `LengthTables` of the most recent `size` (nq, nkv), made by `make` on a miss."""
+
+    def __init__(self, make: Callable[[int, int], LengthTables], size: int = LENGTH_TABLES):
+        self.make, self.size = make, size
+        self._entries: OrderedDict[tuple[int, int], LengthTables] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, nq: int, nkv: int) -> LengthTables:
+        key = (nq, nkv)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
+        entry = self.make(nq, nkv)  # outside the lock: plans take milliseconds
+        with self._lock:
+            entry = self._entries.setdefault(key, entry)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -12,6 +12,10 @@ Layout of a build directory (every name relative, no machine path or user name):
                                    may walk smaller q tiles) and the transposed rows_t/cols_t
     <spec>_bwd_sm90_bf16_<kernel>.cubin   each backward kernel for one arch and dtype, and .ptx
 
+A length-free spec (no q_shape) is built once for every length: its records say
+"length_free": true and hold no tables files (the lengths are kernel arguments; the tables
+a walk reads are planned per length at load, a closed-form forward reads none).
+
 A spec whose backward the Triton backend does not generate gets the forward only; the
 record's `not_built` says why. Loading imports the saved modules: nothing is rendered,
 tuned or analysed. The cubins are shipped, hashed and checked but not loaded into the

@@ -36,9 +36,10 @@ def write_atomic(directory: Path, name: str, data: bytes) -> str:
 
 
 def tables_bytes(kern: TritonForward, backward: TritonBackward | None = None) -> bytes:
-    """The forward's plan tables, and with `backward` its transposed tables too."""
+    """A fixed spec's forward plan tables, and with `backward` its transposed tables too (a
+    length-free spec saves none: the tables of each length are planned at its first call)."""
     tables = {"rows": kern.rows, "cols": kern.cols, "work": kern.work, "head_group": kern.head_group,
-              "routed_heads": kern.routed_heads, "max_static": torch.tensor(kern.max_static)}
+              "routed_heads": kern.routed_heads}
     if backward is not None:
         tables.update(rows_t=backward.rows_t, cols_t=backward.cols_t)
     buf = io.BytesIO()
@@ -104,7 +105,10 @@ def build(specs: list[tuple[str, Spec]], out, tiling: Callable[[Spec], Tiling], 
         ftiling = tiling(spec)
         kern = TritonForward(spec, ftiling)
         stem, bstem = f"{_safe(name)}_{digest[:12]}_fwd", f"{_safe(name)}_{digest[:12]}_bwd"
-        files = {f"{stem}.py": kern.source.encode(), f"{stem}_tables.pt": tables_bytes(kern)}
+        saved = not spec.length_free  # a length-free build holds no tables
+        files = {f"{stem}.py": kern.source.encode()}
+        if saved:
+            files[f"{stem}_tables.pt"] = tables_bytes(kern)
         bwd, why_not = None, None
         btiling = backward_tiling(ftiling, spec.head_dim, spec)
         try:
@@ -112,7 +116,9 @@ def build(specs: list[tuple[str, Spec]], out, tiling: Callable[[Spec], Tiling], 
         except NotImplementedError as exc:  # recorded in the manifest's not_built
             why_not = f"{exc} (a loaded kernel's gradients come from the reference backend)"
         if bwd is not None:
-            files.update({f"{bstem}.py": bwd.source.encode(), f"{bstem}_tables.pt": tables_bytes(bwd.fwd, bwd)})
+            files[f"{bstem}.py"] = bwd.source.encode()
+            if saved:
+                files[f"{bstem}_tables.pt"] = tables_bytes(bwd.fwd, bwd)
         hashes = {n: write_atomic(directory, n, data) for n, data in files.items()}
         for arch in arch_list:
             for dt in dtype_list:
@@ -129,8 +135,8 @@ def build(specs: list[tuple[str, Spec]], out, tiling: Callable[[Spec], Tiling], 
                     "tiling": tiling_json(ftiling),
                     "config": {"num_warps": compiled.num_warps, "num_stages": compiled.num_stages},
                     "arch": arch, "dtype": dt, "head_dim": spec.head_dim, "shared_bytes": compiled.shared,
-                    "entry": ENTRY,
-                    "files": {"source": f"{stem}.py", "tables": f"{stem}_tables.pt",
+                    "entry": ENTRY, "length_free": spec.length_free, "walk": kern.walk.name,
+                    "files": {"source": f"{stem}.py", **({"tables": f"{stem}_tables.pt"} if saved else {}),
                               "cubin": f"{stem}_sm{arch}_{dt}.cubin", "ptx": f"{stem}_sm{arch}_{dt}.ptx"},
                 }
                 if bwd is None:
@@ -139,7 +145,7 @@ def build(specs: list[tuple[str, Spec]], out, tiling: Callable[[Spec], Tiling], 
                     record["backward"] = {
                         "tiling": tiling_json(btiling),
                         "config": {"num_warps": bwd.config.num_warps, "num_stages": bwd.config.num_stages},
-                        "files": {"source": f"{bstem}.py", "tables": f"{bstem}_tables.pt"},
+                        "files": {"source": f"{bstem}.py", **({"tables": f"{bstem}_tables.pt"} if saved else {})},
                         "kernels": bkernels,
                     }
                 record["sha256"] = {**hashes, **khashes}

@@ -1,6 +1,8 @@
 """Loading a verified build: the saved modules and plan tables as launchers, nothing
-rendered, analysed or tuned. `LoadedSpec.select` hands the op the kernel for a call's
-arch and dtype (patterngen.dispatch.register_loaded)."""
+rendered or tuned, and for a fixed-length spec nothing analysed (a length-free build plans
+the tables its walks read at each new length's first call, as TritonForward does).
+`LoadedSpec.select` hands the op the kernel for a call's arch and dtype
+(patterngen.dispatch.register_loaded)."""
 from __future__ import annotations
 
 import io
@@ -35,8 +37,9 @@ class BuildFiles:
         self._read(name)  # verified against the manifest's sha256, which then names the module
         return import_file(self.directory / name, f"patterngen_aot_{self._hashes[name][:24]}")
 
-    def read_tables(self, name: str) -> dict:
-        return torch.load(io.BytesIO(self._read(name)), weights_only=True)
+    def read_tables(self, name: str | None) -> dict | None:
+        """The saved tables `name` (None: a length-free build, which plans each length at load)."""
+        return None if name is None else torch.load(io.BytesIO(self._read(name)), weights_only=True)
 
 
 class LoadedSpec:
@@ -101,7 +104,7 @@ class LoadedSpec:
         interp = interpreting()
         if interp not in self._forward:
             module = self.files.import_source(record.files["source"])
-            tables = self.files.read_tables(record.files["tables"])
+            tables = self.files.read_tables(record.files.get("tables"))
             self._forward[interp] = TritonForward.from_saved(self.spec, record.tiling, record.config, module, tables)
         return self._forward[interp]
 
@@ -110,10 +113,9 @@ class LoadedSpec:
         if interp not in self._backward:
             bwd, config = record.backward, record.backward_config
             module = self.files.import_source(bwd["files"]["source"])
-            tables = self.files.read_tables(bwd["files"]["tables"])
+            tables = self.files.read_tables(bwd["files"].get("tables"))
             fwd = TritonForward.from_saved(self.spec, record.backward_tiling, config, None, tables)
-            self._backward[interp] = TritonBackward.from_saved(fwd, module, tables["rows_t"], tables["cols_t"],
-                                                               config)
+            self._backward[interp] = TritonBackward.from_saved(fwd, module, config)
         return self._backward[interp]
 
 

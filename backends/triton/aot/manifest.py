@@ -16,7 +16,7 @@ from .. import KernelConfig
 from ..config import tiling_from_json
 
 FORMAT = "patterngen-aot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lengths are kernel arguments; length-free specs (no tables saved)
 MANIFEST = "manifest.json"
 ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -106,7 +106,7 @@ def _backward_section(record: dict) -> tuple[dict | None, Tiling | None, KernelC
         return None, None, None
     tiling = config = None
     try:
-        ok = (set(bwd["files"]) == {"source", "tables"} and set(bwd["kernels"]) <= set(BACKWARD_ENTRIES)
+        ok = ({"source"} <= set(bwd["files"]) <= {"source", "tables"} and set(bwd["kernels"]) <= set(BACKWARD_ENTRIES)
               and all(name in record["sha256"] for name in bwd["files"].values())
               and all(k[f] in record["sha256"] for k in bwd["kernels"].values() for f in ("cubin", "ptx"))
               and {"q_tile", "kv_tile"} <= set(bwd["tiling"]))

@@ -160,34 +160,24 @@ def kernel_sources() -> int:
     return len(list(directory.glob("patterngen_kernel_*.py"))) if directory.is_dir() else 0
 
 
-def cache_limits() -> dict[str, int | None]:
-    """The documented size of each cache `dispatch.cache_entries` reports (None if unknown)."""
+def cache_limits() -> dict[str, int]:
+    """The documented size of each cache `op.cache_entries` reports."""
     from ... import dispatch, op, registry
-
-    def maxsize(fn):
-        info = getattr(fn, "cache_info", None)
-        return info().maxsize if info else None
-
-    limits = {"kernels": getattr(dispatch, "MAX_KERNELS", None), "spec_texts": getattr(registry, "MAX_SPECS", None),
-              "specs": getattr(registry, "MAX_SPECS", None), "plans": getattr(op, "MAX_PLANS", None),
-              "tilings": maxsize(getattr(dispatch, "forward_tiling", None))}
-    try:
-        from ...ir.spec import _bound
-        limits["bound_specs"] = maxsize(_bound)
-    except ImportError:
-        pass
-    return limits
+    from ...ir.spec import _bound
+    return {"kernels": dispatch.MAX_KERNELS, "spec_texts": registry.MAX_SPECS, "specs": registry.MAX_SPECS,
+            "bound_specs": _bound.cache_info().maxsize, "plans": op.MAX_PLANS,
+            "tilings": dispatch.policy_tiling.cache_info().maxsize}
 
 
 def cache_report() -> dict[str, dict]:
-    """{cache: {"entries": n, "limit": size}} from `dispatch.cache_entries()`."""
-    from ... import dispatch
+    """{cache: {"entries": n, "limit": size}} from `op.cache_entries()`."""
+    from ... import op
     limits = cache_limits()
-    return {name: {"entries": n, "limit": limits.get(name)} for name, n in dispatch.cache_entries().items()}
+    return {name: {"entries": n, "limit": limits[name]} for name, n in op.cache_entries().items()}
 
 
 def format_caches(caches: dict[str, dict]) -> str:
-    return ", ".join(f"{k} {v['entries']}/{v['limit'] if v['limit'] is not None else '?'}" for k, v in caches.items())
+    return ", ".join(f"{k} {v['entries']}/{v['limit']}" for k, v in caches.items())
 
 
 def _wall_ms(fn: Callable, device: torch.device) -> tuple[float, Any]:
