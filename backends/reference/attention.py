@@ -82,6 +82,21 @@ def _chunks(counts: list[int], per_tile: int, max_scores: int):
         yield start, len(counts), widest
 
 
+def _masked_attention(Q, K, V, mask, scale: float):
+    """(out, lse, scores) of softmax(Q K^T * scale) V over the visible keys of `mask`; a row
+    with nothing visible gives zeros and lse -inf, and no NaN in gradients."""
+    s = torch.matmul(Q, K.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing visible
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    empty = l == 0
+    l_safe = torch.where(empty, torch.ones_like(l), l)
+    lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
+    return torch.matmul(p, V) / l_safe, lse, s
+
+
 def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: float, acc: torch.dtype,
              max_scores: int, stats: dict | None):
     device = q.device
@@ -121,16 +136,8 @@ def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: 
         Q = q[bidx, hidx, qtok.clamp_min(0)[None]].to(acc)  # [P, C, vq, D]
         K = k[bidx, hidx // rep, kflat].to(acc)  # [P, C, T, D]
         V = v[bidx, hidx // rep, kflat].to(acc)
-        s = torch.matmul(Q, K.transpose(-1, -2)) * scale  # [P, C, vq, T]
-        s = s.masked_fill(~mask, float("-inf"))
-        m = s.amax(-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing visible
-        p = torch.exp(s - m)
-        l = p.sum(-1, keepdim=True)
-        empty = l == 0
-        l_safe = torch.where(empty, torch.ones_like(l), l)
-        outs.append((torch.matmul(p, V) / l_safe).flatten(1, 2))  # [P, C*vq, D]
-        lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe))
+        o, lse, s = _masked_attention(Q, K, V, mask, scale)  # s: [P, C, vq, T]
+        outs.append(o.flatten(1, 2))  # [P, C*vq, D]
         lses.append(lse.flatten(1))  # [P, C*vq]
         if stats is not None:
             stats["chunks"] = stats.get("chunks", 0) + 1
@@ -203,10 +210,15 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
 
 
 def _small_masks(spec: Spec, device) -> torch.Tensor:
-    """bool [distinct head patterns, Nq, Nkv] of a small call, straight from the semantics."""
+    """bool [heads, Nq, Nkv] of a small call (a view of one mask where every head has the same
+    pattern), straight from the semantics."""
     qi = torch.arange(spec.nq, device=device)[:, None]
     kj = torch.arange(spec.nkv, device=device)[None, :]
-    return torch.stack([visible(p, qi, kj, spec).expand(spec.nq, spec.nkv) for p in spec.head_patterns.unique])
+    heads = spec.head_patterns
+    masks = torch.stack([visible(p, qi, kj, spec).expand(spec.nq, spec.nkv) for p in heads.unique])
+    if len(heads.unique) > 1:
+        return masks[torch.tensor([heads.unique.index(p) for p in heads], device=device)]
+    return masks.expand(spec.num_heads, spec.nq, spec.nkv)
 
 
 def _check_small(spec: Spec) -> None:
@@ -223,23 +235,10 @@ def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spe
     _check_small(spec)
     scale = check_scale(scale, spec.head_dim)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    masks = _small_masks(spec, q.device)
-    heads = spec.head_patterns
-    if len(heads.unique) > 1:
-        masks = masks[torch.tensor([heads.unique.index(p) for p in heads], device=q.device)]
     rep = spec.num_heads // spec.num_kv_heads
     kk, vv = (t.to(acc).repeat_interleave(rep, 1) if rep > 1 else t.to(acc) for t in (k, v))
-    s = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
-    s = s.masked_fill(~masks, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing visible
-    p = torch.exp(s - m)
-    l = p.sum(-1, keepdim=True)
-    empty = l == 0
-    l_safe = torch.where(empty, torch.ones_like(l), l)
-    out = (torch.matmul(p, vv) / l_safe).to(q.dtype)
-    lse = torch.where(empty, torch.full_like(l, float("-inf")), m + torch.log(l_safe)).squeeze(-1)
-    return out, lse
+    out, lse, _ = _masked_attention(q.to(acc), kk, vv, _small_masks(spec, q.device), scale)
+    return out.to(q.dtype), lse
 
 
 @functools.lru_cache(maxsize=16)
@@ -248,11 +247,6 @@ def _fused_bias(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[t
     kept for the next calls of the same lengths: every layer of a decoding step shares one."""
     hkv, rep = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads
     masks = _small_masks(spec, device)
-    heads = spec.head_patterns
-    if len(heads.unique) > 1:
-        masks = masks[torch.tensor([heads.unique.index(p) for p in heads], device=device)]
-    else:
-        masks = masks.expand(spec.num_heads, spec.nq, spec.nkv)
     bias = torch.zeros(masks.shape, dtype=dtype, device=device).masked_fill_(~masks, float("-inf"))
     blind = ~masks.any(-1)
     return bias.reshape(1, hkv, rep * spec.nq, spec.nkv), (blind if bool(blind.any()) else None)
