@@ -3,10 +3,6 @@ plan check built on them, and the registers and stack of a cross-compiled kernel
 from __future__ import annotations
 
 import math
-import os
-import re
-import subprocess
-import tempfile
 
 import torch
 from hypothesis import currently_in_test_context, note
@@ -114,15 +110,9 @@ def check_plan(spec: pg.Spec, tiling: pg.Tiling | None, indices: torch.Tensor | 
 
 
 def cubin_resources(compiled) -> tuple[int, int]:
-    """(registers, stack bytes) of a cubin, from the cuobjdump bundled with triton."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.cubin)
-    out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return int(m[1]), int(m[2])
+    """(registers, stack bytes) of a cubin (the audit's reader, backends/triton/sass.py)."""
+    from patterngen.backends.triton.sass import resources
+    return resources(compiled)
 
 
 def dense_attention(q, k, v, spec, block_indices=None):

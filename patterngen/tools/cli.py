@@ -22,6 +22,7 @@ from ..analysis.plan import Plan, build_plan
 from ..analysis.tiling import default_tiling
 from ..sim import command as sim_command
 from ..core.tiles import Tiling
+from . import audit as audit_command
 from .bench import command as bench_command
 from .checks import check_attention, check_plan_rows, demo_block_indices
 from .draw import LEGEND, draw_mask, draw_tile_map
@@ -257,13 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--head-dim", type=int, default=None, help="override every spec's head_dim")
     build.set_defaults(func=cmd_build)
 
+    audit = sub.add_parser("audit", help="compile a spec file's kernels for sm_90/sm_80 here and read their SASS "
+                                         "(matmul instructions, pipelining, spills); exit 1 if one spills")
+    audit.add_argument("spec", metavar="SPEC", help="Python file defining `spec` (or `specs`)")
+    audit.add_argument("--arch", action="append", metavar="ARCH",
+                       help="sm_90 and/or sm_80; repeat or comma-separate (default both)")
+    audit.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
+    audit.add_argument("--head-dim", type=int, default=None, help="override every spec's head_dim")
+    audit.set_defaults(func=lambda args: audit_command.cmd_audit(args, load_specs))
+
     sim = sub.add_parser("simulate", help="cost model: the best possible speedup over dense attention")
     sim_command.add_cli_arguments(sim)
     sim.set_defaults(func=cmd_simulate)
     return parser
 
 
-NEEDS_TRITON = ("bench", "build")
+NEEDS_TRITON = ("audit", "bench", "build")
 """Commands that generate or run Triton kernels (`run`, `show`, `plan` and `simulate` do not)."""
 
 

@@ -1,0 +1,58 @@
+"""`patterngen audit`: the op's kernels compiled for sm_90/sm_80 on this CPU and read from SASS."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/test_triton.py: before triton is imported
+
+import pytest
+import torch
+
+import patterngen as pg
+
+pytest.importorskip("triton", reason="the audit compiles Triton kernels")
+pytestmark = pytest.mark.interpreter
+
+from patterngen.tools.audit import audit, format_audit  # noqa: E402
+from patterngen.tools.cli import main  # noqa: E402
+
+SPEC = pg.Spec((pg.Sink(4) | pg.Band(255)) & pg.Causal(), 1024, num_heads=4, num_kv_heads=2, head_dim=128)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return audit(SPEC, archs=(90,))
+
+
+def test_every_kernel_the_op_runs_is_read(rows):
+    assert [r["name"] for r in rows] == ["attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"]
+    for r in rows:
+        assert r["arch"] == 90 and r["registers"] > 0 and r["instructions"] > r["loop_body"] > 0
+        assert r["warpgroup_mma"] + r["mma_sync"] > 0  # every kernel multiplies on tensor cores
+    fwd = rows[0]
+    # the closed-form forward at 128 x 64, bf16, head dim 128: warpgroup MMA, a cp.async
+    # pipelined kv loop, no spills (what the SASS of sm_90 showed when this was written)
+    assert fwd["matmul"] == "wgmma" and fwd["pipelined"] and fwd["spill_ops"] == 0 and fwd["stack"] == 0
+    assert "HGMMA" in format_audit(rows)
+
+
+def test_an_unpipelined_kernel_is_reported_so():
+    """The n-D window walk (8 x 8 boxes) branches around its loads (issue 13): no asynchronous
+    copy at all, so no pipelined kv loop."""
+    from patterngen.backends.triton import TritonForward
+    from patterngen.backends.triton.sass import read
+    spec = pg.Spec(pg.Window((7, 9)), (32, 48), num_heads=2, head_dim=128)
+    fwd = TritonForward(spec, pg.Tiling((8, 8), (8, 8)))
+    assert fwd.walk.name == "window"
+    report = read(fwd.cross_compile(90, torch.bfloat16))
+    assert report.matmul == "wgmma" and report.async_copies == 0 and not report.pipelined
+
+
+def test_cli(tmp_path, capsys):
+    path = tmp_path / "s.py"
+    path.write_text("import patterngen as pg\n"
+                    "spec = pg.Spec(pg.Causal(), 256, num_heads=2, head_dim=64)\n")
+    rc = main(["audit", str(path), "--arch", "sm_80"])
+    out = capsys.readouterr().out
+    assert "attention_fwd" in out and "mma.sync" in out
+    spills = audit(pg.Spec(pg.Causal(), 256, num_heads=2, head_dim=64), archs=(80,))
+    assert rc == (1 if any(r["spill_ops"] for r in spills) else 0)  # exit 1 where a kernel spills
+    assert main(["audit", str(path), "--dtype", "int8"]) == 2
