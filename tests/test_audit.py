@@ -31,6 +31,7 @@ def test_every_kernel_the_op_runs_is_read(rows):
     # the closed-form forward at 128 x 64, bf16, head dim 128: warpgroup MMA, a cp.async
     # pipelined kv loop, no spills (what the SASS of sm_90 showed when this was written)
     assert fwd["matmul"] == "wgmma" and fwd["pipelined"] and fwd["spill_ops"] == 0 and fwd["stack"] == 0
+    assert fwd["fits"] and 0 < fwd["shared"] <= 232_448
     assert "HGMMA" in format_audit(rows)
 
 
@@ -54,5 +55,16 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "attention_fwd" in out and "mma.sync" in out
     spills = audit(pg.Spec(pg.Causal(), 256, num_heads=2, head_dim=64), archs=(80,))
-    assert rc == (1 if any(r["spill_ops"] for r in spills) else 0)  # exit 1 where a kernel spills
+    assert rc == (1 if any(r["spill_ops"] or not r["fits"] for r in spills) else 0)  # exit 1: spills, too big
     assert main(["audit", str(path), "--dtype", "int8"]) == 2
+
+
+def test_shared_memory_beyond_a_block_does_not_fit():
+    """MoBA's Routed(512) at 512 x 512 tiles asked for 655,360 B of shared memory on sm_90 (audit
+    of examples/moba_routed.py, 2026-11-30): such a kernel cannot launch, and the audit says so."""
+    from patterngen.backends.triton.sass import KernelReport
+    fields = dict(name="attention_fwd", registers=255, stack=0, instructions=1, warpgroup_mma=1, mma_sync=0,
+                  async_copies=1, async_in_loop=True, spill_ops=0, loop_body=1)
+    assert not KernelReport(arch=90, shared=655_360, **fields).fits
+    assert KernelReport(arch=90, shared=229_376, **fields).fits
+    assert not KernelReport(arch=80, shared=229_376, **fields).fits

@@ -18,6 +18,8 @@ from .cross_compile import CompiledKernel
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 ASYNC_COPIES = ("LDGSTS", "UTMALDG")
+SHARED_LIMIT = {80: 167_936, 90: 232_448}
+"""Most shared memory one block may take (bytes, opt-in): A100 164 KB, H100/H200 227 KB."""
 
 
 def cuobjdump() -> str:
@@ -60,6 +62,11 @@ class KernelReport:
     @property
     def pipelined(self) -> bool:
         return self.async_in_loop
+
+    @property
+    def fits(self) -> bool:
+        """Whether its shared memory fits one block of the arch (else it cannot launch there)."""
+        return self.shared <= SHARED_LIMIT.get(self.arch, SHARED_LIMIT[80])
 
     @property
     def matmul(self) -> str:

@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build)
 
     audit = sub.add_parser("audit", help="compile a spec file's kernels for sm_90/sm_80 here and read their SASS "
-                                         "(matmul instructions, pipelining, spills); exit 1 if one spills")
+                                         "(matmul instructions, pipelining, spills, shared memory); exit 1 if one "
+                                         "spills or does not fit")
     audit.add_argument("spec", metavar="SPEC", help="Python file defining `spec` (or `specs`)")
     audit.add_argument("--arch", action="append", metavar="ARCH",
                        help="sm_90 and/or sm_80; repeat or comma-separate (default both)")
