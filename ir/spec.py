@@ -72,6 +72,10 @@ class Spec:
     def __hash__(self) -> int:  # kept: specs key the caches of every call, and a pattern tree hashes deep
         return self._hash
 
+    def _fields_hash(self) -> int:
+        """The hash of the fields equality compares (what the dataclass's own hash would be)."""
+        return hash((self.pattern, self.q_shape, self.kv_shape, self.num_heads, self.num_kv_heads, self.head_dim))
+
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"Spec: pattern must be a patterngen pattern, got {self.pattern!r}")
@@ -114,7 +118,7 @@ class Spec:
                              f"serves them all; got {sorted(routed)}")
         # a plain attribute, not a cached property: torch.compile traces reads of it
         object.__setattr__(self, "routed", first_routed)
-        object.__setattr__(self, "_hash", hash((self.pattern, q_shape, kv_shape, num_heads, num_kv_heads, head_dim)))
+        object.__setattr__(self, "_hash", self._fields_hash())
 
     # -- geometry --------------------------------------------------------------
     @property
@@ -229,9 +233,8 @@ def _bound(spec: Spec, nq: int, nkv: int) -> Spec:
     length each time): only the checks that involve lengths run again."""
     bound = object.__new__(Spec)
     bound.__dict__.update(spec.__dict__)
-    shape = {"q_shape": (nq,), "kv_shape": (nkv,), "_nq": nq, "_nkv": nkv}
-    bound.__dict__.update(shape, _hash=hash((spec.pattern, (nq,), (nkv,), spec.num_heads, spec.num_kv_heads,
-                                             spec.head_dim)))
+    bound.__dict__.update(q_shape=(nq,), kv_shape=(nkv,), _nq=nq, _nkv=nkv)
+    bound.__dict__["_hash"] = bound._fields_hash()
     if spec.routed is not None:
         bound._check_node(spec.routed)
     return bound

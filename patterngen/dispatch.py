@@ -150,26 +150,38 @@ def _build(key: str, role: str, var: str):
     return TritonHeads(spec, tiling)
 
 
-def _entry(key: str, role: str, var: str = "") -> tuple[object | None, str | None]:
-    if role not in ROLES:
-        raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
-    slot = (key, role, var)
+def _recall(slot: tuple) -> tuple[object | None, str | None] | None:
+    """The kernel cache's entry for `slot`, marked most recently used, or None."""
     with _LOCK:
         entry = _KERNELS.get(slot)
         if entry is not None:
             _KERNELS.move_to_end(slot)
-            return entry
+        return entry
+
+
+def _remember(slot: tuple, entry: tuple[object | None, str | None]) -> tuple[object | None, str | None]:
+    """Keep `entry` for `slot` (a racing thread's entry wins), dropping the least recently used."""
+    with _LOCK:
+        entry = _KERNELS.setdefault(slot, entry)
+        while len(_KERNELS) > MAX_KERNELS:
+            _KERNELS.popitem(last=False)
+        return entry
+
+
+def _entry(key: str, role: str, var: str = "") -> tuple[object | None, str | None]:
+    if role not in ROLES:
+        raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
+    slot = (key, role, var)
+    entry = _recall(slot)
+    if entry is not None:
+        return entry
     try:
         entry = (_build(key, role, var), None)
     except ImportError as exc:  # a CUDA torch without triton
         entry = (None, f"triton cannot be imported ({exc})")
     except (NotImplementedError, ValueError) as exc:  # the backend's own word on this spec
         entry = (None, str(exc))
-    with _LOCK:
-        entry = _KERNELS.setdefault(slot, entry)
-        while len(_KERNELS) > MAX_KERNELS:
-            _KERNELS.popitem(last=False)
-    return entry
+    return _remember(slot, entry)
 
 
 def kernel(key: str, role: str, var: str = ""):
@@ -228,19 +240,14 @@ def _tuned(key: str, var: str, q, k, v, block_indices):
     bucket (timed once, then read from the on-disk tuning cache)."""
     from .analysis.tiling import pow2_ceil
     slot = (key, "forward", f"tune:{q.device}:{q.dtype}:{pow2_ceil(q.shape[0])}:{var}")
-    with _LOCK:
-        entry = _KERNELS.get(slot)
+    entry = _recall(slot)
     if entry is None:
         from .backends.triton import tuned_kernel
         from .registry import lookup_spec
         from .sim import ranked_kernel_tilings
         spec = lookup_spec(key)
         ranked = [forward_tiling(key, var)] if spec.length_free else ranked_kernel_tilings(spec)
-        entry = (tuned_kernel(spec, q, k, v, block_indices, tilings=ranked), None)
-        with _LOCK:
-            entry = _KERNELS.setdefault(slot, entry)
-            while len(_KERNELS) > MAX_KERNELS:
-                _KERNELS.popitem(last=False)
+        entry = _remember(slot, (tuned_kernel(spec, q, k, v, block_indices, tilings=ranked), None))
     return entry[0]
 
 

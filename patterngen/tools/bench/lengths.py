@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from ...sim.report import align_columns
-from .report import environment
+from .report import environment, write_json_and_markdown
 from .runners import raise_recompile_limits, short_error
 from .timing import CpuTimer, CudaTimer, sync
 
@@ -483,16 +483,7 @@ def to_markdown(doc: dict) -> str:
 
 def write_outputs(path: str, doc: dict) -> list[Path]:
     """PATH.json and PATH.md (whatever suffix PATH has), each written atomically."""
-    from ...backends.triton.cache import replace_atomic
-    p = Path(path)
-    base = p.with_suffix("") if p.suffix in (".json", ".md") else p
-    written = []
-    for suffix, text in ((".json", json.dumps(doc, indent=1, default=str)), (".md", to_markdown(doc))):
-        target = base.with_name(base.name + suffix)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomic(target, text)
-        written.append(target)
-    return written
+    return write_json_and_markdown(path, doc, to_markdown(doc))
 
 
 def print_tables(doc: dict) -> None:

@@ -147,10 +147,16 @@ def to_markdown(doc: dict, results: list[CaseResult]) -> str:
 
 def write_outputs(path: str, doc: dict, results: list[CaseResult]) -> list[Path]:
     """JSON and markdown side by side: PATH.json / PATH.md whichever suffix PATH has."""
+    return write_json_and_markdown(path, doc, to_markdown(doc, results))
+
+
+def write_json_and_markdown(path: str, doc: dict, markdown: str) -> list[Path]:
+    """PATH.json (`doc`) and PATH.md (`markdown`), whatever suffix PATH has, each replaced
+    atomically so that an interrupted run leaves whole files."""
     p = Path(path)
     base = p.with_suffix("") if p.suffix in (".json", ".md") else p
     written = []
-    for suffix, text in ((".json", json.dumps(doc, indent=1, default=str)), (".md", to_markdown(doc, results))):
+    for suffix, text in ((".json", json.dumps(doc, indent=1, default=str)), (".md", markdown)):
         target = base.with_name(base.name + suffix)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
