@@ -40,26 +40,64 @@ def default_config(block_m: int, block_d: int) -> KernelConfig:
 
 
 def backward_config(block_d: int) -> KernelConfig:
-    """The backward kernels' launch: 8 warps from head dim 128 on (two [BLOCK_N, BLOCK_D]
-    accumulators in dK/dV), which keeps them spill-free on sm_80/sm_90."""
+    """The backward kernels' launch: 8 warps from head dim 128 on (two [128, BLOCK_D] float32
+    accumulators in dK/dV), which with `backward_tiling`'s tiles keeps both kernels free of
+    spills on sm_80 and sm_90."""
     return KernelConfig(num_warps=8 if block_d >= 128 else 4, num_stages=2)
 
 
-def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> Tiling:
-    """The dK/dV kernel holds two accumulators per kv tile; for head dims >= 128 it walks q
-    tiles of at most 32 tokens (halving the forward's) to stay within registers: no spills
-    on sm_80/sm_90. A Routed `spec` keeps its tiles (they are the routing blocks; its
-    kernel walks each block in row halves instead)."""
-    if spec is not None and spec.routed is not None:
-        return tiling
-    q = tiling.q_tile
-    while head_dim >= 128 and volume(q) > 32:
-        if isinstance(q, int):
-            q //= 2
+BACKWARD_WIDE = 128
+"""Tokens of the backward's wide tiles (dK/dV's kv tiles, dQ's q tiles): the M of every matmul
+of the step, at least 64 for warpgroup MMA on sm_90; halved above head dim 128."""
+BACKWARD_NARROW = 32
+"""Tokens of the tiles a backward kernel walks (dK/dV's q tiles, dQ's kv tiles): 32 keeps the
+step's [128, 32] probabilities beside the accumulators in registers (as the Triton tutorial's
+backward does)."""
+BACKWARD_NARROW_BOX = 16
+"""The same for box tiles, whose masks (per-dimension coordinates and window bounds) take
+registers of their own: at 32 the n-D window dK/dV kernels spilled (3-28 instructions on
+sm_80 and sm_90), at 16 none does, in fewer loop instructions per query token."""
+
+
+def _halve_to(tile, tokens: int):
+    """`tile` halved until it holds at most `tokens` (a box along its first dimension longer than 1)."""
+    while volume(tile) > tokens:
+        if isinstance(tile, int):
+            tile //= 2
         else:
-            k = next(i for i, t in enumerate(q) if t > 1)
-            q = q[:k] + (q[k] // 2,) + q[k + 1:]
-    return Tiling(q, tiling.kv_tile)
+            k = next(i for i, t in enumerate(tile) if t > 1)
+            tile = tile[:k] + (tile[k] // 2,) + tile[k + 1:]
+    return tile
+
+
+def transposable_tiling(tiling: Tiling, spec: Spec) -> Tiling:
+    """`tiling` where its tiles may trade places between the q and kv grids (flat tiles, or boxes
+    on grids of one shape), else flat tiles of its sizes: the dQ kernel runs the transpose of
+    the dK/dV kernel's tiling and addresses its tiles with the other's token functions."""
+    flat = isinstance(tiling.q_tile, int) and isinstance(tiling.kv_tile, int)
+    return tiling if flat or spec.q_shape == spec.kv_shape else Tiling(volume(tiling.q_tile), volume(tiling.kv_tile))
+
+
+def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> Tiling:
+    """The dK/dV kernel's tiling for a forward `tiling` (the dQ kernel runs its transpose,
+    `dq_tiling`): the forward's kv tiles, at most BACKWARD_WIDE tokens, are the M of every
+    dK/dV matmul, and its q tiles are narrowed to BACKWARD_NARROW tokens (BACKWARD_NARROW_BOX
+    for boxes), so that dQ walks narrow kv tiles with wide q tiles. Boxes are halved along a
+    dimension; boxes that could not trade places (`transposable_tiling`, needs `spec`) become flat.
+    A Routed `spec` keeps its tiles (they are the routing blocks; its dK/dV kernel walks each
+    block's rows in parts)."""
+    if spec is not None:
+        if spec.routed is not None:
+            return tiling
+        tiling = transposable_tiling(tiling, spec)
+    wide = BACKWARD_WIDE if head_dim <= 128 else BACKWARD_WIDE // 2
+    narrow = BACKWARD_NARROW if isinstance(tiling.q_tile, int) else BACKWARD_NARROW_BOX
+    return Tiling(_halve_to(tiling.q_tile, narrow), _halve_to(tiling.kv_tile, wide))
+
+
+def dq_tiling(tiling: Tiling) -> Tiling:
+    """The dQ kernel's tiling for the dK/dV kernel's: its transpose (wide q tiles, narrow kv tiles)."""
+    return Tiling(tiling.kv_tile, tiling.q_tile)
 
 
 # rowsum(dO * O) before the backward: a trivial kernel with nothing to tune

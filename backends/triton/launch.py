@@ -21,7 +21,7 @@ from ..inputs import check_scale
 from .cache import load_source
 from .checks import check_launch_dtype, check_lengths, check_routed_block, check_tiling
 from .config import (PREPROCESS_BLOCK_M, PREPROCESS_CONFIG, STATIC_CHUNK, KernelConfig, backward_config,
-                     default_config, head_block, pow2_ceil)
+                     default_config, dq_tiling, head_block, pow2_ceil, transposable_tiling)
 from .cross_compile import CompiledKernel, compile_generated
 from .ranges import closed_form
 from .render import forward_walk, render_backward, render_forward
@@ -236,45 +236,63 @@ def preprocess(module, fwd: TritonForward, out: torch.Tensor, dout: torch.Tensor
 
 
 class TritonBackward:
-    """dQ, dK, dV of a forward kernel's spec and tiling, from the same plan: dK/dV walk the
-    transposed plan (per kv tile, the q tiles that see it), dQ the forward plan; full tiles
-    run without mask code. Deterministic (no atomics). Routed blocks: dQ walks them as the
-    forward does, dK/dV the run-time routing transposed (`routed_transpose`). A length-free
-    forward gives a length-free backward: the tables of each call's lengths come from the
-    forward's (`TritonForward.lengths`)."""
+    """dQ, dK, dV of a forward kernel's spec and tiling, by two kernels on two plans of the
+    same pattern: dK/dV walks, per kv tile, the q tiles that see it (the transposed plan of
+    the forward's tiling), and dQ, per q tile, the kv tiles of the transposed tiling
+    (`dq_tiling`), so that each kernel's wide tiles are the M of its matmuls; full tiles run
+    without mask code. Deterministic (no atomics). Routed blocks (one tiling for both): dQ walks
+    them as the forward does, dK/dV the run-time routing transposed (`routed_transpose`). A
+    length-free forward gives a length-free backward: the tables of each call's lengths come
+    from the plans' `lengths`. Boxes that cannot trade places between the grids run as flat
+    tiles (`transposable_tiling`)."""
 
     def __init__(self, forward: TritonForward, config: KernelConfig | None = None):
-        source = render_backward(forward.spec, forward.statics, *forward.template_grids())
-        self._setup(forward, config or backward_config(forward.block_d), source, load_source(source))
+        dkdv = plan(forward, transposable_tiling(forward.tiling, forward.spec))
+        source = render_backward(forward.spec, forward.statics, *dkdv.template_grids())
+        self._setup(forward, dkdv, config or backward_config(forward.block_d), source, load_source(source))
 
     @classmethod
-    def from_saved(cls, forward: TritonForward, module, config: KernelConfig) -> "TritonBackward":
-        """A launcher from a module saved by an ahead-of-time build: nothing is rendered
-        (`forward` supplies the tables, a fixed build's saved ones included, and constants)."""
+    def from_saved(cls, forward: TritonForward, module, config: KernelConfig,
+                   tables: dict | None = None) -> "TritonBackward":
+        """A launcher from a module saved by an ahead-of-time build: nothing is rendered.
+        `forward` is the dK/dV plan (with a fixed build's saved tables) and supplies the
+        constants; `tables`, a fixed build's backward tables, hold the dQ plan's as
+        `saved_tables` wrote them."""
         self = cls.__new__(cls)
-        self._setup(forward, config, None, module)
+        dq = {"rows": tables["dq_rows"], "cols": tables["dq_cols"]} if tables and "dq_rows" in tables else None
+        self._setup(forward, forward, config, None, module, dq)
         return self
 
-    def _setup(self, forward, config, source, module):
-        self.fwd, self.config, self.source, self.module = forward, config, source, module
+    def _setup(self, forward, dkdv, config, source, module, dq_saved=None):
+        self.fwd, self.dkdv, self.config, self.source, self.module = forward, dkdv, config, source, module
+        self.dq = plan(dkdv, dq_tiling(dkdv.tiling), dq_saved)
 
     @property
     def rows_t(self) -> torch.Tensor:
-        """A fixed spec's transposed tables (ROWS_T, COLS_T), as builds save them."""
-        return self.fwd._fixed_tables().device.host_table("rows_t")
+        """A fixed spec's transposed tables (ROWS_T, COLS_T) of the dK/dV plan."""
+        return self.dkdv._fixed_tables().device.host_table("rows_t")
 
     @property
     def cols_t(self) -> torch.Tensor:
-        return self.fwd._fixed_tables().device.host_table("cols_t")
+        return self.dkdv._fixed_tables().device.host_table("cols_t")
+
+    def saved_tables(self) -> dict:
+        """A fixed spec's backward tables as builds save them beside the dK/dV plan's forward
+        tables: ROWS_T, COLS_T, and the dQ plan's ROWS, COLS (dq_rows, dq_cols) where its tiling
+        differs."""
+        out = {"rows_t": self.rows_t, "cols_t": self.cols_t}
+        if self.dq is not self.dkdv:
+            fixed = self.dq._fixed_tables().device
+            out.update(dq_rows=fixed.host_table("rows"), dq_cols=fixed.host_table("cols"))
+        return out
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
                       preprocess: bool = False) -> list[CompiledKernel]:
         """The dK/dV and dQ kernels compiled for sm_<arch>, and with `preprocess` the trivial
         rowsum(dO * O) kernel too (with the launch options its JIT launch uses)."""
-        consts = self.fwd.constexprs(dtype)
-        out = [compile_generated(self.source, name, getattr(self.module, name).arg_names, consts, dtype, arch,
-                                 self.config, self.fwd.spec.head_dim)
-               for name in ("attention_bwd_dkdv", "attention_bwd_dq")]
+        out = [compile_generated(self.source, name, getattr(self.module, name).arg_names, kern.constexprs(dtype),
+                                 dtype, arch, self.config, self.fwd.spec.head_dim)
+               for name, kern in (("attention_bwd_dkdv", self.dkdv), ("attention_bwd_dq", self.dq))]
         if preprocess:
             out.append(compile_generated(self.source, "bwd_preprocess", self.module.bwd_preprocess.arg_names,
                                          preprocess_consts(self.fwd), dtype, arch, PREPROCESS_CONFIG,
@@ -290,29 +308,37 @@ class TritonBackward:
         if no_pairs(q, k):
             check_lengths(spec, nq, nkv)
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        lt = fwd.lengths(nq, nkv)
+        lt, lt_dq = self.dkdv.lengths(nq, nkv), self.dq.lengths(nq, nkv)
         scale = softmax_scale(spec.head_dim, scale)
         q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
-        rows, cols, rows_t, cols_t = lt.device.on(q.device, "rows", "cols", "rows_t", "cols_t")
+        rows_t, cols_t = lt.device.on(q.device, "rows_t", "cols_t")
+        rows, cols = lt_dq.device.on(q.device, "rows", "cols")
         head_group = fwd.head_groups(B, q.device)
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        consts = fwd.constexprs(q.dtype)
+        consts, dq_consts = self.dkdv.constexprs(q.dtype), self.dq.constexprs(q.dtype)
         common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-        nq_t, nkv_t = lt.q_grid.count, lt.kv_grid.count
         dkdv_routed, dq_routed, idx_strides = (), (), ()
-        if spec.routed is not None:
+        if spec.routed is not None:  # one plan: dQ's tiling is dK/dV's
             idx = fwd.routed_indices(block_indices, B, q.device, nq, nkv)
-            consts = fwd.constexprs(q.dtype, idx.shape[-1])
-            dkdv_routed = (rows, cols, idx, *routed_transpose(idx, nkv_t))
+            consts = dq_consts = self.dkdv.constexprs(q.dtype, idx.shape[-1])
+            dkdv_routed = (rows, cols, idx, *routed_transpose(idx, lt.kv_grid.count))
             dq_routed, idx_strides = (idx,), idx.stride()[:2]
-        self.module.attention_bwd_dkdv[(nkv_t, spec.num_kv_heads, B)](
+        self.module.attention_bwd_dkdv[(lt.kv_grid.count, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
-            *dk.stride()[:3], *dv.stride()[:3], *idx_strides, spec.num_heads, nkv_t, nq_t, nq, nkv, **consts,
-            **common)
-        self.module.attention_bwd_dq[(nq_t, spec.num_heads, B)](
+            *dk.stride()[:3], *dv.stride()[:3], *idx_strides, spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq,
+            nkv, **consts, **common)
+        self.module.attention_bwd_dq[(lt_dq.q_grid.count, spec.num_heads, B)](
             q, k, v, dout, lse2, delta, dq, rows, cols, head_group, *dq_routed, scale, *strides, *dq.stride()[:3],
-            *idx_strides, spec.num_heads, nq_t, nq, nkv, **consts, **common)
+            *idx_strides, spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)
         return dq, dk, dv
+
+
+def plan(forward: TritonForward, tiling: Tiling, saved: dict | None = None) -> TritonForward:
+    """`forward` when it has `tiling`, else a launcher of its spec that only holds the plan
+    tables of `tiling` (`saved`: a build's; nothing rendered): a backward kernel's own plan."""
+    if tiling == forward.tiling:
+        return forward
+    return TritonForward.from_saved(forward.spec, tiling, forward.config, None, saved)

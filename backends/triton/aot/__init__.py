@@ -8,8 +8,9 @@ Layout of a build directory (every name relative, no machine path or user name):
     <spec>_fwd_tables.pt           the plan tables the kernel walks (rows, cols, work, head groups)
     <spec>_fwd_sm90_bf16.cubin     the compiled kernel for one arch and dtype, and its .ptx
     <spec>_bwd.py                  the generated backward module (dK/dV, dQ, rowsum(dO * O))
-    <spec>_bwd_tables.pt           the backward's plan tables: its forward tables (the backward
-                                   may walk smaller q tiles) and the transposed rows_t/cols_t
+    <spec>_bwd_tables.pt           the backward's plan tables: the dK/dV tiling's forward tables,
+                                   its transposed rows_t/cols_t, and the rows/cols of the dQ
+                                   kernel's (transposed) tiling as dq_rows/dq_cols
     <spec>_bwd_sm90_bf16_<kernel>.cubin   each backward kernel for one arch and dtype, and .ptx
 
 A length-free spec (no q_shape) is built once for every length: its records say

@@ -36,12 +36,13 @@ def write_atomic(directory: Path, name: str, data: bytes) -> str:
 
 
 def tables_bytes(kern: TritonForward, backward: TritonBackward | None = None) -> bytes:
-    """A fixed spec's forward plan tables, and with `backward` its transposed tables too (a
-    length-free spec saves none: the tables of each length are planned at its first call)."""
+    """A fixed spec's forward plan tables, and with `backward` (whose dK/dV plan `kern` is) its
+    transposed tables and dQ plan too (a length-free spec saves none: the tables of each length
+    are planned at its first call)."""
     tables = {"rows": kern.rows, "cols": kern.cols, "work": kern.work, "head_group": kern.head_group,
               "routed_heads": kern.routed_heads}
     if backward is not None:
-        tables.update(rows_t=backward.rows_t, cols_t=backward.cols_t)
+        tables.update(backward.saved_tables())
     buf = io.BytesIO()
     torch.save(tables, buf)
     return buf.getvalue()
@@ -118,7 +119,7 @@ def build(specs: list[tuple[str, Spec]], out, tiling: Callable[[Spec], Tiling], 
         if bwd is not None:
             files[f"{bstem}.py"] = bwd.source.encode()
             if saved:
-                files[f"{bstem}_tables.pt"] = tables_bytes(bwd.fwd, bwd)
+                files[f"{bstem}_tables.pt"] = tables_bytes(bwd.dkdv, bwd)
         hashes = {n: write_atomic(directory, n, data) for n, data in files.items()}
         for arch in arch_list:
             for dt in dtype_list:

@@ -115,7 +115,7 @@ class LoadedSpec:
             module = self.files.import_source(bwd["files"]["source"])
             tables = self.files.read_tables(bwd["files"].get("tables"))
             fwd = TritonForward.from_saved(self.spec, record.backward_tiling, config, None, tables)
-            self._backward[interp] = TritonBackward.from_saved(fwd, module, config)
+            self._backward[interp] = TritonBackward.from_saved(fwd, module, config, tables)
         return self._backward[interp]
 
 
