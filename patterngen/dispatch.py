@@ -43,6 +43,9 @@ DECODE_ROWS = 16
 tiles, the least `tl.dot` takes), longer ones its prefill kernel."""
 TYPICAL_LENGTH = 4096
 """The length at which the simulator ranks a length-free spec's tilings for its prefill kernel."""
+RANKED_TILINGS = 64
+"""How far down the simulator's ranking the policy looks for a tiling the forward holds in
+registers (on large grids, every box of its first few choices may be too large)."""
 
 _LOCK = threading.Lock()
 _KERNELS: OrderedDict[tuple[str, str, str], tuple[object | None, str | None]] = OrderedDict()
@@ -102,17 +105,25 @@ def can_run_kernel(q: torch.Tensor, k: torch.Tensor) -> str | None:
 @functools.lru_cache(maxsize=MAX_KERNELS)
 def policy_tiling(spec: Spec, variant: str = ""):
     """The tiling policy on the simulator's ranking, once per spec whatever the roles built:
-    the tiles `patterngen build` and an untuned `pg.compile` use too. A length-free spec is
-    ranked at TYPICAL_LENGTH tokens; its decode variant has DECODE_ROWS query rows and that kv
-    tile, at most 64 keys from head dim 128 on (a 128-key tile spills there)."""
+    the tiles `patterngen build`, `pg.compile` (untuned, or first to time) and the op use. The
+    first ranked tiling whose score and output accumulators the forward holds in registers
+    (`fits_forward`; a routing block is kept as it is). A length-free spec is ranked at
+    TYPICAL_LENGTH tokens; its decode variant has DECODE_ROWS query rows and that kv tile, at
+    most 64 keys from head dim 128 on (a 128-key tile spills there)."""
     from .core.tiles import Tiling
-    from .sim import ranked_kernel_tilings
     if not spec.length_free:
-        return ranked_kernel_tilings(spec)[0]
-    prefill = ranked_kernel_tilings(spec.bind(TYPICAL_LENGTH, TYPICAL_LENGTH))[0]
+        return _first_fitting(spec)
+    prefill = _first_fitting(spec.bind(TYPICAL_LENGTH, TYPICAL_LENGTH))
     if variant == "decode" and spec.routed is None:
         return Tiling(DECODE_ROWS, min(prefill.kv_tile, 64) if spec.head_dim >= 128 else prefill.kv_tile)
     return prefill
+
+
+def _first_fitting(spec: Spec):
+    from .backends.triton.config import fits_forward
+    from .sim import ranked_kernel_tilings
+    ranked = ranked_kernel_tilings(spec, limit=RANKED_TILINGS)
+    return next((t for t in ranked if fits_forward(t, spec.head_dim)), ranked[0])
 
 
 def forward_tiling(key: str, variant: str = ""):
@@ -246,7 +257,9 @@ def _tuned(key: str, var: str, q, k, v, block_indices):
         from .registry import lookup_spec
         from .sim import ranked_kernel_tilings
         spec = lookup_spec(key)
-        ranked = [forward_tiling(key, var)] if spec.length_free else ranked_kernel_tilings(spec)
+        ranked = [forward_tiling(key, var)]  # the policy's choice first: what runs without a GPU to time on
+        if not spec.length_free:
+            ranked += [t for t in ranked_kernel_tilings(spec) if t not in ranked]
         entry = _remember(slot, (tuned_kernel(spec, q, k, v, block_indices, tilings=ranked), None))
     return entry[0]
 

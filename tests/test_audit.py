@@ -35,16 +35,20 @@ def test_every_kernel_the_op_runs_is_read(rows):
     assert "HGMMA" in format_audit(rows)
 
 
-def test_an_unpipelined_kernel_is_reported_so():
-    """The n-D window walk (8 x 8 boxes) branches around its loads (issue 13): no asynchronous
-    copy at all, so no pipelined kv loop."""
+@pytest.mark.parametrize("tiling", [pg.Tiling((8, 8), (8, 8)), None], ids=["8x8", "policy"])
+def test_the_window_walk_is_pipelined(tiling):
+    """The n-D window walk visits its full and partial kv tiles in flat loops without a branch
+    around the loads (issue 13): on sm_90 asynchronous copies inside the loop and warpgroup MMA,
+    on sm_80 mma.sync, pipelined too; no spills on either."""
+    from patterngen import dispatch
     from patterngen.backends.triton import TritonForward
     from patterngen.backends.triton.sass import read
     spec = pg.Spec(pg.Window((7, 9)), (32, 48), num_heads=2, head_dim=128)
-    fwd = TritonForward(spec, pg.Tiling((8, 8), (8, 8)))
+    fwd = TritonForward(spec, tiling or dispatch.policy_tiling(spec))
     assert fwd.walk.name == "window"
-    report = read(fwd.cross_compile(90, torch.bfloat16))
-    assert report.matmul == "wgmma" and report.async_copies == 0 and not report.pipelined
+    for arch, matmul in ((90, "wgmma"), (80, "mma.sync")):
+        report = read(fwd.cross_compile(arch, torch.bfloat16))
+        assert report.matmul == matmul and report.pipelined and report.spill_ops == 0 and report.stack == 0
 
 
 def test_cli(tmp_path, capsys):

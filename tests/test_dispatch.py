@@ -1,4 +1,5 @@
 """The backend choice: every fallback to the reference comes with its reason."""
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, as in tests/test_triton.py
@@ -92,3 +93,28 @@ def test_choice_and_reasons_on_the_kernel_path():
         assert choice.backend == "reference" and "head routing with Routed" in choice.reason
     with pytest.raises(ValueError, match="role"):
         dispatch.kernel(spec_key(routed), "sideways")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
+def test_one_forward_tiling_for_the_op_compile_and_build(tmp_path):
+    """pg.attention's kernel, a pg.compile kernel that has no GPU to time on, and `patterngen
+    build` run the tiling policy's tiling. At head dim 128 the policy passes over the
+    simulator's first choice, 128 x 128, whose accumulators spill."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    from patterngen.backends.triton.config import fits_forward, tiling_json
+    from patterngen.tools.cli import main
+    spec = pg.Spec(pg.Causal(), 2048, num_heads=32, head_dim=128)
+    ranked = ranked_kernel_tilings(spec)
+    policy = dispatch.policy_tiling(spec)
+    assert not fits_forward(ranked[0], 128) and policy == next(t for t in ranked if fits_forward(t, 128))
+    key = spec_key(spec)
+    q, k = _qk(spec)
+    with dispatch.kernels_on_cpu():
+        assert dispatch.choose(key, q, k).kernel.tiling == policy
+        compiled = pg.compile(spec, backend="triton")
+        assert dispatch.choose(key, q, k, options=compiled.options, v=k).kernel.tiling == policy
+    path = tmp_path / "spec.py"
+    path.write_text(f"from patterngen import Causal, Spec\nspec = {spec!r}\n")
+    assert main(["build", str(path), "--out", str(tmp_path / "build"), "--arch", "sm_90"]) == 0
+    record, = json.loads((tmp_path / "build" / "manifest.json").read_text())["kernels"]
+    assert record["tiling"] == tiling_json(policy)

@@ -34,9 +34,34 @@ def head_block(head_dim: int) -> int:
     return max(16, pow2_ceil(head_dim))
 
 
-def default_config(block_m: int, block_d: int) -> KernelConfig:
-    """Deterministic choice used without a GPU to tune on: more warps for bigger accumulators."""
-    return KernelConfig(num_warps=8 if block_m * block_d >= 64 * 128 else 4, num_stages=2)
+# fp32 score (S) and output (O) accumulator elements a forward program holds without spilling
+# on sm_80/sm_90: 96 registers a thread at 8 warps (128 x 64 tiles at head dim 128, 128 x 128 at
+# 64; 128 x 128 at head dim 128 spills on both, whatever the warps and stages)
+FORWARD_ACCUMULATORS = 24_576
+
+
+def forward_accumulators(block_m: int, block_n: int, block_d: int) -> int:
+    """fp32 elements of a forward program's S [block_m, block_n] and O [block_m, block_d] tiles."""
+    return block_m * (block_n + block_d)
+
+
+def fits_forward(tiling: Tiling, head_dim: int) -> bool:
+    """Whether the forward holds this tiling's accumulators in registers (FORWARD_ACCUMULATORS)."""
+    return forward_accumulators(volume(tiling.q_tile), volume(tiling.kv_tile),
+                                head_block(head_dim)) <= FORWARD_ACCUMULATORS
+
+
+def default_config(arch: int | None, block_m: int, block_n: int, block_d: int, elem_bytes: int = 2) -> KernelConfig:
+    """The forward's launch on sm_<arch> (None: no GPU, as under the interpreter), chosen from what
+    the audit shows spill-free: 8 warps once 4 would hold more than 64 accumulator registers a
+    thread, and 3 stages where the Q tile and three K/V buffers fit the arch's shared memory
+    (sass.SHARED_LIMIT), else 2."""
+    from .autotune import shared_bytes
+    from .sass import SHARED_LIMIT
+    warps = 8 if forward_accumulators(block_m, block_n, block_d) > 4 * 32 * 64 else 4  # 4 warps x 32 threads x 64
+    fits3 = arch is not None and shared_bytes(block_m, block_n, block_d, 3, elem_bytes) <= SHARED_LIMIT.get(
+        arch, SHARED_LIMIT[80])
+    return KernelConfig(num_warps=warps, num_stages=3 if fits3 else 2)
 
 
 def backward_config(block_d: int) -> KernelConfig:

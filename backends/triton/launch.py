@@ -30,6 +30,15 @@ from .tables import DeviceTables, LengthCache, LengthTables, head_groups, routed
 LOG2E = 1.4426950408889634
 
 
+def cuda_arch(device: torch.device | None = None) -> int | None:
+    """The compute capability of a CUDA device as one number (90 for sm_90; `device` None: the
+    current one), or None off CUDA: where there is none, or `device` is not a CUDA device."""
+    if device is None and not torch.cuda.is_available() or device is not None and device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def softmax_scale(head_dim: int, scale: float | None) -> float:
     """SDPA's default scale 1/sqrt(head_dim) (`check_scale`'s rule) unless one is given."""
     return check_scale(None, head_dim) if scale is None else float(scale)
@@ -83,7 +92,21 @@ class TritonForward:
         self.spec, self.tiling = spec, tiling
         self.block_m, self.block_n = volume(tiling.q_tile), volume(tiling.kv_tile)
         self.block_d = head_block(spec.head_dim)
-        self.config = config or default_config(self.block_m, self.block_d)
+        self.config = config
+
+    @property
+    def config(self) -> KernelConfig:
+        """The launch parameters for 16-bit inputs on this machine's GPU: the ones given (or
+        tuned), else `default_config` of its arch."""
+        return self.config_for(cuda_arch(), 2)
+
+    @config.setter
+    def config(self, config: KernelConfig | None) -> None:
+        self._config = config
+
+    def config_for(self, arch: int | None, elem_bytes: int) -> KernelConfig:
+        """The launch parameters on sm_<arch> (None: no GPU) for inputs of `elem_bytes` bytes."""
+        return self._config or default_config(arch, self.block_m, self.block_n, self.block_d, elem_bytes)
 
     def _hold_tables(self, saved: dict | None = None) -> None:
         """Head groups on the devices (`device_tables`), and the length tables: one set for a
@@ -205,19 +228,22 @@ class TritonForward:
         else:
             rows, cols, work = lt.device.on(q.device, "rows", "cols", "work")
             tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
+        config = self.config_for(cuda_arch(q.device), q.element_size())
         self.module.attention_fwd[grid](
             q, k, v, out, lse, *tables, *routed, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv,
             **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None),
-            num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+            num_warps=config.num_warps, num_stages=config.num_stages)
         return out, lse
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> CompiledKernel:
-        """Compile for sm_<arch> without a GPU: cubin, PTX and shared memory (the lengths are
-        plain int arguments, so one compilation serves every length)."""
+        """Compile for sm_<arch> without a GPU, with the launch parameters of that arch: cubin, PTX
+        and shared memory (the lengths are plain int arguments, so one compilation serves every
+        length)."""
+        config = self.config_for(arch, dtype.itemsize)
         return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names,
-                                 self.constexprs(dtype), dtype, arch, self.config, self.spec.head_dim)
+                                 self.constexprs(dtype), dtype, arch, config, self.spec.head_dim)
 
 
 def preprocess_consts(fwd: TritonForward) -> dict:

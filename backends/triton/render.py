@@ -70,8 +70,9 @@ def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid | int,
     qt = (q_grid.tile,) if q_grid.flat else q_grid.tile
     kt = (kv_grid.tile,) if kv_grid.flat else kv_grid.tile
     return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "bounds": window_bounds_lines(L, w, s, c),
-                      "tq": tq, "tk": tk, "q_count": q_grid.counts[k], "k_count": kv_grid.counts[k],
-                      "q_tile_stride": math.prod(q_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:])}
+                      "tq": tq, "tk": tk, "q_count": q_grid.counts[k],
+                      "q_tile_stride": math.prod(q_grid.counts[k + 1:]),
+                      "k_tile_stride": math.prod(kv_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:])}
                      for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
 
 
