@@ -341,6 +341,46 @@ def test_partial_tiles_cost_more_than_full_tiles():
     assert strided.predicted_speedup > plain.predicted_speedup
 
 
+# -- measured tile costs (patterngen audit --calibrate) ---------------------------------------------------
+def test_tile_costs_match_a_fresh_audit():
+    """The committed instruction counts are what today's kernels compile to: a kernel change
+    that moves them fails here until `patterngen audit --calibrate` is run again."""
+    pytest.importorskip("triton", reason="the audit compiles Triton kernels")
+    from patterngen.sim import tile_costs
+    from patterngen.tools.audit import tile_cost_entry
+    data = tile_costs.load()
+    assert data["command"] == "patterngen audit --calibrate" and data["date"]
+    assert {e["arch"] for e in data["entries"]} == {80, 90}
+    stored = tile_costs.nearest(90, 128, 128, 64)
+    assert (stored["head_dim"], stored["q_tile"], stored["kv_tile"]) == (128, 128, 64)
+    assert tile_cost_entry(90, 128, 128, 64) == stored, "stale tile_costs.json: run `patterngen audit --calibrate`"
+
+
+def test_partial_tile_cost_is_the_measured_instruction_ratio(monkeypatch):
+    from patterngen.sim import tile_costs
+    from patterngen.sim.time_model import kernel_params, tile_times
+    dev = sim.load_device("h100")
+    entry = tile_costs.nearest(dev.arch, 128, 128, 64)
+    measured = entry["partial_tile"] / entry["full_tile"]
+    assert measured != dev.kernel["partial_tile_factor"]  # the prior is not what is used
+    t_full, t_partial, _ = tile_times(dev, kernel_params(dev, 128, 64, 128), 128, 64, 128, False)
+    assert float(t_partial / t_full) == pytest.approx(measured)
+    # nearest head dim and tile: 96 is nearer 128 than 64 in octaves; a 128 x 48 tile is nearest 128 x 64
+    assert tile_costs.nearest(90, 96, 128, 48) == entry
+    # a device fitted from GPU timings keeps its factor; an arch without counts keeps the prior
+    fitted = sim.DeviceModel.from_dict({**dev.to_dict(), "calibrated": True})
+    assert kernel_params(fitted, 128, 64, 128)["partial_tile_factor"] == dev.kernel["partial_tile_factor"]
+    b200 = sim.load_device("b200")
+    assert kernel_params(b200, 128, 64, 128)["partial_tile_factor"] == b200.kernel["partial_tile_factor"]
+    # and the prediction follows the data: partial tiles twice a full one cost more time
+    wl = sim.workload(pg.Spec(pg.Causal(), 8192, num_heads=8, head_dim=128), 128, 64, 1)
+    before = float(sim.predict_time(dev, wl))
+    monkeypatch.setattr(tile_costs, "load", lambda: {"entries": [{**entry, "partial_tile": 4 * entry["full_tile"]}]})
+    assert float(sim.predict_time(dev, wl)) > before
+    with pytest.raises(ValueError, match="'arch'"):
+        sim.DeviceModel.from_dict({**dev.to_dict(), "arch": "sm_90"})
+
+
 # -- the stride advisor ------------------------------------------------------------------------------
 def test_advisor_reproduces_gna_1d():
     adv = advise_strides(pg.Window(2048), 32768, 128, 128)

@@ -3,7 +3,8 @@
 The static evidence of speed where no GPU is lent: registers and stack (spills), the matrix
 instructions (warpgroup `HGMMA` on sm_90, `HMMA`, i.e. mma.sync, elsewhere), asynchronous copies
 (`LDGSTS` cp.async, `UTMALDG` TMA) and whether any sits inside a loop (a software-pipelined kv
-loop), and the length of the longest loop body, the instructions of one kv-tile step.
+loop), the length of the longest loop body, and the instructions of one full and of one
+partial kv-tile step (`tile_steps`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from .cross_compile import CompiledKernel
@@ -18,6 +20,7 @@ from .cross_compile import CompiledKernel
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 ASYNC_COPIES = ("LDGSTS", "UTMALDG")
+MMA = ("HGMMA", "HMMA")
 SHARED_LIMIT = {80: 167_936, 90: 232_448}
 """Most shared memory one block may take (bytes, opt-in): A100 164 KB, H100/H200 227 KB."""
 
@@ -58,6 +61,8 @@ class KernelReport:
     async_in_loop: bool
     spill_ops: int  # STL + LDL
     loop_body: int  # instructions of the longest loop (a backward branch's span)
+    full_tile: int = 0  # instructions of one full kv-tile step (`tile_steps`; 0: no matrix loop)
+    partial_tile: int = 0  # instructions of one partial kv-tile step
 
     @property
     def pipelined(self) -> bool:
@@ -76,26 +81,59 @@ class KernelReport:
         return "wgmma" if self.warpgroup_mma else ("mma.sync" if self.mma_sync else "none")
 
 
-def read(compiled: CompiledKernel) -> KernelReport:
-    """The report of one compiled kernel."""
-    ops = []  # (address, opcode text)
-    for m in _LINE.finditer(_dump(compiled, "-sass")):
-        ops.append((int(m[1], 16), m[2].strip()))
-    addr = [a for a, _ in ops]
-    loops = []  # (first, last) indices of the instructions a backward branch repeats
+Loop = tuple[int, int]  # (first, last) index of the instructions a backward branch repeats
+
+
+def _ops(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text) of every SASS instruction."""
+    return [(int(m[1], 16), m[2].strip()) for m in _LINE.finditer(sass)]
+
+
+def _loops(ops: list[tuple[int, str]]) -> list[Loop]:
+    """Every loop, one per loop head: from a backward branch's target to the last branch back
+    to it (a `continue` adds a second backward branch to the same head, not a second loop)."""
+    addresses = [a for a, _ in ops]
+    last = {}
     for i, (a, text) in enumerate(ops):
         b = _BRANCH.search(text)
         if b and int(b[1], 16) < a:
-            target = int(b[1], 16)
-            loops.append((next(k for k, x in enumerate(addr) if x >= target), i))
+            last[bisect_left(addresses, int(b[1], 16))] = i
+    return sorted(last.items())
 
-    def count(*names: str, within=None) -> int:
-        rng = ops if within is None else ops[within[0]:within[1] + 1]
-        return sum(1 for _, t in rng if any(re.search(rf"(^|\s|\}}){n}\b", t) for n in names))
+
+def _count(ops, names: tuple[str, ...], within: Loop | None = None) -> int:
+    rng = ops if within is None else ops[within[0]:within[1] + 1]
+    return sum(1 for _, t in rng if any(re.search(rf"(^|\s|\}}){n}\b", t) for n in names))
+
+
+def tile_steps(ops: list[tuple[int, str]], loops: list[Loop]) -> tuple[int, int]:
+    """(full, partial): instructions of one full and of one partial kv-tile step.
+
+    The kernels walk full kv tiles in one loop (no mask code) and partial ones in another
+    (mask code); in SASS each is a loop holding matrix instructions (HGMMA/HMMA). The step
+    loops are those that hold matrix instructions and no inner loop that does; the shortest
+    body is the full-tile step, the longest the partial one. Limits: a body is the static
+    span of the loop, branches inside it (predicated-off code) count; a kernel with one step
+    loop (no partial walk, or full and partial tiles in one loop behind a branch) reports the
+    same count twice; a walk whose longest step is not the masked one (a table walk longer
+    than the closed-form mask) would swap the two. (0, 0): no loop holds matrix instructions.
+    """
+    mma = [lp for lp in loops if _count(ops, MMA, lp)]
+    steps = [(i, j) for i, j in mma if not any(i <= a and b <= j and (a, b) != (i, j) for a, b in mma)]
+    sizes = [j - i + 1 for i, j in steps]
+    return (min(sizes), max(sizes)) if sizes else (0, 0)
+
+
+def read(compiled: CompiledKernel) -> KernelReport:
+    """The report of one compiled kernel."""
+    ops = _ops(_dump(compiled, "-sass"))
+    loops = _loops(ops)
+    full, partial = tile_steps(ops, loops)
     regs, stack = resources(compiled)
     return KernelReport(
         name=compiled.name, arch=compiled.arch, registers=regs, stack=stack, shared=compiled.shared,
-        instructions=len(ops), warpgroup_mma=count("HGMMA"), mma_sync=count("HMMA"),
-        async_copies=count(*ASYNC_COPIES),
-        async_in_loop=any(count(*ASYNC_COPIES, within=lp) for lp in loops),
-        spill_ops=count("STL", "LDL"), loop_body=max((j - i + 1 for i, j in loops), default=0))
+        instructions=len(ops), warpgroup_mma=_count(ops, ("HGMMA",)), mma_sync=_count(ops, ("HMMA",)),
+        async_copies=_count(ops, ASYNC_COPIES),
+        async_in_loop=any(_count(ops, ASYNC_COPIES, lp) for lp in loops),
+        spill_ops=_count(ops, ("STL", "LDL")), loop_body=max((j - i + 1 for i, j in loops), default=0),
+        full_tile=full, partial_tile=partial)

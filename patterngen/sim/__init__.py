@@ -6,6 +6,7 @@ with a device model, a predicted time and speedup; without tiles it searches for
 best ones. Modules, in the order the simulator uses them:
 
     device       device models (data in devices/*.json) and their loader
+    tile_costs   measured instructions of a full and a partial tile step (tile_costs.json)
     time_model   predicted seconds of a workload of CTAs, and of dense attention
     tile_shapes  flat and box tiles on a grid
     atoms        patterns as signed sums of atom conjunctions (inclusion-exclusion)

@@ -2,8 +2,10 @@
 
 Models are data, not code: one JSON file per GPU in `devices/` beside this module (vendor
 figures cited in its `source` field; kernel parameters are priors until fitted from
-`patterngen bench` measurements, see examples/calibration/). A new GPU is a new JSON file,
-given by path or dropped into that folder; `DeviceModel.from_dict` says what a file lacks.
+`patterngen bench` measurements, see examples/calibration/, except a partial tile's cost over a
+full one's, measured in SASS instructions for the device's "arch" (tile_costs.py)). A new GPU is
+a new JSON file, given by path or dropped into that folder; `DeviceModel.from_dict` says what a
+file lacks.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class DeviceModel:
     source: Mapping[str, str] = field(default_factory=dict)
     calibrated: bool = False
     origin: str = ""
+    arch: int | None = None  # CUDA compute capability x 10 (90: sm_90): which measured tile costs apply
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str = "<dict>") -> "DeviceModel":
@@ -82,11 +85,11 @@ class DeviceModel:
                    kernel={k: float(data["kernel"][k]) for k in KERNEL_KEYS},
                    dense={k: float(data["dense"][k]) for k in DENSE_KEYS},
                    source=dict(data.get("source", {})), calibrated=bool(data.get("calibrated", False)),
-                   origin=origin)
+                   origin=origin, arch=_arch(data.get("arch"), origin))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "display_name": self.display_name, "source": dict(self.source),
-                "calibrated": self.calibrated, "sm_count": self.sm_count,
+                "calibrated": self.calibrated, "arch": self.arch, "sm_count": self.sm_count,
                 "peak_bf16_dense_tflops": self.peak_bf16_dense_tflops,
                 "memory_bandwidth_gbs": self.memory_bandwidth_gbs, "exp_per_s": self.exp_per_s,
                 "shared_memory_per_sm_kb": self.shared_memory_per_sm_kb,
@@ -108,6 +111,16 @@ class DeviceModel:
 
     def __repr__(self):
         return f"DeviceModel({self.name!r}, {self.display_name!r}, calibrated={self.calibrated})"
+
+
+def _arch(value, origin: str) -> int | None:
+    """A device file's optional "arch" (e.g. 90 for sm_90)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 10:
+        raise ValueError(f"device: {origin}: 'arch' must be a CUDA compute capability times ten (80, 90, 100), "
+                         f"got {value!r}")
+    return value
 
 
 def available_devices() -> list[str]:

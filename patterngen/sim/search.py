@@ -23,7 +23,7 @@ from ..core.tiles import TileGrid, Tiling
 from .device import DeviceModel
 from .profiles import closed_form_profile, has_closed_form, plan_profiles, window_dim_sums
 from .tile_shapes import box_shapes, flat_as_box, format_tile, tile_dims
-from .time_model import Workload, concurrent_ctas, predict_time, tile_times
+from .time_model import Workload, concurrent_ctas, kernel_params, predict_time, tile_times
 
 # tile volumes searched without a device (a device model lists its own); kernel-runnable, like every
 # device's (`analysis.tiling.kernel_tile_ok`), so the policy's `kernel_tilings` can take the best one
@@ -215,7 +215,8 @@ class Search:
         box = self.spec.ndim > 1 and not isinstance(c.q_tile, int)
         key = (volume(c.q_tile), volume(c.kv_tile), box)
         if key not in self._times:
-            t_full, t_part, fixed = tile_times(self.dev, self.dev.kernel, *key[:2], self.spec.head_dim, box)
+            p = kernel_params(self.dev, *key[:2], self.spec.head_dim)
+            t_full, t_part, fixed = tile_times(self.dev, p, *key[:2], self.spec.head_dim, box)
             self._times[key] = (float(t_full), float(t_part), float(fixed))
         t_full, t_part, fixed = self._times[key]
         p = self.dev.kernel

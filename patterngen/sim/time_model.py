@@ -1,7 +1,8 @@
 """The time model: predicted seconds of a block-sparse kernel, and of dense attention, on a device.
 
 Work units are (batch, head, q tile) CTAs launched in that order, each costing a fixed
-overhead plus its visited kv tiles (partial tiles, which run mask code, cost more);
+overhead plus its visited kv tiles (partial tiles, which run mask code, cost more: by the
+ratio of their SASS instructions, `tile_costs`, where the device's arch was measured);
 they run in waves over the SMs, each wave as long as its slowest CTA. Dense attention
 goes through the same model with the device's dense parameters, so the predicted
 speedup compares like with like. Everything works on floats or torch tensors, so that
@@ -14,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from . import tile_costs
 from .device import BYTES_PER_ELEMENT, DeviceModel
 
 
@@ -37,6 +39,14 @@ class Workload:
 def _hw(dev: DeviceModel) -> dict:
     return {"sm": dev.sm_count, "flops": dev.peak_bf16_dense_tflops * 1e12, "bw": dev.memory_bandwidth_gbs * 1e9,
             "exp": dev.exp_per_s}
+
+
+def kernel_params(dev: DeviceModel, q_volume: int, kv_volume: int, head_dim: int) -> dict:
+    """The device's kernel parameters for one tile shape: its `partial_tile_factor` prior
+    replaced by the measured instruction ratio (`tile_costs`) unless the device was fitted from
+    GPU timings or its arch has no measurement."""
+    measured = None if dev.calibrated else tile_costs.partial_tile_factor(dev.arch, head_dim, q_volume, kv_volume)
+    return dict(dev.kernel) if measured is None else {**dev.kernel, "partial_tile_factor": measured}
 
 
 def tile_times(dev: DeviceModel, p: Mapping, q_volume: int, kv_volume: int, head_dim: int, box: bool):
@@ -78,8 +88,8 @@ def wave_time(unit_costs: torch.Tensor, slots: int) -> torch.Tensor:
 
 def predict_time(dev: DeviceModel, wl: Workload, params: Mapping | None = None) -> torch.Tensor:
     """Predicted kernel time in seconds (a 0-d tensor) of a workload; `params` overrides the
-    device's kernel parameters (floats or tensors)."""
-    p = dict(dev.kernel) if params is None else {**dev.kernel, **params}
+    device's kernel parameters (`kernel_params`; floats or tensors)."""
+    p = {**kernel_params(dev, wl.q_volume, wl.kv_volume, wl.head_dim), **(params or {})}
     t_full, t_part, fixed = tile_times(dev, p, wl.q_volume, wl.kv_volume, wl.head_dim, wl.box)
     costs = fixed + wl.unit_full.to(torch.float64) * t_full + wl.unit_partial.to(torch.float64) * t_part
     return p["launch_overhead_us"] * 1e-6 + wave_time(costs, concurrent_ctas(dev, p))
@@ -107,5 +117,5 @@ def dense_time(dev: DeviceModel, nq: int, nkv: int, heads: int, head_dim: int, b
     return float(predict_time(dev, dense_workload(dev, nq, nkv, heads, head_dim, batch), dense_params(dev)))
 
 
-__all__ = ["Workload", "tile_times", "concurrent_ctas", "wave_time", "predict_time", "dense_params",
+__all__ = ["Workload", "kernel_params", "tile_times", "concurrent_ctas", "wave_time", "predict_time", "dense_params",
            "dense_workload", "dense_time"]

@@ -261,11 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="compile a spec file's kernels for sm_90/sm_80 here and read their SASS "
                                          "(matmul instructions, pipelining, spills, shared memory); exit 1 if one "
                                          "spills or does not fit")
-    audit.add_argument("spec", metavar="SPEC", help="Python file defining `spec` (or `specs`)")
+    audit.add_argument("spec", metavar="SPEC", nargs="?", help="Python file defining `spec` (or `specs`)")
     audit.add_argument("--arch", action="append", metavar="ARCH",
                        help="sm_90 and/or sm_80; repeat or comma-separate (default both)")
     audit.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
     audit.add_argument("--head-dim", type=int, default=None, help="override every spec's head_dim")
+    audit.add_argument("--gate", action="store_true",
+                       help="also exit 1 where a kernel fails the CI gate: wgmma (sm_90) or mma.sync (sm_80) for "
+                            "every matmul, a pipelined kv loop, and a full-tile step within 5%% of the reference's")
+    audit.add_argument("--calibrate", action="store_true",
+                       help="measure the forward's full and partial tile steps (sm_90, sm_80; head dims 64, 128) "
+                            "into the simulator's patterngen/sim/tile_costs.json")
     audit.set_defaults(func=lambda args: audit_command.cmd_audit(args, load_specs))
 
     sim = sub.add_parser("simulate", help="cost model: the best possible speedup over dense attention")

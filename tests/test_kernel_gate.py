@@ -1,0 +1,104 @@
+"""The CI gate of issue 13 over the bench suite: every main kernel (forward, dK/dV, dQ) of every
+case, at head dims 64 and 128, bf16, compiled for sm_90 and sm_80 on this CPU and read from
+SASS: warpgroup MMA on sm_90 and mma.sync on sm_80 for every matmul, a pipelined kv loop, no
+spills, shared memory that fits, and a full-tile step within 5% of the reference
+FlashAttention-2's instructions per tile area (patterngen.tools.audit.gate_failures)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as the other kernel tests, before triton is imported: the
+# fixture's audit runs in processes of its own without it
+
+import pytest
+
+pytest.importorskip("triton", reason="the gate compiles Triton kernels")
+
+from patterngen.tools.audit import gate_failures  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD_DIMS = (64, 128)
+ARCHS = (90, 80)
+
+
+def suite_rows(jobs: list[tuple[str, int]]) -> list[dict]:
+    """The audit rows of bench cases (name, head dim), bf16, on ARCHS."""
+    import torch
+
+    from patterngen.ir import Spec
+    from patterngen.tools.audit import audit
+    from patterngen.tools.bench.suite import suite
+    cases = {c.name: c.spec for c in suite("full")}
+    rows = []
+    for name, hd in jobs:
+        s = cases[name]
+        spec = Spec(s.pattern, s.q_shape, s.kv_shape, s.num_heads, s.num_kv_heads, hd)
+        rows += audit(spec, ARCHS, torch.bfloat16, f"{name} hd{hd}")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    """Every case audited once per run, in clean processes (TRITON_INTERPRET off: under the
+    interpreter each compilation would start a process of its own), one per CPU."""
+    from patterngen.tools.bench.suite import suite
+    jobs = [(c.name, hd) for hd in HEAD_DIMS for c in suite("full")]
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    code = ("import json, sys; from tests.test_kernel_gate import suite_rows; "
+            "json.dump(suite_rows(json.loads(sys.argv[1])), sys.stdout)")
+    # contiguous chunks: cases with the same kernels (moh-*-50 and -75) share a process and its cache
+    chunks = [jobs[i * len(jobs) // workers:(i + 1) * len(jobs) // workers] for i in range(workers)]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(chunk)], cwd=ROOT, text=True, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for chunk in chunks]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        assert p.returncode == 0, stderr[-4000:]
+        out += json.loads(stdout)
+    return out
+
+
+def test_every_main_kernel_of_the_suite_is_audited_beside_its_reference(rows):
+    from patterngen.tools.bench.suite import suite
+    kernels = [r for r in rows if not r["reference"]]
+    seen = {(r["spec"], r["arch"], r["name"]) for r in kernels}
+    assert seen == {(f"{c.name} hd{hd}", arch, k) for c in suite("full") for hd in HEAD_DIMS for arch in ARCHS
+                    for k in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")}
+    for r in kernels:
+        assert r["full_tile"] and r["ref_full_tile"] and r["full_ratio"] is not None, r  # every step loop found
+    assert len(rows) == 2 * len(kernels)  # each kernel followed by its reference
+
+
+# Today's kernels fail the gate (issue 13's measured causes: unpipelined n-D window forwards,
+# mma.sync and spills in the backward, more instructions per full tile than the reference);
+# the forward and backward are being rewritten to pass it. Not strict until the lead decides.
+@pytest.mark.xfail(strict=False, reason="issue 13: the kernels are being rewritten to pass the gate")
+def test_the_bench_suite_passes_the_gate(rows):
+    failures = gate_failures(rows)
+    assert not failures, f"{len(failures)} gate failures:\n" + "\n".join(failures)
+
+
+def _row(**changes) -> dict:
+    row = dict(spec="s", role="forward", tiling="Tiling(128, 64)", name="attention_fwd", arch=90, reference=False,
+               matmul="wgmma", warpgroup_mma=48, mma_sync=0, pipelined=True, spill_ops=0, stack=0, shared=98_304,
+               fits=True, full_tile=360, ref_full_tile=357, full_ratio=1.008)
+    return {**row, **changes}
+
+
+def test_the_gate_names_what_fails():
+    assert gate_failures([_row(), _row(arch=80, matmul="mma.sync", warpgroup_mma=0, mma_sync=96)]) == []
+    assert gate_failures([_row(reference=True, matmul="mma.sync", spill_ops=9)]) == []  # references are not gated
+    cases = {"matmuls on mixed": _row(matmul="mixed", mma_sync=8),
+             "matmuls on wgmma": _row(arch=80),
+             "not pipelined": _row(pipelined=False),
+             "spills (12 local-memory": _row(spill_ops=12, stack=16),
+             "exceeds a block's limit": _row(shared=300_000, fits=False),
+             "1.06x the reference's": _row(full_ratio=1.06),
+             "no kv-tile loop": _row(full_ratio=None)}
+    for words, row in cases.items():
+        (failure,) = gate_failures([row])
+        assert failure.startswith(f"s: attention_fwd (forward, Tiling(128, 64)) on sm_{row['arch']}: ")
+        assert words in failure
