@@ -125,3 +125,22 @@ def dense_attention(q, k, v, spec, block_indices=None):
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None])
     return p @ v, lse
+
+
+def dense_gradients(q, k, v, dout, spec, block_indices=None):
+    """(dq, dk, dv) of `dense_attention` in float64, from the softmax gradient written out
+    (autograd through a row of -inf scores gives NaN): rows without a visible key contribute
+    nothing, and each kv head sums the gradients of its query heads (GQA)."""
+    mask = pg.dense_mask(spec, block_indices)
+    g = spec.num_heads // spec.num_kv_heads
+    scale = spec.head_dim ** -0.5
+    q, dout = q.double(), dout.double()
+    k, v = (t.double().repeat_interleave(g, 1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    dp = dout @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+
+    def per_kv_head(t):
+        return t.unflatten(1, (spec.num_kv_heads, g)).sum(2)
+    return ds @ k * scale, per_kv_head(ds.transpose(-1, -2) @ q * scale), per_kv_head(p.transpose(-1, -2) @ dout)

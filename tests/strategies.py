@@ -324,3 +324,59 @@ def spec_routed_missing(pattern, num_heads: int) -> bool:
     """True if no head of `pattern` uses a Routed node (the spec would not be routed)."""
     return not any(isinstance(n, pg.Routed) for h in range(num_heads)
                    for n in resolve_head(pattern, h, num_heads).walk())
+
+
+# -- kernels --------------------------------------------------------------------------------
+KERNEL_HEAD_DIMS = (16, 24, 48, 64, 80, 128, 256)
+"""Head dims of the kernel tests: powers of two and dims the kernels pad (BLOCK_D > head_dim)."""
+
+
+def kernel_head_dims():
+    return st.sampled_from(KERNEL_HEAD_DIMS)
+
+
+def kernel_head_counts():
+    """(num_heads, num_kv_heads): MHA, MQA and GQA with several kv heads (where a wrong map from
+    query head to kv head shows)."""
+    return st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (3, 1)])
+
+
+def flat_kernel_tiles():
+    """Flat kernel tiles (a power of two >= 16, as tl.dot needs); 16 twice as likely (more tile edges)."""
+    return st.sampled_from([16, 16, 32, 64, 128])
+
+
+@st.composite
+def box_kernel_tiles(draw, ndim: int) -> tuple[int, ...]:
+    """A box kernel tile of `ndim` (2 or 3) power-of-two sides and 16..64 tokens."""
+    sides = draw(st.lists(st.sampled_from([1, 2, 4, 8]), min_size=ndim - 1, max_size=ndim - 1))
+    p = math.prod(sides)
+    return (*sides, draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if 16 <= p * x <= 64])))
+
+
+@st.composite
+def window_strides(draw, w: int) -> int:
+    """A stride for a window of size w: 1, an even or an odd 1 < s < w, or s == w (blocked),
+    each kind as likely where it exists (s // 2 and (s - 1) // 2 differ for even s only)."""
+    kinds = [r for r in (range(1, 2), range(2, w, 2), range(3, w, 2), range(w, w + 1)) if len(r)]
+    return draw(st.sampled_from(draw(st.sampled_from(kinds))))
+
+
+@st.composite
+def undilated_windows(draw, shape: tuple[int, ...], near: int | None = None) -> pg.Window:
+    """An undilated Window on `shape`: per dimension a size (small ones likely, and with `near`,
+    a tile size, sizes next to its multiples, where window edges meet tile edges), a stride
+    (`window_strides`) and a causal flag."""
+    size, stride, causal = [], [], []
+    for L in shape:
+        sizes = [st.integers(2, min(L, 16)), st.integers(2, L)]
+        if near is not None and L >= near + 2:  # the window or its half next to a multiple of the tile
+            edges = sorted({v for m in range(near, L + 3, near) for e in range(-2, 3) for v in (m + e, 2 * m + e)
+                            if 2 <= v <= L})
+            sizes.append(st.sampled_from(edges))
+        w = 1 if L == 1 else draw(st.one_of(sizes))
+        size.append(w)
+        stride.append(draw(window_strides(w)))
+        causal.append(draw(st.booleans()))
+    return pg.Window(_maybe_scalar(draw, tuple(size)), _maybe_scalar(draw, tuple(stride)), 1,
+                     _maybe_scalar(draw, tuple(causal)))
