@@ -180,7 +180,7 @@ def _runs(qt: torch.Tensor, kt: torch.Tensor, full: torch.Tensor, num_kv_tiles: 
     if len(qt):
         new[1:] = (kt[1:] != kt[:-1]) | (qt[1:] != qt[:-1] + 1) | (full[1:] != full[:-1])
     starts = torch.nonzero(new).flatten()
-    ends = torch.cat([starts[1:], torch.tensor([len(qt)])]) - 1
+    ends = torch.cat([starts[1:], torch.tensor([len(qt)])])[:len(starts)] - 1  # none when nothing is seen
     runs = torch.stack([qt[starts], qt[ends], full[starts]], 1)
     ptr = torch.zeros(num_kv_tiles + 1, dtype=torch.long)
     ptr[1:] = torch.cumsum(torch.bincount(kt[starts], minlength=num_kv_tiles), 0)
