@@ -38,21 +38,33 @@ def _reports(kernel, arch: int, dtype: torch.dtype) -> list:
     from ..backends.triton import TritonForward
     from ..backends.triton.sass import read
     fwd = kernel if isinstance(kernel, TritonForward) else kernel.fwd
-    key = (kernel.source, tuple(sorted(fwd.constexprs(dtype).items())), kernel.config, fwd.spec.head_dim, arch, dtype)
+    key = (kernel.source, tuple(sorted(fwd.constexprs(dtype).items())), launch_config(kernel, arch, dtype),
+           fwd.spec.head_dim, arch, dtype)
     if key not in _COMPILED:
         compiled = kernel.cross_compile(arch, dtype)
         _COMPILED[key] = [read(c) for c in (compiled if isinstance(compiled, list) else [compiled])]
     return _COMPILED[key]
 
 
+def launch_config(kernel, arch: int, dtype: torch.dtype):
+    """The warps and stages `kernel` compiles with for sm_<arch> (a forward's depend on the arch)."""
+    return kernel.config_for(arch, dtype.itemsize) if hasattr(kernel, "config_for") else kernel.config
+
+
 def _kernels(spec: Spec):
-    """(role, tiling, TritonForward or TritonBackward) of every kernel the op runs for `spec`."""
+    """(role, TritonForward or TritonBackward) of every kernel the op runs for `spec`."""
     from ..backends.triton import TritonBackward, TritonForward, backward_tiling
     for var in (("decode", "prefill") if spec.length_free else ("",)):
         tiling = dispatch.policy_tiling(spec, var)
-        yield f"forward{' ' + var if var else ''}", tiling, TritonForward(spec, tiling)
-        bt = backward_tiling(tiling, spec.head_dim, spec)
-        yield f"backward{' ' + var if var else ''}", bt, TritonBackward(TritonForward(spec, bt))
+        yield f"forward{' ' + var if var else ''}", TritonForward(spec, tiling)
+        yield f"backward{' ' + var if var else ''}", TritonBackward(TritonForward(spec, backward_tiling(
+            tiling, spec.head_dim, spec)))
+
+
+def kernel_tiling(kernel, name: str) -> Tiling:
+    """The tiles kernel `name` runs: the backward's dK/dV and dQ kernels each have their own
+    (dQ the transpose of dK/dV's), a forward its own."""
+    return kernel.dq.tiling if name.endswith("_dq") else getattr(kernel, "dkdv", kernel).tiling
 
 
 def reference_kernel(name: str) -> str:
@@ -105,13 +117,15 @@ def audit(spec: Spec, archs=(90, 80), dtype: torch.dtype = torch.bfloat16, name:
         raise TypeError(f"dtype: expected one of torch.bfloat16, torch.float16, torch.float32, got {dtype}")
     label = repr(spec) if name is None else name
     rows = []
-    for role, tiling, kernel in _kernels(spec):
-        ref_tiling = reference_tiling(tiling)
+    for role, kernel in _kernels(spec):
         for arch in archs:
+            config = launch_config(kernel, arch, dtype)
             for report in _reports(kernel, arch, dtype):
+                tiling = kernel_tiling(kernel, report.name)
+                ref_tiling = reference_tiling(tiling)
                 reference = reference_report(reference_kernel(report.name), arch, dtype, head_block(spec.head_dim),
-                                             ref_tiling.q_tile, ref_tiling.kv_tile, kernel.config.num_warps,
-                                             kernel.config.num_stages)
+                                             ref_tiling.q_tile, ref_tiling.kv_tile, config.num_warps,
+                                             config.num_stages)
                 row = {**_row(role, tiling, report), "spec": label, "reference": False}
                 rows += _compared(row, report, tiling, reference, ref_tiling)
     return rows
@@ -175,8 +189,8 @@ def tile_cost_entry(arch: int, head_dim: int, q_tile: int, kv_tile: int, dtype: 
     if not report.full_tile:
         raise RuntimeError(f"sm_{arch} forward of {fwd.spec!r}: no kv-tile loop found in its SASS to calibrate from")
     return {"arch": arch, "dtype": next(k for k, v in DTYPES.items() if v == dtype), "head_dim": head_dim,
-            "q_tile": q_tile, "kv_tile": kv_tile, "num_warps": fwd.config.num_warps,
-            "num_stages": fwd.config.num_stages, "full_tile": report.full_tile, "partial_tile": report.partial_tile}
+            "q_tile": q_tile, "kv_tile": kv_tile, "num_warps": launch_config(fwd, arch, dtype).num_warps,
+            "num_stages": launch_config(fwd, arch, dtype).num_stages, "full_tile": report.full_tile, "partial_tile": report.partial_tile}
 
 
 def calibrate(archs=(90, 80), head_dims=(64, 128), tiles=CALIBRATION_TILES) -> dict:
