@@ -19,7 +19,7 @@ from ...analysis.tiling import kernel_tilings, volume
 from ...core.tiles import Tiling
 from ...ir import Spec
 from .cache import subdir, write_atomic
-from .config import KernelConfig, head_block, pow2_ceil, tiling_from_json, tiling_json
+from .config import KernelConfig, head_block, pow2_ceil, shared_bytes, tiling_from_json, tiling_json
 from .launch import TritonForward
 
 
@@ -29,11 +29,6 @@ class LaunchCandidate:
 
     tiling: Tiling
     config: KernelConfig
-
-
-def shared_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int = 2) -> int:
-    """Shared memory of the kernel's pipelined K/V tiles plus the Q tile."""
-    return (block_m * block_d + 2 * stages * block_n * block_d) * elem
 
 
 def candidates(spec: Spec, shared_limit: int = 227 * 1024,

@@ -51,24 +51,35 @@ def fits_forward(tiling: Tiling, head_dim: int) -> bool:
                                 head_block(head_dim)) <= FORWARD_ACCUMULATORS
 
 
-def default_config(arch: int | None, block_m: int, block_n: int, block_d: int, elem_bytes: int = 2) -> KernelConfig:
+SHARED_LIMIT = {80: 167_936, 90: 232_448}
+"""Most shared memory one block may take (bytes, opt-in): A100 164 KB, H100/H200 227 KB."""
+
+
+def shared_bytes(block_m: int, block_n: int, block_d: int, stages: int, elem: int = 2) -> int:
+    """Shared memory of the forward's pipelined K/V tiles plus the Q tile."""
+    return (block_m * block_d + 2 * stages * block_n * block_d) * elem
+
+
+def default_config(arch: int | None, block_m: int, block_n: int, block_d: int, elem_bytes: int = 2,
+                   box: bool = False) -> KernelConfig:
     """The forward's launch on sm_<arch> (None: no GPU, as under the interpreter), chosen from what
     the audit shows spill-free: 8 warps once 4 would hold more than 64 accumulator registers a
-    thread, and 3 stages where the Q tile and three K/V buffers fit the arch's shared memory
-    (sass.SHARED_LIMIT), else 2."""
-    from .autotune import shared_bytes
-    from .sass import SHARED_LIMIT
-    warps = 8 if forward_accumulators(block_m, block_n, block_d) > 4 * 32 * 64 else 4  # 4 warps x 32 threads x 64
+    thread (from 64 on for `box` tiles, whose per-dimension coordinates and window bounds take
+    registers of their own: a 3-D window at 64 x 64, head dim 64, spilled on sm_80 at 4 warps),
+    and 3 stages where the Q tile and three K/V buffers fit the arch's shared memory, else 2."""
+    per_thread = forward_accumulators(block_m, block_n, block_d) / (4 * 32)
+    warps = 8 if per_thread > 64 or (box and per_thread >= 64) else 4
     fits3 = arch is not None and shared_bytes(block_m, block_n, block_d, 3, elem_bytes) <= SHARED_LIMIT.get(
         arch, SHARED_LIMIT[80])
     return KernelConfig(num_warps=warps, num_stages=3 if fits3 else 2)
 
 
-def backward_config(block_d: int) -> KernelConfig:
-    """The backward kernels' launch: 8 warps from head dim 128 on (two [128, BLOCK_D] float32
-    accumulators in dK/dV), which with `backward_tiling`'s tiles keeps both kernels free of
-    spills on sm_80 and sm_90."""
-    return KernelConfig(num_warps=8 if block_d >= 128 else 4, num_stages=2)
+def backward_config(block_d: int, block_n: int = 128) -> KernelConfig:
+    """The backward kernels' launch: dK/dV holds two [block_n, BLOCK_D] float32 accumulators, 8
+    warps once 4 would give them more than 96 registers a thread (from 128 x 64 on: the S2
+    shards' dK/dV spilled 22 instructions on sm_90 at 4 warps, none at 8); with
+    `backward_tiling`'s tiles both kernels are spill-free on sm_80 and sm_90."""
+    return KernelConfig(num_warps=8 if 2 * block_n * block_d > 4 * 32 * 96 else 4, num_stages=2)
 
 
 BACKWARD_WIDE = 128

@@ -106,7 +106,8 @@ class TritonForward:
 
     def config_for(self, arch: int | None, elem_bytes: int) -> KernelConfig:
         """The launch parameters on sm_<arch> (None: no GPU) for inputs of `elem_bytes` bytes."""
-        return self._config or default_config(arch, self.block_m, self.block_n, self.block_d, elem_bytes)
+        box = not (isinstance(self.tiling.q_tile, int) and isinstance(self.tiling.kv_tile, int))
+        return self._config or default_config(arch, self.block_m, self.block_n, self.block_d, elem_bytes, box)
 
     def _hold_tables(self, saved: dict | None = None) -> None:
         """Head groups on the devices (`device_tables`), and the length tables: one set for a
@@ -275,7 +276,7 @@ class TritonBackward:
     def __init__(self, forward: TritonForward, config: KernelConfig | None = None):
         dkdv = plan(forward, transposable_tiling(forward.tiling, forward.spec))
         source = render_backward(forward.spec, forward.statics, *dkdv.template_grids())
-        self._setup(forward, dkdv, config or backward_config(forward.block_d), source, load_source(source))
+        self._setup(forward, dkdv, config or backward_config(dkdv.block_d, dkdv.block_n), source, load_source(source))
 
     @classmethod
     def from_saved(cls, forward: TritonForward, module, config: KernelConfig,

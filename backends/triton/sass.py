@@ -15,14 +15,13 @@ import tempfile
 from bisect import bisect_left
 from dataclasses import dataclass
 
+from .config import SHARED_LIMIT
 from .cross_compile import CompiledKernel
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 ASYNC_COPIES = ("LDGSTS", "UTMALDG")
 MMA = ("HGMMA", "HMMA")
-SHARED_LIMIT = {80: 167_936, 90: 232_448}
-"""Most shared memory one block may take (bytes, opt-in): A100 164 KB, H100/H200 227 KB."""
 
 
 def cuobjdump() -> str:
