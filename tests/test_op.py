@@ -302,6 +302,30 @@ def test_kernel_path_runs_the_triton_kernels(name):
             assert (t.grad - w).abs().max() < 1e-4
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton import")
+def test_kernel_path_walks_routed_blocks_larger_than_its_tiles():
+    """A length-free MoBA-style Routed(256) spec through the op: the policy's tiles (128 x 64
+    forward, 32 x 64 dK/dV, 64 x 32 dQ) walk each routed block as its tiles, at lengths that
+    are not multiples of the block, with pg.route's causal blocks."""
+    pytest.importorskip("triton", reason="the Triton kernels need triton")
+    spec = pg.Spec(pg.Routed(256, 2, causal=True), num_heads=2, num_kv_heads=1, head_dim=16)
+    assert dispatch.policy_tiling(spec, "prefill") == pg.Tiling(128, 64)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, h, 300, 16, generator=gen).requires_grad_() for h in (2, 1, 1))
+    idx = pg.route(q.detach(), k.detach(), 256, 2, causal=True)
+    bound = spec.bind(300, 300)
+    ref, ref_lse = dense_attention(q.detach(), k.detach(), v.detach(), bound, idx)
+    dout = torch.randn(q.shape, generator=gen)
+    with dispatch.kernels_on_cpu():
+        before = dispatch.calls.copy()
+        out, lse = pg.attention(q, k, v, spec, block_indices=idx, return_lse=True)
+        out.backward(dout)
+        assert dispatch.calls["backward", "triton"] == before["backward", "triton"] + 1
+    assert (out - ref).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5
+    for t, w in zip((q, k, v), _dense_grads(q, k, v, bound, idx, dout)):
+        assert (t.grad - w).abs().max() < 1e-4
+
+
 def _dense_grads(q, k, v, spec, idx, dout):
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     out, _ = dense_attention(q, k, v, spec, idx)

@@ -148,22 +148,57 @@ def test_routed_matches_oracle(nq, nkv, topk, causal, form, seed):
         assert (got - leaf.grad).abs().max() < 1e-4
 
 
-def test_routed_backward_in_row_parts():
-    """Above head dim 64 the routed dK/dV walks each routing block in two halves of rows."""
-    spec = pg.Spec(pg.Routed(16, 2, causal=True) | pg.Sink(3), 45, num_heads=2, num_kv_heads=1, head_dim=80)
-    torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 45, 80), torch.randn(1, 1, 45, 80), torch.randn(1, 1, 45, 80)
-    idx = torch.tensor([[[[0, 1], [2, -1], [1, 1]]]])
-    forward = TritonForward(spec)
-    backward = TritonBackward(forward)
-    assert "for part in range(2)" in backward.source
+def check_routed(spec, tiling, q, k, v, idx):
+    """Forward (out, lse) against dense attention under the oracle's mask of the run-time
+    blocks, and dq, dk, dv of the backward (dK/dV on the forward's tiling, dQ on its transpose)
+    against autograd through the reference."""
+    bound = spec.bind(q.shape[2], k.shape[2]) if spec.length_free else spec
+    forward = TritonForward(spec, tiling)
     out, lse = forward(q, k, v, block_indices=idx)
+    g = spec.num_heads // spec.num_kv_heads
+    kd, vd = (t.double().repeat_interleave(g, 1) for t in (k, v))
+    s = (q.double() @ kd.transpose(-1, -2) / math.sqrt(spec.head_dim)).masked_fill(~pg.dense_mask(bound, idx),
+                                                                                    float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    assert (out - torch.softmax(s, -1).nan_to_num(0.0) @ vd).abs().max() < 1e-4
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-4
     dout = torch.randn_like(out)
-    grads = backward(q, k, v, out, lse, dout, block_indices=idx)
+    grads = TritonBackward(forward)(q, k, v, out, lse, dout, block_indices=idx)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    reference_attention(*leaves, spec, block_indices=idx)[0].backward(dout)
+    reference_attention(*leaves, bound, block_indices=idx)[0].backward(dout)
     for got, leaf in zip(grads, leaves):
         assert (got - leaf.grad).abs().max() < 1e-4
+
+
+@settings(max_examples=scaled(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([32, 64]), st.integers(1, 150), st.sampled_from([None, 45, 150]), st.integers(1, 3),
+       st.booleans(), st.sampled_from(["routed", "routed|band", "heads"]), st.sampled_from([16, 32]),
+       st.sampled_from([16, 32]), st.sampled_from([1, 2]), st.integers(0, 2**16))
+def test_routed_blocks_larger_than_tiles(block, nq, nkv, topk, causal, form, tq, tk, gqa, seed):
+    """A routed block of several kernel tiles (q and kv tiles of their own sizes) is walked as
+    its tiles, each once; lengths need not be multiples of the block; GQA shares the routing."""
+    nkv = nq if nkv is None else nkv
+    routed = pg.Routed(block, min(topk, -(-nkv // block)), causal=causal)
+    pattern = {"routed": routed, "routed|band": routed | (pg.Band(20) & pg.Causal()),
+               "heads": pg.Heads([routed | pg.Sink(min(5, nkv))] * gqa + [pg.Causal()] * gqa)}[form]
+    spec = pg.Spec(pattern, nq, nkv, num_heads=2 * gqa, num_kv_heads=2, head_dim=16)
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(2, 2 * gqa, nq, 16), torch.randn(2, 2, nkv, 16), torch.randn(2, 2, nkv, 16)
+    idx = torch.randint(-1, -(-nkv // block), (2, 2, -(-nq // block), routed.topk))
+    check_routed(spec, pg.Tiling(tq, tk), q, k, v, idx)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routed_sub_tiles_length_free_and_wide_heads(causal):
+    """A length-free Routed(64) spec on 16 x 32 tiles at head dim 80 (a padded BLOCK_D), called
+    at two lengths, with duplicate and unused slots and a q block routed to no block."""
+    spec = pg.Spec(pg.Routed(64, 3, causal=causal) | pg.Sink(3), num_heads=2, num_kv_heads=1, head_dim=80)
+    torch.manual_seed(0)
+    for nq, nkv, idx in ((150, 150, [[0, 2, 0], [1, -1, 1], [-1, -1, -1]]), (40, 170, [[2, 1, 0]])):
+        q, k, v = torch.randn(1, 2, nq, 80), torch.randn(1, 1, nkv, 80), torch.randn(1, 1, nkv, 80)
+        check_routed(spec, pg.Tiling(16, 32), q, k, v, torch.tensor([[idx]]))
 
 
 def test_strided_inputs_and_empty_rows():
@@ -206,6 +241,9 @@ GPU_CASES = [
     ("head dim 256", pg.Spec(pg.Causal(), 1000, head_dim=256), pg.Tiling(64, 32)),
     ("routed top-8 d128", pg.Spec(pg.Routed(64, 8, causal=True) | (pg.Band(63) & pg.Causal()), 4096, num_heads=4,
                                   num_kv_heads=2, head_dim=128), pg.Tiling(64, 64)),
+    # MoBA: a 512-token routed block walked as 128 x 64 tiles (512 x 512 tiles needed 655,360 B of shared memory)
+    ("MoBA routed 512 as 128x64 d128", pg.Spec(pg.Routed(512, 3, causal=True), 8192, num_heads=32, num_kv_heads=8,
+                                               head_dim=128), pg.Tiling(128, 64)),
     # length-free (lengths are run-time arguments): a prefill and a 16-row decode tiling. A 128-key
     # tile at head dim 128 spills in dK/dV (two 128 x 128 fp32 accumulators), hence 128 x 64
     ("length-free prefill 128x64 d128", FREE, pg.Tiling(128, 64)),

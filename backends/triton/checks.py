@@ -12,8 +12,8 @@ from ..inputs import interpreter_dtype_problem
 
 
 def check_tiling(spec: Spec, tiling: Tiling) -> None:
-    """Tiles the kernels can run; a Routed spec's tiles are its routing block (a selected block
-    is one kv tile)."""
+    """Tiles the kernels can run; a Routed spec's tiles are flat and divide its routing block
+    (a selected block is walked as its kv tiles, a q tile takes its q block's routing)."""
     for name, tile in (("q_tile", tiling.q_tile), ("kv_tile", tiling.kv_tile)):
         if not kernel_tile_ok(tile):
             raise ValueError(f"tiling: {name}={tile!r} has {volume(tile)} tokens; the Triton backend needs a "
@@ -21,17 +21,19 @@ def check_tiling(spec: Spec, tiling: Tiling) -> None:
     if spec.length_free and not (isinstance(tiling.q_tile, int) and isinstance(tiling.kv_tile, int)):
         raise ValueError(f"tiling: {spec!r} is length-free (a sequence of any length), so its tiles are flat "
                          f"token counts such as Tiling(64, 64); got {tiling!r}")
-    if spec.routed is not None and not (tiling.q_tile == tiling.kv_tile == spec.routed.block):
-        raise ValueError(f"tiling: {spec.routed!r} needs q and kv tiles equal to its block "
-                         f"({spec.routed.block}), got {tiling!r}")
+    if spec.routed is not None:
+        for name, tile in (("q_tile", tiling.q_tile), ("kv_tile", tiling.kv_tile)):
+            if not isinstance(tile, int) or spec.routed.block % tile:
+                raise ValueError(f"tiling: {spec.routed!r} needs flat tiles that divide its block "
+                                 f"({spec.routed.block} tokens), got {name}={tile!r}")
 
 
 def check_routed_block(spec: Spec) -> None:
-    """A routed block is one tile of the kernel, so it must suit tl.dot as a tile does."""
+    """A routed block is walked as whole kernel tiles (powers of two >= 16 that divide it)."""
     if spec.routed is not None and not kernel_tile_ok(spec.routed.block):
         raise ValueError(f"{spec.routed!r}: the Triton backend needs the routed block to be a power of two "
-                         f">= 16 (each routed block is one kernel tile), got block={spec.routed.block}; use block "
-                         f"16, 32, 64 or 128, or the reference backend (pg.compile(spec, backend='reference'))")
+                         f">= 16 (it is walked as kernel tiles that divide it), got block={spec.routed.block}; use "
+                         f"block 64, 128 or 512, or the reference backend (pg.compile(spec, backend='reference'))")
 
 
 def check_launch_dtype(q: torch.Tensor) -> None:

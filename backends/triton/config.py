@@ -120,11 +120,8 @@ def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> 
     dK/dV matmul, and its q tiles are narrowed to BACKWARD_NARROW tokens (BACKWARD_NARROW_BOX
     for boxes), so that dQ walks narrow kv tiles with wide q tiles. Boxes are halved along a
     dimension; boxes that could not trade places (`transposable_tiling`, needs `spec`) become flat.
-    A Routed `spec` keeps its tiles (they are the routing blocks; its dK/dV kernel walks each
-    block's rows in parts)."""
+    A Routed spec's flat tiles stay divisors of its block (powers of two, halved)."""
     if spec is not None:
-        if spec.routed is not None:
-            return tiling
         tiling = transposable_tiling(tiling, spec)
     wide = BACKWARD_WIDE if head_dim <= 128 else BACKWARD_WIDE // 2
     narrow = BACKWARD_NARROW if isinstance(tiling.q_tile, int) else BACKWARD_NARROW_BOX

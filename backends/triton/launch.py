@@ -60,9 +60,9 @@ class TritonForward:
     the lengths it runs, and a launcher returning (out, lse) like the reference.
 
     A length-free spec takes any q [B, H, Nq, D], k/v [B, Hkv, Nkv, D] (flat tiles only);
-    a fixed one the lengths of its shapes. Routed specs need q and kv tiles equal to the
-    routing block, so that a selected block is one kv tile; the static part is planned
-    ahead of the call.
+    a fixed one the lengths of its shapes. A Routed spec's flat tiles divide its routing block:
+    a selected block is walked as its kv tiles, a q tile follows its q block's routing; the
+    static part is planned ahead of the call at the kernel's tiles.
     """
 
     def __init__(self, spec: Spec, tiling: Tiling | None = None, config: KernelConfig | None = None):
@@ -207,7 +207,9 @@ class TritonForward:
                "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
         if self.spec.routed is not None:
             topk = self.spec.routed.topk if topk is None else topk
-            out.update(TOPK=topk, TOPK_P2=max(2, pow2_ceil(topk)), STATIC_CHUNK=STATIC_CHUNK)
+            block = self.spec.routed.block
+            out.update(TOPK=topk, TOPK_P2=max(2, pow2_ceil(topk)), STATIC_CHUNK=STATIC_CHUNK,
+                       Q_SUB=block // self.block_m, KV_SUB=block // self.block_n)
         return out
 
     def __call__(self, q, k, v, scale: float | None = None,
@@ -267,8 +269,8 @@ class TritonBackward:
     same pattern: dK/dV walks, per kv tile, the q tiles that see it (the transposed plan of
     the forward's tiling), and dQ, per q tile, the kv tiles of the transposed tiling
     (`dq_tiling`), so that each kernel's wide tiles are the M of its matmuls; full tiles run
-    without mask code. Deterministic (no atomics). Routed blocks (one tiling for both): dQ walks
-    them as the forward does, dK/dV the run-time routing transposed (`routed_transpose`). A
+    without mask code. Deterministic (no atomics). Routed blocks: dQ walks them as the forward
+    does, dK/dV the run-time routing transposed (`routed_transpose`), each as its tiles. A
     length-free forward gives a length-free backward: the tables of each call's lengths come
     from the plans' `lengths`. Boxes that cannot trade places between the grids run as flat
     tiles (`transposable_tiling`)."""
@@ -348,10 +350,12 @@ class TritonBackward:
         common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
         dkdv_routed, dq_routed, idx_strides = (), (), ()
-        if spec.routed is not None:  # one plan: dQ's tiling is dK/dV's
+        if spec.routed is not None:  # dK/dV dedupes against the static lists of its own q tiles
             idx = fwd.routed_indices(block_indices, B, q.device, nq, nkv)
-            consts = dq_consts = self.dkdv.constexprs(q.dtype, idx.shape[-1])
-            dkdv_routed = (rows, cols, idx, *routed_transpose(idx, lt.kv_grid.count))
+            topk = idx.shape[-1]
+            consts, dq_consts = self.dkdv.constexprs(q.dtype, topk), self.dq.constexprs(q.dtype, topk)
+            kv_blocks = -(-nkv // spec.routed.block)
+            dkdv_routed = (*lt.device.on(q.device, "rows", "cols"), idx, *routed_transpose(idx, kv_blocks))
             dq_routed, idx_strides = (idx,), idx.stride()[:2]
         self.module.attention_bwd_dkdv[(lt.kv_grid.count, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,

@@ -115,9 +115,11 @@ def group_plans(spec: Spec, statics: list[Pattern | None], q_grid: TileGrid, kv_
             for p in statics]
 
 
-def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor, routed_heads: torch.Tensor):
+def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor, routed_heads: torch.Tensor,
+                   kv_tile: int):
     """ROWS [groups, q tiles, 3] = (first, first partial, end) into COLS, full tiles first;
-    WORK = (head, q tile) pairs, heaviest first so long rows start early."""
+    WORK = (head, q tile) pairs, heaviest first so long rows start early (a routed head's q
+    tile also walks topk blocks of kv tiles of `kv_tile` tokens)."""
     rows, cols, base = [], [], 0
     for tp in groups:
         q, kt, full = tp.pairs()
@@ -129,7 +131,7 @@ def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor,
         base += tp.visited
     cost = torch.stack([groups[g].q_ptr.diff() for g in head_group.tolist()])  # [H, q tiles]
     if spec.routed is not None:
-        cost = cost + routed_heads[:, None] * spec.routed.topk
+        cost = cost + routed_heads[:, None] * spec.routed.topk * (spec.routed.block // kv_tile)
     order = torch.argsort(cost.flatten(), descending=True, stable=True)
     work = torch.stack([order // cost.shape[1], order % cost.shape[1]], 1)
     return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32), work.to(torch.int32)
@@ -151,24 +153,24 @@ def transposed_tables(groups: list[TilePlan], num_kv_tiles: int) -> tuple[torch.
     return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32)
 
 
-def routed_transpose(idx: torch.Tensor, num_kv_tiles: int):
-    """(RT_PTR [B*H*kv tiles + 1], RT_Q) int32: per (batch, head, kv block), the q tiles whose
-    routed blocks include it, in q order; a block listed twice by one q tile counts once.
+def routed_transpose(idx: torch.Tensor, num_kv_blocks: int):
+    """(RT_PTR [B*H*kv blocks + 1], RT_Q) int32: per (batch, head, kv block), the q blocks whose
+    routed blocks include it, in q order; a block listed twice by one q block counts once.
     Fixed-size torch ops (a sort, a scatter-add, a cumsum) on the device: no host sync."""
-    B, H, nq, K = idx.shape
+    B, H, nqb, K = idx.shape
     idx = idx.long()
     earlier = torch.zeros_like(idx, dtype=torch.bool)
     for j in range(1, K):
         earlier[..., j] = (idx[..., j:j + 1] == idx[..., :j]).any(-1)
     valid = (idx >= 0) & ~earlier
     bh = torch.arange(B * H, device=idx.device).view(B, H, 1, 1)
-    none = B * H * num_kv_tiles
-    key = torch.where(valid, bh * num_kv_tiles + idx, none).flatten()
-    qt = torch.arange(nq, device=idx.device).view(1, 1, nq, 1).expand(B, H, nq, K).flatten()
-    order = torch.argsort(key * nq + qt)
+    none = B * H * num_kv_blocks
+    key = torch.where(valid, bh * num_kv_blocks + idx, none).flatten()
+    qb = torch.arange(nqb, device=idx.device).view(1, 1, nqb, 1).expand(B, H, nqb, K).flatten()
+    order = torch.argsort(key * nqb + qb)
     counts = torch.zeros(none + 1, dtype=torch.long, device=idx.device).scatter_add_(0, key, torch.ones_like(key))
     ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:-1], 0)])
-    return ptr.to(torch.int32), qt[order].to(torch.int32)
+    return ptr.to(torch.int32), qb[order].to(torch.int32)
 
 
 def _runs(qt: torch.Tensor, kt: torch.Tensor, full: torch.Tensor, num_kv_tiles: int):
@@ -235,7 +237,7 @@ class LengthTables:
     @cached_property
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ROWS, COLS, WORK): `forward_tables`."""
-        return forward_tables(self.spec, self.groups, self.head_group, self.routed_heads)
+        return forward_tables(self.spec, self.groups, self.head_group, self.routed_heads, self.kv_grid.volume)
 
     @cached_property
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:

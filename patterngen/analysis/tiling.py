@@ -16,6 +16,7 @@ from ..core.tiles import Tiling
 from ..ir import Spec
 
 DEFAULT_VOLUME = 64  # tokens per tile: 64 x 64 fp16 tiles fit every GPU the kernels target
+ROUTED_TILES = (128, 64)  # the most tokens of a Routed spec's q and kv tiles
 
 
 def volume(tile) -> int:
@@ -46,13 +47,22 @@ def default_box(shape: tuple[int, ...], tokens: int = DEFAULT_VOLUME) -> tuple[i
     return tuple(tile)
 
 
+def routed_tiling(block: int, head_dim: int) -> Tiling:
+    """A Routed spec's tiles: flat powers of two that divide the block (a selected block is walked
+    as whole kv tiles), at most ROUTED_TILES, halved above head dim 128. Narrower kv tiles than
+    q tiles keep the routed walks spill-free on sm_80 and sm_90 (128 x 128 spilled in the
+    forward on sm_80, and in dK/dV at head dim 64)."""
+    q, kv = ROUTED_TILES if head_dim <= 128 else (t // 2 for t in ROUTED_TILES)
+    return Tiling(math.gcd(block, q), math.gcd(block, kv))
+
+
 def default_tiling(spec: Spec) -> Tiling:
-    """Routed blocks as tiles (a selected block is one kv tile); flat 64-token tiles on
-    sequences; 64-token boxes on grids (a neighbourhood then meets few tiles, and the
+    """Flat tiles that divide the routing block for Routed specs (`routed_tiling`); flat 64-token
+    tiles on sequences; 64-token boxes on grids (a neighbourhood then meets few tiles, and the
     analysis stays on its per-dimension path), or flat tiles where a grid is too small
     for a kernel-sized box."""
     if spec.routed is not None and kernel_tile_ok(spec.routed.block):
-        return Tiling(spec.routed.block, spec.routed.block)
+        return routed_tiling(spec.routed.block, spec.head_dim)
     if spec.ndim == 1 or spec.routed is not None:
         return Tiling(DEFAULT_VOLUME, DEFAULT_VOLUME)
     q, kv = default_box(spec.q_shape), default_box(spec.kv_shape)
@@ -62,7 +72,7 @@ def default_tiling(spec: Spec) -> Tiling:
 
 
 def kernel_tilings(spec: Spec, ranked: Iterable[Tiling] = (), limit: int = 4) -> list[Tiling]:
-    """The tilings a kernel should try, best first: the routing block for Routed specs, else
+    """The tilings a kernel should try, best first: `routed_tiling` for Routed specs, else
     the first `limit` kernel-runnable tilings of `ranked` (the simulator's ranking), else
     the default."""
     if spec.routed is not None:
