@@ -166,8 +166,7 @@ def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid 
 def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int) -> str:
     """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
     same mask functions and tile addressing as the forward."""
-    return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, backward_walk(spec),
-                   q_parts=2 if spec.head_dim > 64 else 1)
+    return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, backward_walk(spec))
 
 
 def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
