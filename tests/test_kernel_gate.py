@@ -72,10 +72,17 @@ def test_every_main_kernel_of_the_suite_is_audited_beside_its_reference(rows):
     assert len(rows) == 2 * len(kernels)  # each kernel followed by its reference
 
 
-# Today's kernels fail the gate (issue 13's measured causes: unpipelined n-D window forwards,
-# mma.sync and spills in the backward, more instructions per full tile than the reference);
-# the forward and backward are being rewritten to pass it. Not strict until the lead decides.
-@pytest.mark.xfail(strict=False, reason="issue 13: the kernels are being rewritten to pass the gate")
+def test_the_bench_suite_passes_the_structural_gate(rows):
+    """Every main kernel: warpgroup MMA on sm_90 and mma.sync on sm_80 for all its matmuls, a
+    software-pipelined kv loop, no spills, shared memory that fits a block."""
+    failures = gate_failures(rows, steps=False)
+    assert not failures, f"{len(failures)} gate failures:\n" + "\n".join(failures)
+
+
+# The instruction budget is not met yet (2026-11-30, after issue 13's rewrite): the full-tile step
+# per tile area is a median 1.10x the reference's for the sm_90 forward (1.03x on sm_80), 1.32x for
+# sm_90 dK/dV and 1.27x for sm_90 dQ; the measured causes are in issue 13's closing note.
+@pytest.mark.xfail(strict=False, reason="issue 13: full-tile steps above 1.05x the reference's instructions")
 def test_the_bench_suite_passes_the_gate(rows):
     failures = gate_failures(rows)
     assert not failures, f"{len(failures)} gate failures:\n" + "\n".join(failures)
@@ -98,6 +105,7 @@ def test_the_gate_names_what_fails():
              "exceeds a block's limit": _row(shared=300_000, fits=False),
              "1.06x the reference's": _row(full_ratio=1.06),
              "no kv-tile loop": _row(full_ratio=None)}
+    assert gate_failures([_row(full_ratio=1.5)], steps=False) == []  # the structural gate alone
     for words, row in cases.items():
         (failure,) = gate_failures([row])
         assert failure.startswith(f"s: attention_fwd (forward, Tiling(128, 64)) on sm_{row['arch']}: ")
