@@ -171,7 +171,7 @@ class TritonForward:
         return walk.name if walk is not None else getattr(self.module, "WALK", None)
 
     @classmethod
-    def from_saved(cls, spec: Spec, tiling: Tiling, config: KernelConfig, module,
+    def from_saved(cls, spec: Spec, tiling: Tiling, config: KernelConfig | None, module,
                    tables: dict | None) -> "TritonForward":
         """A launcher from a build's imported module and saved plan tables: nothing rendered, and
         for a fixed spec nothing analysed. A length-free build saves no tables (`tables` None or
@@ -372,4 +372,4 @@ def plan(forward: TritonForward, tiling: Tiling, saved: dict | None = None) -> T
     tables of `tiling` (`saved`: a build's; nothing rendered): a backward kernel's own plan."""
     if tiling == forward.tiling:
         return forward
-    return TritonForward.from_saved(forward.spec, tiling, forward.config, None, saved)
+    return TritonForward.from_saved(forward.spec, tiling, None, None, saved)  # never launched: no config

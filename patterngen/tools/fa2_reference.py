@@ -47,14 +47,20 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_n, offs_m, offs_d, lo, hi, qk_scal
 
 
 @triton.jit
+def _program_tile(stride_z, stride_h, num_heads, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's tile: its first token, (batch, head) index, the offset of that head, the
+    tile's token indices and the head-dim indices (grid: tiles, B * H)."""
+    start = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    base = (bh // num_heads) * stride_z + (bh % num_heads) * stride_h
+    return start, bh, base, start + tl.arange(0, BLOCK), tl.arange(0, HEAD_DIM)
+
+
+@triton.jit
 def fa2_fwd(Q, K, V, O, LSE, sm_scale, stride_z, stride_h, stride_n, num_heads, seq_len,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """O and LSE (log2 units: m + log2(l)) of one q tile of one (batch, head); grid (N / BLOCK_M, B * H)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    base = (bh // num_heads) * stride_z + (bh % num_heads) * stride_h
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    start_m, bh, base, offs_m, offs_d = _program_tile(stride_z, stride_h, num_heads, BLOCK_M, HEAD_DIM)
     q = tl.load(Q + base + offs_m[:, None] * stride_n + offs_d[None, :])
     qk_scale = sm_scale * LOG2E
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -93,11 +99,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_n, offs_n, offs_d, lo, h
 def fa2_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale, stride_z, stride_h, stride_n, num_heads,
                  seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """dK, dV of one kv tile of one (batch, head); grid (N / BLOCK_N, B * H)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    base = (bh // num_heads) * stride_z + (bh % num_heads) * stride_h
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    start_n, bh, base, offs_n, offs_d = _program_tile(stride_z, stride_h, num_heads, BLOCK_N, HEAD_DIM)
     kv = base + offs_n[:, None] * stride_n + offs_d[None, :]
     k, v = tl.load(K + kv), tl.load(V + kv)
     qk_scale = sm_scale * LOG2E
@@ -135,11 +137,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_n, offs_m, offs_d, lo, hi, qk_
 def fa2_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, sm_scale, stride_z, stride_h, stride_n, num_heads, seq_len,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """dQ of one q tile of one (batch, head); grid (N / BLOCK_M, B * H)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    base = (bh // num_heads) * stride_z + (bh % num_heads) * stride_h
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    start_m, bh, base, offs_m, offs_d = _program_tile(stride_z, stride_h, num_heads, BLOCK_M, HEAD_DIM)
     rows = base + offs_m[:, None] * stride_n + offs_d[None, :]
     q, do = tl.load(Q + rows), tl.load(DO + rows)
     lse, delta = tl.load(LSE + bh * seq_len + offs_m), tl.load(DELTA + bh * seq_len + offs_m)
