@@ -79,9 +79,10 @@ def test_the_bench_suite_passes_the_structural_gate(rows):
     assert not failures, f"{len(failures)} gate failures:\n" + "\n".join(failures)
 
 
-# The instruction budget is not met yet (2026-11-30, after issue 13's rewrite): the full-tile step
-# per tile area is a median 1.10x the reference's for the sm_90 forward (1.03x on sm_80), 1.32x for
-# sm_90 dK/dV and 1.27x for sm_90 dQ; the measured causes are in issue 13's closing note.
+# The instruction budget is not met yet (2026-11-30, 78 of 144 kernels above it): the full-tile step
+# per tile area is a median 1.10x the reference's for the sm_90 forward (1.03x on sm_80), 1.05x for
+# sm_90 dK/dV and dQ (1.06x, 1.03x on sm_80); the n-D window walks are the worst (up to 1.28x). The
+# measured causes are in issue 13's notes.
 @pytest.mark.xfail(strict=False, reason="issue 13: full-tile steps above 1.05x the reference's instructions")
 def test_the_bench_suite_passes_the_gate(rows):
     failures = gate_failures(rows)

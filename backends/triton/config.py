@@ -84,7 +84,7 @@ def backward_config(block_d: int, block_n: int = 128) -> KernelConfig:
 
 BACKWARD_WIDE = 128
 """Tokens of the backward's wide tiles (dK/dV's kv tiles, dQ's q tiles): the M of every matmul
-of the step, at least 64 for warpgroup MMA on sm_90; halved above head dim 128."""
+of the step, at least 64 for warpgroup MMA on sm_90; halved from head dim 128 on."""
 BACKWARD_NARROW = 32
 """Tokens of the tiles a backward kernel walks (dK/dV's q tiles, dQ's kv tiles): 32 keeps the
 step's [128, 32] probabilities beside the accumulators in registers (as the Triton tutorial's
@@ -116,8 +116,9 @@ def transposable_tiling(tiling: Tiling, spec: Spec) -> Tiling:
 
 def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> Tiling:
     """The dK/dV kernel's tiling for a forward `tiling` (the dQ kernel runs its transpose,
-    `dq_tiling`): the forward's kv tiles, at most BACKWARD_WIDE tokens, are the M of every
-    dK/dV matmul, and its q tiles are narrowed to BACKWARD_NARROW tokens (BACKWARD_NARROW_BOX
+    `dq_tiling`): the forward's kv tiles, at most BACKWARD_WIDE tokens (half from head dim 128
+    on: on sm_80 K and V stay in registers beside the dK and dV accumulators, and 128 x 128
+    tiles spilled), are the M of every dK/dV matmul, and its q tiles are narrowed to BACKWARD_NARROW tokens (BACKWARD_NARROW_BOX
     for boxes), so that dQ walks narrow kv tiles with wide q tiles. Boxes are halved along a
     dimension; boxes that could not trade places (`transposable_tiling`, needs `spec`) become flat.
     A Routed spec's flat tiles stay divisors of its block (powers of two, halved); from head
@@ -125,7 +126,7 @@ def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> 
     own (`Routed(64, 8, causal=True) | band` spilled 6 instructions on sm_90 at 32, none at 16)."""
     if spec is not None:
         tiling = transposable_tiling(tiling, spec)
-    wide = BACKWARD_WIDE if head_dim <= 128 else BACKWARD_WIDE // 2
+    wide = BACKWARD_WIDE if head_dim < 128 else BACKWARD_WIDE // 2
     routed_wide = spec is not None and spec.routed is not None and head_dim >= 128
     narrow = BACKWARD_NARROW if isinstance(tiling.q_tile, int) and not routed_wide else BACKWARD_NARROW_BOX
     return Tiling(_halve_to(tiling.q_tile, narrow), _halve_to(tiling.kv_tile, wide))

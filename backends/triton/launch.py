@@ -348,7 +348,8 @@ class TritonBackward:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         consts, dq_consts = self.dkdv.constexprs(q.dtype), self.dq.constexprs(q.dtype)
         common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
-        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+        # contiguous: Q, dO, dQ share one layout, K, V, dK, dV another (the kernels take one stride set each)
+        strides = (*q.stride()[:3], *k.stride()[:3])
         dkdv_routed, dq_routed, idx_strides = (), (), ()
         if spec.routed is not None:  # dK/dV dedupes against the static lists of its own q tiles
             idx = fwd.routed_indices(block_indices, B, q.device, nq, nkv)
@@ -359,11 +360,10 @@ class TritonBackward:
             dq_routed, idx_strides = (idx,), idx.stride()[:2]
         self.module.attention_bwd_dkdv[(lt.kv_grid.count, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
-            *dk.stride()[:3], *dv.stride()[:3], *idx_strides, spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq,
-            nkv, **consts, **common)
+            *idx_strides, spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq, nkv, **consts, **common)
         self.module.attention_bwd_dq[(lt_dq.q_grid.count, spec.num_heads, B)](
-            q, k, v, dout, lse2, delta, dq, rows, cols, head_group, *dq_routed, scale, *strides, *dq.stride()[:3],
-            *idx_strides, spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)
+            q, k, v, dout, lse2, delta, dq, rows, cols, head_group, *dq_routed, scale, *strides, *idx_strides,
+            spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)
         return dq, dk, dv
 
 

@@ -137,12 +137,16 @@ def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor,
     return torch.stack(rows).to(torch.int32), torch.cat(cols).to(torch.int32), work.to(torch.int32)
 
 
-def transposed_tables(groups: list[TilePlan], num_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def transposed_tables(groups: list[TilePlan], q_grid: TileGrid, num_kv_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ROWS_T [groups, kv tiles, 3] = (first, first partial, end) into COLS_T, the q tiles
-    that see each kv tile, full ones first: the dK/dV kernel's walk."""
+    that see each kv tile, full ones first: the dK/dV kernel's walk. There the q tile is the
+    inner one, so a q tile cut short is never full (as `kernel_plan` does for kv tiles): full
+    steps load whole q tiles, without a mask."""
+    short = short_tiles(q_grid)
     rows, cols, base = [], [], 0
     for tp in groups:
         q, kt, full = tp.pairs()
+        full = full & ~short[q]
         order = torch.argsort(kt * 2 * tp.num_q_tiles + (~full).long() * tp.num_q_tiles + q, stable=True)
         cols.append(q[order])
         count = torch.bincount(kt, minlength=num_kv_tiles)
@@ -242,7 +246,7 @@ class LengthTables:
     @cached_property
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ROWS_T, COLS_T): `transposed_tables`."""
-        return transposed_tables(self.groups, self.kv_grid.count)
+        return transposed_tables(self.groups, self.q_grid, self.kv_grid.count)
 
     def heads(self, classes: bool) -> DeviceTables:
         """The head-routed kernels' tables (`heads_tables`)."""
