@@ -1,7 +1,8 @@
 """What a compiled kernel is made of, read from its cubin with the cuobjdump bundled with triton.
 
 The static evidence of speed where no GPU is lent: registers and stack (spills), the matrix
-instructions (warpgroup `HGMMA` on sm_90, `HMMA`, i.e. mma.sync, elsewhere), asynchronous copies
+instructions (warpgroup `HGMMA` on sm_90, `HMMA`, i.e. mma.sync, elsewhere) and whether ptxas
+serialised the warpgroup ones, asynchronous copies
 (`LDGSTS` cp.async, `UTMALDG` TMA) and whether any sits inside a loop (a software-pipelined kv
 loop), the length of the longest loop body, and the instructions of one full and of one
 partial kv-tile step (`tile_steps`).
@@ -59,6 +60,7 @@ class KernelReport:
     async_copies: int  # LDGSTS + UTMALDG
     async_in_loop: bool
     spill_ops: int  # STL + LDL
+    wgmma_waits: int  # WARPGROUP.DEPBAR: waits for warpgroup MMAs
     loop_body: int  # instructions of the longest loop (a backward branch's span)
     full_tile: int = 0  # instructions of one full kv-tile step (`tile_steps`; 0: no matrix loop)
     partial_tile: int = 0  # instructions of one partial kv-tile step
@@ -66,6 +68,12 @@ class KernelReport:
     @property
     def pipelined(self) -> bool:
         return self.async_in_loop
+
+    @property
+    def serialized(self) -> bool:
+        """Whether ptxas serialised the warpgroup MMAs (its info C7515): every HGMMA waits alone,
+        where an asynchronous kernel waits once per matmul of K/16 instructions or less."""
+        return self.warpgroup_mma > 0 and self.wgmma_waits >= self.warpgroup_mma
 
     @property
     def fits(self) -> bool:
@@ -134,5 +142,5 @@ def read(compiled: CompiledKernel) -> KernelReport:
         instructions=len(ops), warpgroup_mma=_count(ops, ("HGMMA",)), mma_sync=_count(ops, ("HMMA",)),
         async_copies=_count(ops, ASYNC_COPIES),
         async_in_loop=any(_count(ops, ASYNC_COPIES, lp) for lp in loops),
-        spill_ops=_count(ops, ("STL", "LDL")), loop_body=max((j - i + 1 for i, j in loops), default=0),
+        spill_ops=_count(ops, ("STL", "LDL")), wgmma_waits=_count(ops, ("WARPGROUP.DEPBAR",)), loop_body=max((j - i + 1 for i, j in loops), default=0),
         full_tile=full, partial_tile=partial)
