@@ -4,8 +4,9 @@ The generator picks one walk per forward kernel (`fwd.walk.name`): `closed_form`
 pattern on flat tiles, kv ranges as formulas), `window` (a single undilated Window on a fixed
 grid), `table` (the plan's index table: head groups, dilations, grids that differ, ...) and
 `routed` (the table, then run-time blocks); the head-routed kernels walk `tile_union` or
-`window`. The backward kernels walk the plan and its transpose. Each test draws specs for one
-walk, asserts that the walk was taken and compares out, lse, dq, dk and dv in fp32 under
+`window`. The dQ kernel walks as the forward does, on its own (transposed) tiling, and dK/dV
+the plan's transpose. Each test draws specs for one walk, asserts that the forward and dQ
+kernels took it and compares out, lse, dq, dk and dv in fp32 under
 TRITON_INTERPRET=1 with `dense_attention` / `dense_gradients`. The draws aim at the bounds:
 even and odd window strides and blocked windows, causal flags per dimension, ragged grids,
 kv length != q length, dilations, GQA, head dims up to 256 and tiles up to 128 tokens.
@@ -61,14 +62,18 @@ def inputs(spec: pg.Spec, nq: int, nkv: int, batch: int, seed: int):
 
 def check_kernels(spec: pg.Spec, tiling: pg.Tiling, walk: str, lengths=None, batch: int = 1, seed: int = 0,
                   indices=None) -> None:
-    """The forward kernel of `spec` and `tiling` walks `walk`; its (out, lse) and the backward's
-    (dq, dk, dv), at the op's backward tiling, equal the oracle's at each (nq, nkv) of `lengths`
-    (a length-free spec) or the spec's own. `indices(bound spec, batch)` gives a routed spec's
-    block indices."""
+    """The forward kernel of `spec` and `tiling` walks `walk` (dQ too, on the same tiles); its
+    (out, lse) and the backward's (dq, dk, dv), at the op's backward tiling, equal the oracle's at each (nq, nkv) of
+    `lengths` (a length-free spec) or the spec's own. `indices(bound spec, batch)` gives a routed
+    spec's block indices."""
     describe(f"spec={spec!r} tiling={tiling!r}")
     fwd = TritonForward(spec, tiling)
     assert fwd.walk.name == walk, f"{spec!r} {tiling!r}: walk {fwd.walk.name!r}, expected {walk!r}"
     bwd = TritonBackward(TritonForward(spec, backward_tiling(tiling, spec.head_dim, spec)))
+    # dQ walks as a forward on its tiles would (a box forward's backward may run flat tiles, and
+    # then closed forms where the forward walked its table)
+    dq_walk = walk if bwd.dq.tiling == tiling else TritonForward(spec, bwd.dq.tiling).walk.name
+    assert bwd.module.WALK == dq_walk, f"{spec!r}: dQ walk {bwd.module.WALK!r}, expected {dq_walk!r}"
     for nq, nkv in lengths or [(spec.nq, spec.nkv)]:
         bound = spec.bind(nq, nkv) if spec.length_free else spec
         idx = None if indices is None else indices(bound, batch)
@@ -85,7 +90,7 @@ def check_kernels(spec: pg.Spec, tiling: pg.Tiling, walk: str, lengths=None, bat
 
 
 def check_forward(spec: pg.Spec, tiling: pg.Tiling, walk: str, seed: int = 0) -> None:
-    """Only the forward (cheap: the window and closed-form walks are the forward's)."""
+    """Only the forward (cheap; dQ takes the same walks on its own tiles: `check_kernels`)."""
     fwd = TritonForward(spec, tiling)
     assert fwd.walk.name == walk, f"{spec!r} {tiling!r}: walk {fwd.walk.name!r}, expected {walk!r}"
     q, k, v = inputs(spec, spec.nq, spec.nkv, 1, seed)
@@ -234,6 +239,15 @@ def test_window_edges_forward(data, n, tile, seed):
     window = data.draw(undilated_windows((n,), near=tile))
     stride_events(window, 1)
     check_forward(pg.Spec(window, n, head_dim=16), pg.Tiling(tile, tile), "window", seed)
+
+
+@settings(max_examples=scaled(6), deadline=None)
+@given(st.data(), st.integers(18, 130), st.sampled_from([16, 32]), seeds())
+def test_window_edges_backward(data, n, tile, seed):
+    """The same edges through the backward: dQ walks the window on its transposed tiles."""
+    window = data.draw(undilated_windows((n,), near=tile))
+    stride_events(window, 1)
+    check_kernels(pg.Spec(window, n, head_dim=16), pg.Tiling(tile, tile), "window", seed=seed)
 
 
 @settings(max_examples=scaled(10), deadline=None)

@@ -24,7 +24,7 @@ from .config import (PREPROCESS_BLOCK_M, PREPROCESS_CONFIG, STATIC_CHUNK, Kernel
                      default_config, dq_tiling, head_block, pow2_ceil, transposable_tiling)
 from .cross_compile import CompiledKernel, compile_generated
 from .ranges import closed_form
-from .render import forward_walk, render_backward, render_forward
+from .render import Walk, forward_walk, render_backward, render_forward
 from .tables import DeviceTables, LengthCache, LengthTables, head_groups, routed_transpose
 
 LOG2E = 1.4426950408889634
@@ -72,21 +72,27 @@ class TritonForward:
         self._set_tiles(spec, tiling, config)
         self.statics, self.head_group, self.routed_heads = head_groups(spec)
         self._hold_tables()
-        self.segments = None
-        if len(self.statics) == 1 and spec.routed is None and isinstance(tiling.q_tile, int) \
-                and isinstance(tiling.kv_tile, int):
-            if spec.length_free:
-                self.segments = closed_form(self.statics[0], self.block_m, self.block_n)
-            else:
-                fixed = self.lengths(spec.nq, spec.nkv)
-                self.segments = closed_form(self.statics[0], self.block_m, self.block_n, fixed.groups[0],
-                                            (spec.nq, spec.nkv))
-        grids = self.template_grids()
-        self.walk = forward_walk(spec, self.statics, *grids, self.segments)
-        self.source = render_forward(spec, self.statics, *grids, self.walk)
+        self.walk = self.choose_walk()
+        self.segments = self.walk.segments
+        self.source = render_forward(spec, self.statics, *self.template_grids(), self.walk)
         self.module = load_source(self.source)
         if self._fixed is not None and self.walk.name != "closed_form":
             self._fixed.forward  # noqa: B018 - a fixed spec plans now, as it always did (errors at build)
+
+    def choose_walk(self) -> Walk:
+        """The kv walk of this plan's tiling (`forward_walk`): closed-form segments where they
+        exist for flat tiles (checked against the exact plan of a fixed spec), a window's
+        neighbourhood, else the index table."""
+        spec, segments = self.spec, None
+        if len(self.statics) == 1 and spec.routed is None and isinstance(self.tiling.q_tile, int) \
+                and isinstance(self.tiling.kv_tile, int):
+            if spec.length_free:
+                segments = closed_form(self.statics[0], self.block_m, self.block_n)
+            else:
+                fixed = self.lengths(spec.nq, spec.nkv)
+                segments = closed_form(self.statics[0], self.block_m, self.block_n, fixed.groups[0],
+                                       (spec.nq, spec.nkv))
+        return forward_walk(spec, self.statics, *self.template_grids(), segments)
 
     def _set_tiles(self, spec: Spec, tiling: Tiling, config: KernelConfig | None) -> None:
         self.spec, self.tiling = spec, tiling
@@ -277,8 +283,10 @@ class TritonBackward:
 
     def __init__(self, forward: TritonForward, config: KernelConfig | None = None):
         dkdv = plan(forward, transposable_tiling(forward.tiling, forward.spec))
-        source = render_backward(forward.spec, forward.statics, *dkdv.template_grids())
-        self._setup(forward, dkdv, config or backward_config(dkdv.block_d, dkdv.block_n), source, load_source(source))
+        dq = plan(dkdv, dq_tiling(dkdv.tiling))
+        source = render_backward(forward.spec, forward.statics, *dkdv.template_grids(), dq.choose_walk())
+        self._setup(forward, dkdv, config or backward_config(dkdv.block_d, dkdv.block_n), source, load_source(source),
+                    dq)
 
     @classmethod
     def from_saved(cls, forward: TritonForward, module, config: KernelConfig,
@@ -289,12 +297,17 @@ class TritonBackward:
         `saved_tables` wrote them."""
         self = cls.__new__(cls)
         dq = {"rows": tables["dq_rows"], "cols": tables["dq_cols"]} if tables and "dq_rows" in tables else None
-        self._setup(forward, forward, config, None, module, dq)
+        self._setup(forward, forward, config, None, module, plan(forward, dq_tiling(forward.tiling), dq))
         return self
 
-    def _setup(self, forward, dkdv, config, source, module, dq_saved=None):
-        self.fwd, self.dkdv, self.config, self.source, self.module = forward, dkdv, config, source, module
-        self.dq = plan(dkdv, dq_tiling(dkdv.tiling), dq_saved)
+    def _setup(self, forward, dkdv, config, source, module, dq):
+        self.fwd, self.dkdv, self.dq, self.config, self.source, self.module = forward, dkdv, dq, config, source, module
+
+    @property
+    def dq_tables(self) -> bool:
+        """Whether the dQ kernel walks index tables (else closed-form or window ranges: the
+        module's WALK, the dQ kernel's, chosen for its own tiling)."""
+        return self.module.WALK in ("table", "routed")
 
     @property
     def rows_t(self) -> torch.Tensor:
@@ -341,7 +354,7 @@ class TritonBackward:
         scale = softmax_scale(spec.head_dim, scale)
         q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
         rows_t, cols_t = lt.device.on(q.device, "rows_t", "cols_t")
-        rows, cols = lt_dq.device.on(q.device, "rows", "cols")
+        dq_rows = lt_dq.device.on(q.device, "rows", "cols") if self.dq_tables else ()
         head_group = fwd.head_groups(B, q.device)
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)
@@ -362,7 +375,7 @@ class TritonBackward:
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
             *idx_strides, spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq, nkv, **consts, **common)
         self.module.attention_bwd_dq[(lt_dq.q_grid.count, spec.num_heads, B)](
-            q, k, v, dout, lse2, delta, dq, rows, cols, head_group, *dq_routed, scale, *strides, *idx_strides,
+            q, k, v, dout, lse2, delta, dq, *dq_rows, head_group, *dq_routed, scale, *strides, *idx_strides,
             spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)
         return dq, dk, dv
 

@@ -72,7 +72,8 @@ def window_context(pattern: Pattern | None, spec: Spec, q_grid: TileGrid | int,
     return {"dims": [{"L": L, "w": w, "s": s, "causal": c, "bounds": window_bounds_lines(L, w, s, c),
                       "tq": tq, "tk": tk, "q_count": q_grid.counts[k],
                       "q_tile_stride": math.prod(q_grid.counts[k + 1:]),
-                      "k_tile_stride": math.prod(kv_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:])}
+                      "k_tile_stride": math.prod(kv_grid.counts[k + 1:]), "q_stride": math.prod(spec.q_shape[k + 1:]),
+                      "k_start_stride": tk * math.prod(spec.kv_shape[k + 1:])}
                      for k, ((w, s, _, c), L, tq, tk) in enumerate(zip(dims, spec.q_shape, qt, kt))]}
 
 
@@ -103,19 +104,14 @@ def _one_window(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | i
 
 def forward_walk(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
                  segments: list[dict] | None = None) -> Walk:
-    """The forward's walk: an undilated window's neighbourhood, else closed-form `segments`
-    (see ranges.closed_form), else the index table (with routed blocks for Routed specs),
-    as the dQ kernel's (`backward_walk`)."""
+    """The walk of a forward or dQ kernel on these grids: an undilated window's
+    neighbourhood, else closed-form `segments` (see ranges.closed_form), else the index table
+    (with routed blocks for Routed specs)."""
     window = _one_window(spec, patterns, q_grid, kv_grid)
     if window is not None:
         return Walk("window", window=window)
     if segments:
         return Walk("closed_form", segments=tuple(segments))
-    return backward_walk(spec)
-
-
-def backward_walk(spec: Spec) -> Walk:
-    """The dQ kernel walks the forward's table (and routed blocks); dK/dV its transpose."""
     return Walk("table" if spec.routed is None else "routed")
 
 
@@ -163,10 +159,13 @@ def render_forward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid 
     return _render("attention_fwd.jinja", spec, patterns, q_grid, kv_grid, walk)
 
 
-def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int) -> str:
+def render_backward(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
+                    dq_walk: Walk) -> str:
     """The backward kernels (delta preprocessing, dK/dV over the transposed plan, dQ) with the
-    same mask functions and tile addressing as the forward."""
-    return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, backward_walk(spec))
+    same mask functions and tile addressing as the forward; the grids are dK/dV's. `dq_walk`
+    is the dQ kernel's (`forward_walk` for its own, transposed tiling); dK/dV walks the
+    transposed tables (with routed blocks for Routed specs), whatever the dQ walk."""
+    return _render("attention_bwd.jinja", spec, patterns, q_grid, kv_grid, dq_walk)
 
 
 def render_heads(spec: Spec, patterns: list[Pattern | None], q_grid: TileGrid | int, kv_grid: TileGrid | int,
