@@ -163,7 +163,7 @@ def check_routed(spec, tiling, q, k, v, idx):
     assert (out - torch.softmax(s, -1).nan_to_num(0.0) @ vd).abs().max() < 1e-4
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
-    assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-4
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4, rtol=0)  # none finite: nothing routed
     dout = torch.randn_like(out)
     grads = TritonBackward(forward)(q, k, v, out, lse, dout, block_indices=idx)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
