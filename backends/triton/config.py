@@ -118,8 +118,9 @@ def backward_tiling(tiling: Tiling, head_dim: int, spec: Spec | None = None) -> 
     """The dK/dV kernel's tiling for a forward `tiling` (the dQ kernel runs its transpose,
     `dq_tiling`): the forward's kv tiles, at most BACKWARD_WIDE tokens (half from head dim 128
     on: on sm_80 K and V stay in registers beside the dK and dV accumulators, and 128 x 128
-    tiles spilled), are the M of every dK/dV matmul, and its q tiles are narrowed to BACKWARD_NARROW tokens (BACKWARD_NARROW_BOX
-    for boxes), so that dQ walks narrow kv tiles with wide q tiles. Boxes are halved along a
+    tiles spilled), are the M of every dK/dV matmul, and its q tiles are narrowed to
+    BACKWARD_NARROW tokens (BACKWARD_NARROW_BOX for boxes), so that dQ walks narrow kv tiles
+    with wide q tiles. Boxes are halved along a
     dimension; boxes that could not trade places (`transposable_tiling`, needs `spec`) become flat.
     A Routed spec's flat tiles stay divisors of its block (powers of two, halved); from head
     dim 128 on its q tiles are narrowed as boxes' are, the routing state taking registers of its

@@ -73,7 +73,6 @@ class TritonForward:
         self.statics, self.head_group, self.routed_heads = head_groups(spec)
         self._hold_tables()
         self.walk = self.choose_walk()
-        self.segments = self.walk.segments
         self.source = render_forward(spec, self.statics, *self.template_grids(), self.walk)
         self.module = load_source(self.source)
         if self._fixed is not None and self.walk.name != "closed_form":
@@ -171,6 +170,12 @@ class TritonForward:
         return self._fixed_tables().device.host_table("work")
 
     @property
+    def segments(self) -> tuple | None:
+        """The closed-form kv-tile segments of a rendered closed-form walk (None otherwise)."""
+        walk = getattr(self, "walk", None)
+        return walk.segments if walk is not None else None
+
+    @property
     def walk_name(self) -> str | None:
         """The forward's kv walk (render.Walk's name); a build's module names it."""
         walk = getattr(self, "walk", None)
@@ -184,7 +189,7 @@ class TritonForward:
         holding only the head groups): those of each length are planned at its first call."""
         self = cls.__new__(cls)
         self._set_tiles(spec, tiling, config)
-        self.module, self.source, self.walk, self.segments = module, None, None, None
+        self.module, self.source, self.walk = module, None, None
         self.statics, self.head_group, self.routed_heads = head_groups(spec)  # the patterns' split, no plan
         tables = tables or {}
         if "head_group" in tables:

@@ -142,5 +142,6 @@ def read(compiled: CompiledKernel) -> KernelReport:
         instructions=len(ops), warpgroup_mma=_count(ops, ("HGMMA",)), mma_sync=_count(ops, ("HMMA",)),
         async_copies=_count(ops, ASYNC_COPIES),
         async_in_loop=any(_count(ops, ASYNC_COPIES, lp) for lp in loops),
-        spill_ops=_count(ops, ("STL", "LDL")), wgmma_waits=_count(ops, ("WARPGROUP.DEPBAR",)), loop_body=max((j - i + 1 for i, j in loops), default=0),
+        spill_ops=_count(ops, ("STL", "LDL")), wgmma_waits=_count(ops, ("WARPGROUP.DEPBAR",)),
+        loop_body=max((j - i + 1 for i, j in loops), default=0),
         full_tile=full, partial_tile=partial)
