@@ -464,3 +464,33 @@ def test_head_routed_group_that_sees_nothing():
     tables._runs (found by this file)."""
     spec = pg.Spec(pg.Strided(3, 1), 1, head_dim=16)
     check_head_routed(spec, pg.Tiling(16, 16), "tile_union", torch.tensor([[[0]]]), seed=0)
+
+
+# -- int64 token offsets ----------------------------------------------------------------------
+def test_int64_offsets_only_where_int32_could_overflow():
+    """Kernels multiply a tile's first token by the token stride in int32 unless some tensor's
+    offsets along the tokens reach 2**31 elements (the launcher's INT64_OFFSETS)."""
+    from types import SimpleNamespace
+
+    from patterngen.backends.triton.launch import int64_offsets
+
+    def tensor(n, stride):
+        return SimpleNamespace(shape=(1, 8, n, 128), stride=lambda dim: (0, 0, stride, 1)[dim])
+    assert not int64_offsets(tensor(1 << 20, 128), tensor(1 << 16, 8 * 128))  # 1M tokens, BHND
+    assert int64_offsets(tensor(1 << 20, 128), tensor(1 << 20, 32 * 128))  # 1M tokens, BNHD with 32 heads
+    assert int64_offsets(tensor((1 << 31) // 128 - 200, 128))  # within a tile of the limit
+
+
+INT64_CASES = [EDGE_CASES[i] for i in (1, 4, 9)]
+
+
+@pytest.mark.parametrize("spec,tiling,walk,batch", [c[1:] for c in INT64_CASES], ids=[c[0] for c in INT64_CASES])
+def test_int64_offsets_variant(monkeypatch, spec, tiling, walk, batch):
+    """The variant the largest inputs compile (INT64_OFFSETS) computes the same, whatever the walk."""
+    from patterngen.backends.triton import heads, launch
+    monkeypatch.setattr(launch, "int64_offsets", lambda *tensors: True)
+    monkeypatch.setattr(heads, "int64_offsets", lambda *tensors: True)
+    check_kernels(spec, tiling, walk, batch=batch)
+    if walk == "window":
+        idx = torch.randint(-1, spec.num_heads, (1, spec.nq, 2), generator=torch.Generator().manual_seed(1))
+        check_head_routed(spec, tiling, walk, idx, seed=1)

@@ -21,7 +21,7 @@ from .cache import load_source
 from .checks import check_launch_dtype, check_lengths
 from .config import KernelConfig, pow2_ceil
 from .cross_compile import CompiledKernel, compile_generated
-from .launch import TritonForward, log2_lse, no_pairs, preprocess, softmax_scale
+from .launch import TritonForward, int64_offsets, log2_lse, no_pairs, preprocess, softmax_scale
 from .render import heads_walk, render_heads
 
 MAX_CLASS_TABLE = 1 << 28
@@ -114,7 +114,8 @@ class TritonHeads:
         self.module.attention_fwd_heads[(lt.q_grid.count, spec.num_heads, B)](
             q, k, v, out, lse, slots, pref, self.head_groups(B, q.device), t["KV_LO"], t["KV_HI"], t["CLASSES"], scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], spec.num_heads,
-            lt.q_grid.count, lt.kv_grid.count, nq, nkv, **fwd.constexprs(q.dtype), **self._launch(self.config))
+            lt.q_grid.count, lt.kv_grid.count, nq, nkv, **fwd.constexprs(q.dtype, None, int64_offsets(q, k, v, out)),
+            **self._launch(self.config))
         return out, lse
 
     def backward(self, q, k, v, out, lse, dout, head_indices, scale: float | None = None):
@@ -133,7 +134,7 @@ class TritonHeads:
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)
         dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)
-        consts = fwd.constexprs(q.dtype)
+        consts = fwd.constexprs(q.dtype, None, int64_offsets(q, k, v, dout))  # dq, dk, dv: as q, k, v
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
         sizes = (spec.num_heads, lt.q_grid.count, lt.kv_grid.count, nq, nkv)
         self.module.attention_bwd_dkdv_heads[(lt.kv_grid.count, spec.num_kv_heads, B)](

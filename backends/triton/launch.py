@@ -50,6 +50,18 @@ def log2_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), float("inf"), lse.float() * LOG2E).contiguous()
 
 
+# a tile's first token stays below its tensor's length plus this many tokens
+_TILE_SLACK = 256
+
+
+def int64_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels must multiply a tile's first token by the stride along the tokens in
+    int64 (their INT64_OFFSETS): some [B, H, N, D] tensor's offsets along N reach 2**31
+    elements. Below that, as for all but the largest inputs, int32 products save about five
+    instructions per tensor and kv tile; the other variant compiles on first use."""
+    return any((x.shape[2] + _TILE_SLACK) * x.stride(2) >= 2 ** 31 for x in tensors)
+
+
 def no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Nothing to launch: no batch entry, head, query or key (the result is zeros, lse -inf)."""
     return q.numel() == 0 or k.shape[2] == 0
@@ -212,10 +224,11 @@ class TritonForward:
         """[B, H] static group of each head (the same for every batch entry)."""
         return self.device_tables.get("head_group", device).repeat(batch)
 
-    def constexprs(self, dtype: torch.dtype, topk: int | None = None) -> dict:
+    def constexprs(self, dtype: torch.dtype, topk: int | None = None, wide: bool = False) -> dict:
+        """The kernels' compile-time arguments; `wide`: `int64_offsets` of the launch's tensors."""
         out = {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
                "BLOCK_N": self.block_n, "GQA_GROUP": self.spec.num_heads // self.spec.num_kv_heads,
-               "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+               "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "INT64_OFFSETS": wide}
         if self.spec.routed is not None:
             topk = self.spec.routed.topk if topk is None else topk
             block = self.spec.routed.block
@@ -247,7 +260,7 @@ class TritonForward:
             q, k, v, out, lse, *tables, *routed, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv,
-            **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None),
+            **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
             num_warps=config.num_warps, num_stages=config.num_stages)
         return out, lse
 
@@ -364,7 +377,8 @@ class TritonBackward:
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        consts, dq_consts = self.dkdv.constexprs(q.dtype), self.dq.constexprs(q.dtype)
+        wide = int64_offsets(q, k)  # contiguous: dO, dQ as Q, V, dK, dV as K
+        consts, dq_consts = self.dkdv.constexprs(q.dtype, None, wide), self.dq.constexprs(q.dtype, None, wide)
         common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
         # contiguous: Q, dO, dQ share one layout, K, V, dK, dV another (the kernels take one stride set each)
         strides = (*q.stride()[:3], *k.stride()[:3])
@@ -372,7 +386,7 @@ class TritonBackward:
         if spec.routed is not None:  # dK/dV dedupes against the static lists of its own q tiles
             idx = fwd.routed_indices(block_indices, B, q.device, nq, nkv)
             topk = idx.shape[-1]
-            consts, dq_consts = self.dkdv.constexprs(q.dtype, topk), self.dq.constexprs(q.dtype, topk)
+            consts, dq_consts = self.dkdv.constexprs(q.dtype, topk, wide), self.dq.constexprs(q.dtype, topk, wide)
             kv_blocks = -(-nkv // spec.routed.block)
             dkdv_routed = (*lt.device.on(q.device, "rows", "cols"), idx, *routed_transpose(idx, kv_blocks))
             dq_routed, idx_strides = (idx,), idx.stride()[:2]
