@@ -141,14 +141,15 @@ def transposed_tables(groups: list[TilePlan], q_grid: TileGrid, num_kv_tiles: in
     """ROWS_T [groups, kv tiles, 3] = (first, first partial, end) into COLS_T, the q tiles
     that see each kv tile, full ones first: the dK/dV kernel's walk. There the q tile is the
     inner one, so a q tile cut short is never full (as `kernel_plan` does for kv tiles): full
-    steps load whole q tiles, without a mask."""
+    steps load whole q tiles, without a mask. COLS_T holds each q tile's first token, not its
+    index: a full step then decodes nothing (12 instructions a step for 3-D box tiles)."""
     short = short_tiles(q_grid)
     rows, cols, base = [], [], 0
     for tp in groups:
         q, kt, full = tp.pairs()
         full = full & ~short[q]
         order = torch.argsort(kt * 2 * tp.num_q_tiles + (~full).long() * tp.num_q_tiles + q, stable=True)
-        cols.append(q[order])
+        cols.append(q_grid.starts(q[order]))
         count = torch.bincount(kt, minlength=num_kv_tiles)
         n_full = torch.bincount(kt[full], minlength=num_kv_tiles)
         ptr = torch.cumsum(count, 0) - count + base

@@ -162,6 +162,12 @@ class TileGrid:
         return torch.where(valid, end - start + 1, 0).sum(1)
 
     # -- tokens -----------------------------------------------------------------
+    def starts(self, ids: torch.Tensor) -> torch.Tensor:
+        """Flattened index of each given tile's first token (its corner)."""
+        if self.flat:
+            return ids * self.tile
+        return (self.boxes[0][ids, 0] * torch.tensor(self.strides)).sum(-1)
+
     def tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Flattened token indices [len(ids), volume] of the given tiles, -1 where a
         tile at the grid's edge has fewer tokens."""
