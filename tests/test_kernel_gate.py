@@ -102,7 +102,7 @@ def test_the_gate_names_what_fails():
     assert gate_failures([_row(reference=True, matmul="mma.sync", spill_ops=9)]) == []  # references are not gated
     cases = {"matmuls on mixed": _row(matmul="mixed", mma_sync=8),
              "matmuls on wgmma": _row(arch=80),
-             "not pipelined": _row(pipelined=False),
+             "not pipelined (1 of 3 step loops": _row(pipelined=False, unpipelined_steps=1, step_loops=3),
              "serialised (48 waits for 48": _row(wgmma_waits=48, serialized=True),
              "spills (12 local-memory": _row(spill_ops=12, stack=16),
              "exceeds a block's limit": _row(shared=300_000, fits=False),

@@ -380,11 +380,13 @@ def routed_specs(draw) -> pg.Spec:
 
 
 @settings(max_examples=scaled(10), deadline=None)
-@given(routed_specs(), st.integers(1, 2), seeds())
-def test_routed(spec, batch, seed):
-    """Run-time blocks per (batch, kv head, q block), repeats and -1 slots included."""
+@given(st.data(), routed_specs(), st.integers(1, 2), seeds())
+def test_routed(data, spec, batch, seed):
+    """Run-time blocks per (batch, kv head, q block), repeats and -1 slots included; tiles of the
+    block or smaller (a block walked as several tiles)."""
     r = spec.routed
-    check_kernels(spec, pg.Tiling(r.block, r.block), "routed", batch=batch, seed=seed,
+    tiles = st.sampled_from([t for t in (16, 32, 64) if r.block % t == 0])
+    check_kernels(spec, pg.Tiling(data.draw(tiles), data.draw(tiles)), "routed", batch=batch, seed=seed,
                   indices=lambda bound, b: random_block_indices(bound, b, r.topk, seed))
 
 

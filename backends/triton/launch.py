@@ -220,6 +220,13 @@ class TritonForward:
         idx = torch.where(self.device_tables.get("routed_heads", idx.device)[None, :, None, None], idx, -1)
         return idx.to(device=device, dtype=torch.int32).contiguous()
 
+    def visit_rows(self, idx: torch.Tensor, num_q_tiles: int) -> torch.Tensor:
+        """Scratch VISIT [B, H, q tiles, TOPK_P2 * KV_SUB] int32 for a routed walk: each program
+        lists there the run-time kv tiles it visits (routing indices `idx` as `routed_indices`)."""
+        consts = self.constexprs(torch.float32, idx.shape[-1])
+        return torch.empty(*idx.shape[:2], num_q_tiles, consts["TOPK_P2"] * consts["KV_SUB"], dtype=torch.int32,
+                           device=idx.device)
+
     def head_groups(self, batch: int, device) -> torch.Tensor:
         """[B, H] static group of each head (the same for every batch entry)."""
         return self.device_tables.get("head_group", device).repeat(batch)
@@ -246,10 +253,13 @@ class TritonForward:
             check_lengths(self.spec, nq, nkv)
             return out.zero_(), lse.fill_(float("-inf"))
         lt = self.lengths(nq, nkv)
-        routed = [] if self.spec.routed is None else [self.routed_indices(block_indices, B, q.device, nq, nkv)]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = softmax_scale(self.spec.head_dim, scale)
         nq_t = lt.q_grid.count
+        routed = []
+        if self.spec.routed is not None:
+            idx = self.routed_indices(block_indices, B, q.device, nq, nkv)
+            routed = [idx, self.visit_rows(idx, nq_t)]
         if self.walk_name == "closed_form":  # work order and kv tiles from the program id: no tables
             tables, grid = (), (nq_t * H, B)
         else:
@@ -383,16 +393,16 @@ class TritonBackward:
         # contiguous: Q, dO, dQ share one layout, K, V, dK, dV another (the kernels take one stride set each)
         strides = (*q.stride()[:3], *k.stride()[:3])
         dkdv_routed, dq_routed, idx_strides = (), (), ()
-        if spec.routed is not None:  # dK/dV dedupes against the static lists of its own q tiles
+        if spec.routed is not None:  # dK/dV takes the routing transposed, dQ walks it as the forward
             idx = fwd.routed_indices(block_indices, B, q.device, nq, nkv)
             topk = idx.shape[-1]
             consts, dq_consts = self.dkdv.constexprs(q.dtype, topk, wide), self.dq.constexprs(q.dtype, topk, wide)
             kv_blocks = -(-nkv // spec.routed.block)
-            dkdv_routed = (*lt.device.on(q.device, "rows", "cols"), idx, *routed_transpose(idx, kv_blocks))
-            dq_routed, idx_strides = (idx,), idx.stride()[:2]
+            dkdv_routed = routed_transpose(idx, kv_blocks)
+            dq_routed, idx_strides = (idx, self.dq.visit_rows(idx, lt_dq.q_grid.count)), idx.stride()[:2]
         self.module.attention_bwd_dkdv[(lt.kv_grid.count, spec.num_kv_heads, B)](
             q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
-            *idx_strides, spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq, nkv, **consts, **common)
+            spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq, nkv, **consts, **common)
         self.module.attention_bwd_dq[(lt_dq.q_grid.count, spec.num_heads, B)](
             q, k, v, dout, lse2, delta, dq, *dq_rows, head_group, *dq_routed, scale, *strides, *idx_strides,
             spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)

@@ -3,9 +3,10 @@
 The static evidence of speed where no GPU is lent: registers and stack (spills), the matrix
 instructions (warpgroup `HGMMA` on sm_90, `HMMA`, i.e. mma.sync, elsewhere) and whether ptxas
 serialised the warpgroup ones, asynchronous copies
-(`LDGSTS` cp.async, `UTMALDG` TMA) and whether any sits inside a loop (a software-pipelined kv
-loop), the length of the longest loop body, and the instructions of one full and of one
-partial kv-tile step (`tile_steps`).
+(`LDGSTS` cp.async, `UTMALDG` TMA) and whether every kv-tile step loop holds some (a
+software-pipelined walk: a step loop without is one whose loads sit behind a branch), the
+length of the longest loop body, and the instructions of one full and of one partial kv-tile
+step (`tile_steps`).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ class KernelReport:
     warpgroup_mma: int  # HGMMA
     mma_sync: int  # HMMA
     async_copies: int  # LDGSTS + UTMALDG
-    async_in_loop: bool
+    step_loops: int  # kv-tile step loops (`step_loops`)
+    unpipelined_steps: int  # step loops without an asynchronous copy
     spill_ops: int  # STL + LDL
     wgmma_waits: int  # WARPGROUP.DEPBAR: waits for warpgroup MMAs
     loop_body: int  # instructions of the longest loop (a backward branch's span)
@@ -67,7 +69,8 @@ class KernelReport:
 
     @property
     def pipelined(self) -> bool:
-        return self.async_in_loop
+        """Whether every kv-tile step loop prefetches its tiles with asynchronous copies."""
+        return self.step_loops > 0 and self.unpipelined_steps == 0
 
     @property
     def serialized(self) -> bool:
@@ -125,10 +128,14 @@ def tile_steps(ops: list[tuple[int, str]], loops: list[Loop]) -> tuple[int, int]
     same count twice; a walk whose longest step is not the masked one (a table walk longer
     than the closed-form mask) would swap the two. (0, 0): no loop holds matrix instructions.
     """
-    mma = [lp for lp in loops if _count(ops, MMA, lp)]
-    steps = [(i, j) for i, j in mma if not any(i <= a and b <= j and (a, b) != (i, j) for a, b in mma)]
-    sizes = [j - i + 1 for i, j in steps]
+    sizes = [j - i + 1 for i, j in step_loops(ops, loops)]
     return (min(sizes), max(sizes)) if sizes else (0, 0)
+
+
+def step_loops(ops: list[tuple[int, str]], loops: list[Loop]) -> list[Loop]:
+    """The kv-tile step loops: loops holding matrix instructions and no inner loop that does."""
+    mma = [lp for lp in loops if _count(ops, MMA, lp)]
+    return [(i, j) for i, j in mma if not any(i <= a and b <= j and (a, b) != (i, j) for a, b in mma)]
 
 
 def read(compiled: CompiledKernel) -> KernelReport:
@@ -136,12 +143,13 @@ def read(compiled: CompiledKernel) -> KernelReport:
     ops = _ops(_dump(compiled, "-sass"))
     loops = _loops(ops)
     full, partial = tile_steps(ops, loops)
+    steps = step_loops(ops, loops)
     regs, stack = resources(compiled)
     return KernelReport(
         name=compiled.name, arch=compiled.arch, registers=regs, stack=stack, shared=compiled.shared,
         instructions=len(ops), warpgroup_mma=_count(ops, ("HGMMA",)), mma_sync=_count(ops, ("HMMA",)),
         async_copies=_count(ops, ASYNC_COPIES),
-        async_in_loop=any(_count(ops, ASYNC_COPIES, lp) for lp in loops),
+        step_loops=len(steps), unpipelined_steps=sum(not _count(ops, ASYNC_COPIES, lp) for lp in steps),
         spill_ops=_count(ops, ("STL", "LDL")), wgmma_waits=_count(ops, ("WARPGROUP.DEPBAR",)),
         loop_body=max((j - i + 1 for i, j in loops), default=0),
         full_tile=full, partial_tile=partial)
