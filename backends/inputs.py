@@ -81,6 +81,23 @@ def head_selection(head_indices: torch.Tensor, num_heads: int) -> torch.Tensor:
     return chosen[..., :num_heads].transpose(1, 2)
 
 
+def check_sinks(sinks, q: torch.Tensor, num_heads: int, head_indices) -> None:
+    """Learned sink logits: a float tensor [Hq] on q's device, or None."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks: expected a float tensor [{num_heads}] (one logit per query head) or None, "
+                        f"got {type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks: expected a floating-point tensor, got {sinks.dtype}")
+    if tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks: expected shape [{num_heads}] (one logit per query head), got {list(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks: on {sinks.device}, but q is on {q.device}")
+    if head_indices is not None:
+        raise ValueError("sinks: not supported together with head_indices yet")
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: None means 1/sqrt(head_dim), otherwise a positive finite number."""
     if scale is None:

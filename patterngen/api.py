@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.inputs import check_head_indices, check_inputs, check_scale
+from .backends.inputs import check_head_indices, check_inputs, check_scale, check_sinks
 from .dispatch import compile_options
 from .ir import Spec
 from .op import attention_forward, attention_op, runs_eagerly
@@ -59,7 +59,7 @@ _op_key_of_repr._dynamo_marked_constant = True
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
               block_indices: torch.Tensor | None = None, return_lse: bool = False,
-              head_indices: torch.Tensor | None = None, *, _options: str = ""):
+              head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None, _options: str = ""):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
@@ -67,7 +67,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     spec (see `pg.route`). `head_indices` [B, Nq, k] (integers in [-1, Hq), -1 unused)
     routes heads per query token, Mixture-of-Head style (see `pg.route_heads`): only the
     listed (token, head) pairs are computed, the others give zeros (lse -inf) and no
-    gradient. Differentiable in q, k and v; a row with no visible key gives zeros. Runs
+    gradient. `sinks` [Hq] are learned sink logits (gpt-oss): each joins its head's softmax
+    denominators with no value, so lse includes it; differentiable in them too.
+    Differentiable in q, k and v; a row with no visible key gives zeros. Runs
     the `patterngen::attention` op: the reference backend on CPU, the generated Triton
     kernels on CUDA, and `torch.compile` traces it without graph breaks.
     """
@@ -77,10 +79,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     if block_indices is not None and not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     check_head_indices(head_indices, q)
+    check_sinks(sinks, q, spec.num_heads, head_indices)
     has_indices = block_indices is not None
     key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
-    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices) else attention_op
-    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options)
+    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices, sinks) else attention_op
+    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -104,8 +107,9 @@ class CompiledAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
-                 head_indices: torch.Tensor | None = None):
-        return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices, _options=self.options)
+                 head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None):
+        return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices, sinks=sinks,
+                         _options=self.options)
 
     def __repr__(self):
         return f"CompiledAttention({self.spec!r}, backend={self.backend!r}, tiling={self.tiling!r})"
@@ -117,7 +121,7 @@ def _tile_tokens(tiling: Tiling) -> int:
 
 def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
     """A callable `kernel(q, k, v, scale=None, block_indices=None, return_lse=False,
-    head_indices=None)` for `spec`: `pg.attention` through the same op, differentiable.
+    head_indices=None, *, sinks=None)` for `spec`: `pg.attention` through the same op, differentiable.
 
     `backend` is "auto" (as pg.attention: the Triton kernels on CUDA, the reference
     elsewhere), "reference", or "triton" (the kernels, or an error saying why they cannot

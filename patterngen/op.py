@@ -105,6 +105,27 @@ def reference(q, k, v, spec: Spec, scale=None, block_indices=None, head_indices=
     return out * chosen[..., None].to(out.dtype), lse.masked_fill(~chosen, float("-inf"))
 
 
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the softmax whose denominator also holds exp(sinks[h]), a learned logit with
+    no value (gpt-oss): lse' = logaddexp(lse, sink), out' = out * exp(lse - lse'). A row that
+    saw nothing keeps out 0 and gets lse' = sink. Exact for every backend, since the sink only
+    rescales each row."""
+    lse2 = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+    return (out * torch.exp(lse - lse2)[..., None]).to(out.dtype), lse2
+
+
+def sink_gradient(dout: torch.Tensor, dlse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                  sinks: torch.Tensor) -> torch.Tensor:
+    """dL/dsinks from the sink-including (out, lse): the sink's probability p = exp(s - lse) per
+    row, and dL/ds = sum over rows of p * (dlse - rowsum(dout * out)) (out' = sum_j p_j v_j with
+    every p_j scaled by 1 - p)."""
+    acc = lse.dtype
+    p = torch.exp(sinks.to(acc)[None, :, None] - lse)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    g = p * ((0.0 if dlse is None else dlse.to(acc)) - delta)
+    return g.sum((0, 2)).to(sinks.dtype)
+
+
 def _reference(q, k, v, key, scale, block_indices, head_indices=None, options="", differentiable=False):
     """The reference result of one op call; `differentiable` where autograd records it (the
     backward's recomputation), which the fused CPU path of small calls is not, through its lse."""
@@ -121,9 +142,9 @@ def _reference(q, k, v, key, scale, block_indices, head_indices=None, options=""
 # -- forward ------------------------------------------------------------------------
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float] = None,
                       block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None,
-                      options: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+                      options: str = "", sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec whose JSON text is `spec`, on the
-    backend `dispatch.choose` picks."""
+    backend `dispatch.choose` picks; with `sinks` [Hq], as `apply_sinks` makes them."""
     choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, options=options, v=v,
                              block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
@@ -134,6 +155,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
         out, lse = choice.kernel.forward(q, k, v, head_indices, scale=scale)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
         out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     # the fake kernel promises contiguous results whatever the input strides
     return out.contiguous(), lse.contiguous()
 
@@ -154,7 +177,7 @@ def runs_eagerly(*tensors) -> bool:
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options=""):
+def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options="", sinks=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -175,13 +198,15 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None, options=""):
+def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None, options="", sinks=None):
     """Exact gradients: differentiate the reference forward again (dlse may be None)."""
     if dispatch.is_empty(q, k):  # nothing depends on q, k or v
         return tuple(torch.zeros_like(t) for t in (q, k, v))
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
         out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices, options, differentiable=True)
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks.detach())
         outs, grads = [out], [dout]
         if dlse is not None:
             outs.append(lse)
@@ -194,10 +219,12 @@ def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_ind
 def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: str,
                           scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
-                          head_indices: Optional[torch.Tensor] = None, options: str = ""
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          head_indices: Optional[torch.Tensor] = None, options: str = "",
+                          sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
-    kept for the kernels that use them (rowsum(dO * O), softmax from lse)."""
+    kept for the kernels that use them (rowsum(dO * O), softmax from lse). With sinks they are
+    the sink-including ones, from which the kernels' gradients are already exact (the sink
+    column has no value); the reference recomputes them with the sinks."""
     override = BACKWARD_KERNELS.get(spec) if head_indices is None and q.is_cuda else None
     if override is not None and q.dtype != torch.float64 and not dispatch.is_empty(q, k):
         return tuple(g.contiguous() for g in override(dout, dlse, q, k, v, out, lse, scale, block_indices))
@@ -205,7 +232,7 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
                              lse_grad=dlse is not None, options=options, block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
     if choice.backend == "reference":
-        return _reference_backward(dout, dlse, q, k, v, spec, scale, block_indices, head_indices, options)
+        return _reference_backward(dout, dlse, q, k, v, spec, scale, block_indices, head_indices, options, sinks)
     if head_indices is not None:
         grads = choice.kernel.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
     else:
@@ -215,28 +242,29 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec, scale=None, block_indices=None,
-                             head_indices=None, options=""):
+                             head_indices=None, options="", sinks=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale, block_indices, head_indices, options = inputs
+    q, k, v, key, scale, block_indices, head_indices, options, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices)
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices, sinks)
     ctx.key, ctx.scale, ctx.options = key, scale, options
     ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the Triton backward can run
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, block_indices, head_indices = ctx.saved_tensors
+    q, k, v, out, lse, block_indices, head_indices, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(dout.contiguous(), dlse, q, k, v, out, lse, ctx.key, ctx.scale,
-                                       block_indices, head_indices, ctx.options)
-    return dq, dk, dv, None, None, None, None, None
+                                       block_indices, head_indices, ctx.options, sinks)
+    dsinks = sink_gradient(dout, dlse, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[8] else None
+    return dq, dk, dv, None, None, None, None, None, dsinks
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "attention_backward_op", "attention_forward", "attention_op", "cache_entries", "runs_eagerly", "bound_spec", "reference",
+__all__ = ["BACKWARD_KERNELS", "apply_sinks", "attention_backward_op", "attention_forward", "attention_op", "cache_entries", "runs_eagerly", "bound_spec", "reference",
            "lookup_spec", "spec_from_repr", "spec_key"]
