@@ -154,7 +154,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
         check_head_values(head_indices, q.shape[1])
         out, lse = choice.kernel.forward(q, k, v, head_indices, scale=scale)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
-        out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices)
+        out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices, sinks=sinks)
+        sinks = None  # applied in the kernel's epilogue
     if sinks is not None:
         out, lse = apply_sinks(out, lse, sinks)
     # the fake kernel promises contiguous results whatever the input strides

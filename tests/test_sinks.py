@@ -111,3 +111,17 @@ def test_sinks_with_head_routing_are_refused():
     q = torch.randn(1, 2, 8, 8)
     with pytest.raises(ValueError, match="sinks: not supported together with head_indices"):
         pg.attention(q, q, q, spec, head_indices=torch.zeros(1, 8, 1, dtype=torch.long), sinks=torch.zeros(2))
+
+
+def test_transformers_attention_takes_gpt_oss_sinks():
+    """gpt-oss hands its sink logits to the attention function as `s_aux`."""
+    from types import SimpleNamespace
+
+    from patterngen.integrations.transformers import patterngen_attention_forward
+    pattern = (pg.Sink(2) | pg.Band(4)) & pg.Causal()
+    module = SimpleNamespace(config=SimpleNamespace(patterngen_pattern=pattern), layer_idx=0, training=False)
+    q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64) for _ in range(3))
+    sinks = torch.tensor([0.3, -2.0], dtype=torch.float64)
+    got, _ = patterngen_attention_forward(module, q, k, v, None, s_aux=sinks)
+    want, _ = sink_oracle(q, k, v, pg.Spec(pattern, 10, num_heads=2, head_dim=8), sinks)
+    torch.testing.assert_close(got, want.transpose(1, 2))

@@ -79,7 +79,7 @@ def compile_generated(source: str, kernel: str, arg_names: list[str], consts: di
     for name in arg_names:
         if name in consts:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "SINKS"):
             signature[name] = "*fp32"
         elif name in _INT_TABLES:
             signature[name] = "*i32"

@@ -232,7 +232,8 @@ class TritonForward:
         return self.device_tables.get("head_group", device).repeat(batch)
 
     def constexprs(self, dtype: torch.dtype, topk: int | None = None, wide: bool = False) -> dict:
-        """The kernels' compile-time arguments; `wide`: `int64_offsets` of the launch's tensors."""
+        """The kernels' compile-time arguments; `wide`: `int64_offsets` of the launch's tensors.
+        The forward's HAS_SINKS is set per call (`__call__`)."""
         out = {"HEAD_DIM": self.spec.head_dim, "BLOCK_D": self.block_d, "BLOCK_M": self.block_m,
                "BLOCK_N": self.block_n, "GQA_GROUP": self.spec.num_heads // self.spec.num_kv_heads,
                "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "INT64_OFFSETS": wide}
@@ -243,15 +244,17 @@ class TritonForward:
                        Q_SUB=block // self.block_m, KV_SUB=block // self.block_n)
         return out
 
-    def __call__(self, q, k, v, scale: float | None = None,
-                 block_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
+                 sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse); `sinks` [H]: learned sink logits, applied in the epilogue (op.apply_sinks)."""
         check_launch_dtype(q)
         B, H, nq, nkv = q.shape[0], self.spec.num_heads, q.shape[2], k.shape[2]
         out = torch.empty_like(q)
         lse = torch.empty(B, H, nq, device=q.device, dtype=torch.float32)
         if no_pairs(q, k):
             check_lengths(self.spec, nq, nkv)
-            return out.zero_(), lse.fill_(float("-inf"))
+            lse.fill_(float("-inf"))
+            return out.zero_(), lse if sinks is None else lse.copy_(sinks.float()[None, :, None].expand_as(lse))
         lt = self.lengths(nq, nkv)
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = softmax_scale(self.spec.head_dim, scale)
@@ -267,11 +270,11 @@ class TritonForward:
             tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
         config = self.config_for(cuda_arch(q.device), q.element_size())
         self.module.attention_fwd[grid](
-            q, k, v, out, lse, *tables, *routed, scale,
+            q, k, v, out, lse, lse if sinks is None else sinks.float().contiguous(), *tables, *routed, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv,
             **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            HAS_SINKS=sinks is not None, num_warps=config.num_warps, num_stages=config.num_stages)
         return out, lse
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> CompiledKernel:
@@ -280,7 +283,8 @@ class TritonForward:
         length)."""
         config = self.config_for(arch, dtype.itemsize)
         return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names,
-                                 self.constexprs(dtype), dtype, arch, config, self.spec.head_dim)
+                                 {**self.constexprs(dtype), "HAS_SINKS": False}, dtype, arch, config,
+                                 self.spec.head_dim)
 
 
 def preprocess_consts(fwd: TritonForward) -> dict:
