@@ -125,3 +125,15 @@ def test_transformers_attention_takes_gpt_oss_sinks():
     got, _ = patterngen_attention_forward(module, q, k, v, None, s_aux=sinks)
     want, _ = sink_oracle(q, k, v, pg.Spec(pattern, 10, num_heads=2, head_dim=8), sinks)
     torch.testing.assert_close(got, want.transpose(1, 2))
+
+
+@pytest.mark.interpreter
+def test_kernel_launcher_without_keys_gives_the_sink_as_lse():
+    """A launch with no key never runs the kernel: zeros, and lse = the sink (as apply_sinks gives)."""
+    pytest.importorskip("triton")
+    from patterngen.backends.triton import TritonForward
+    spec = pg.Spec(pg.Causal(), num_heads=2, head_dim=16)
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 0, 16)
+    sinks = torch.tensor([0.5, -3.0])
+    out, lse = TritonForward(spec, pg.Tiling(16, 16))(q, k, k, sinks=sinks)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.equal(lse, sinks[None, :, None].expand(1, 2, 5))
