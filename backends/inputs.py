@@ -98,6 +98,48 @@ def check_sinks(sinks, q: torch.Tensor, num_heads: int, head_indices) -> None:
         raise ValueError("sinks: not supported together with head_indices yet")
 
 
+def check_softcap(softcap) -> float | None:
+    """Gemma 2's logit cap: None, or a positive finite number c (scores become c * tanh(score / c))."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap: expected a positive float or None, got {softcap!r} ({type(softcap).__name__})")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap: must be a positive finite number (or None for no cap), got {softcap!r}")
+    return float(softcap)
+
+
+def check_alibi_slopes(slopes, q: torch.Tensor, spec: Spec, head_indices) -> None:
+    """ALiBi slopes: a float tensor [Hq] on q's device, for a 1-D spec (the bias reads token
+    distances, which a flattened n-D grid does not have), or None."""
+    if slopes is None:
+        return
+    H = spec.num_heads
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes: expected a float tensor [{H}] (one slope per query head) or None, "
+                        f"got {type(slopes).__name__}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes: expected a floating-point tensor, got {slopes.dtype}")
+    if tuple(slopes.shape) != (H,):
+        raise ValueError(f"alibi_slopes: expected shape [{H}] (one slope per query head), got {list(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"alibi_slopes: on {slopes.device}, but q is on {q.device}")
+    if spec.ndim != 1:
+        raise ValueError(f"alibi_slopes: needs a 1-D spec (distances |i - j| between tokens), but {spec!r} has "
+                         f"{spec.ndim} dimensions")
+    if head_indices is not None:
+        raise ValueError("alibi_slopes: not supported together with head_indices yet")
+
+
+def check_score_mods(softcap, alibi_slopes, q: torch.Tensor, spec: Spec, head_indices) -> float | None:
+    """Both score modifications checked; returns the softcap as a float (or None)."""
+    softcap = check_softcap(softcap)
+    if softcap is not None and head_indices is not None:
+        raise ValueError("softcap: not supported together with head_indices yet")
+    check_alibi_slopes(alibi_slopes, q, spec, head_indices)
+    return softcap
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: None means 1/sqrt(head_dim), otherwise a positive finite number."""
     if scale is None:

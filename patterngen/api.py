@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.inputs import check_head_indices, check_inputs, check_scale, check_sinks
+from .backends.inputs import check_head_indices, check_inputs, check_scale, check_score_mods, check_sinks
 from .dispatch import compile_options
 from .ir import Spec
 from .op import attention_forward, attention_op, runs_eagerly
@@ -59,7 +59,8 @@ _op_key_of_repr._dynamo_marked_constant = True
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
               block_indices: torch.Tensor | None = None, return_lse: bool = False,
-              head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None, _options: str = ""):
+              head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
+              softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, _options: str = ""):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
@@ -68,7 +69,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     routes heads per query token, Mixture-of-Head style (see `pg.route_heads`): only the
     listed (token, head) pairs are computed, the others give zeros (lse -inf) and no
     gradient. `sinks` [Hq] are learned sink logits (gpt-oss): each joins its head's softmax
-    denominators with no value, so lse includes it; differentiable in them too.
+    denominators with no value, so lse includes it; differentiable in them too. `softcap` c
+    (Gemma 2) turns each scaled score s into c * tanh(s / c); `alibi_slopes` [Hq] (1-D specs)
+    then add -slope[h] * |i - j|, query i at position i + Nkv - Nq (bottom-right, as
+    FlashAttention), constants (no gradient); both before masking.
     Differentiable in q, k and v; a row with no visible key gives zeros. Runs
     the `patterngen::attention` op: the reference backend on CPU, the generated Triton
     kernels on CUDA, and `torch.compile` traces it without graph breaks.
@@ -80,10 +84,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     check_head_indices(head_indices, q)
     check_sinks(sinks, q, spec.num_heads, head_indices)
+    softcap = check_score_mods(softcap, alibi_slopes, q, spec, head_indices)
     has_indices = block_indices is not None
     key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
-    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices, sinks) else attention_op
-    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks)
+    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices, sinks, alibi_slopes) else attention_op
+    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -107,9 +112,10 @@ class CompiledAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
-                 head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None):
+                 head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
+                 softcap: float | None = None, alibi_slopes: torch.Tensor | None = None):
         return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices, sinks=sinks,
-                         _options=self.options)
+                         softcap=softcap, alibi_slopes=alibi_slopes, _options=self.options)
 
     def __repr__(self):
         return f"CompiledAttention({self.spec!r}, backend={self.backend!r}, tiling={self.tiling!r})"
@@ -121,7 +127,7 @@ def _tile_tokens(tiling: Tiling) -> int:
 
 def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
     """A callable `kernel(q, k, v, scale=None, block_indices=None, return_lse=False,
-    head_indices=None, *, sinks=None)` for `spec`: `pg.attention` through the same op, differentiable.
+    head_indices=None, *, sinks=None, softcap=None, alibi_slopes=None)` for `spec`: `pg.attention` through the same op, differentiable.
 
     `backend` is "auto" (as pg.attention: the Triton kernels on CUDA, the reference
     elsewhere), "reference", or "triton" (the kernels, or an error saying why they cannot

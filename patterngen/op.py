@@ -92,13 +92,14 @@ def _empty_result(q):
 
 
 def reference(q, k, v, spec: Spec, scale=None, block_indices=None, head_indices=None, plan: Plan | None = None,
-              tiling=None):
+              tiling=None, softcap=None, alibi_slopes=None):
     """The reference result (differentiable); with head routing, unchosen (token, head) rows
     become 0 and lse -inf. `plan` (else one of `tiling`) is the tile plan it follows."""
     if dispatch.is_empty(q, k):
         return _empty_result(q)
     out, lse = reference_attention(q, k, v, spec, plan=plan, scale=scale, block_indices=block_indices,
-                                   tiling=None if plan is not None else tiling)
+                                   tiling=None if plan is not None else tiling, softcap=softcap,
+                                   alibi_slopes=alibi_slopes)
     if head_indices is None:
         return out, lse
     chosen = head_selection(head_indices, spec.num_heads)
@@ -126,35 +127,43 @@ def sink_gradient(dout: torch.Tensor, dlse: torch.Tensor | None, out: torch.Tens
     return g.sum((0, 2)).to(sinks.dtype)
 
 
-def _reference(q, k, v, key, scale, block_indices, head_indices=None, options="", differentiable=False):
+def _reference(q, k, v, key, scale, block_indices, head_indices=None, options="", differentiable=False,
+               softcap=None, alibi_slopes=None):
     """The reference result of one op call; `differentiable` where autograd records it (the
-    backward's recomputation), which the fused CPU path of small calls is not, through its lse."""
+    backward's recomputation), which the fused CPU path of small calls is not, through its lse
+    (nor can it cap scores or add ALiBi)."""
     spec = bound_spec(key, q, k)
     tiling = dispatch.read_options(options)[1]
     if (head_indices is None and spec.routed is None and tiling is None and spec.nq * spec.nkv <= SMALL_PAIRS
             and not dispatch.is_empty(q, k)):  # a decoding step or a short prompt: no plan to build
-        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not differentiable:
+        if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not differentiable
+                and softcap is None and alibi_slopes is None):
             return small_attention_cpu(q, k, v, spec, scale)
-        return small_attention(q, k, v, spec, scale)
-    return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(spec, tiling))
+        return small_attention(q, k, v, spec, scale, softcap, alibi_slopes)
+    return reference(q, k, v, spec, scale, block_indices, head_indices, plan=_plan(spec, tiling), softcap=softcap,
+                     alibi_slopes=alibi_slopes)
 
 
 # -- forward ------------------------------------------------------------------------
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float] = None,
                       block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None,
-                      options: str = "", sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      options: str = "", sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                      alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec whose JSON text is `spec`, on the
-    backend `dispatch.choose` picks; with `sinks` [Hq], as `apply_sinks` makes them."""
+    backend `dispatch.choose` picks; with `sinks` [Hq], as `apply_sinks` makes them; `softcap`
+    and `alibi_slopes` [Hq] modify the scores (`reference_attention`)."""
     choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, options=options, v=v,
                              block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
     if choice.backend == "reference":
-        out, lse = _reference(q, k, v, spec, scale, block_indices, head_indices, options)
+        out, lse = _reference(q, k, v, spec, scale, block_indices, head_indices, options, softcap=softcap,
+                              alibi_slopes=alibi_slopes)
     elif head_indices is not None:
         check_head_values(head_indices, q.shape[1])
         out, lse = choice.kernel.forward(q, k, v, head_indices, scale=scale)
     else:  # the kernel checks block_indices as the reference does (normalize_block_indices)
-        out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices, sinks=sinks)
+        out, lse = choice.kernel(q, k, v, scale=scale, block_indices=block_indices, sinks=sinks, softcap=softcap,
+                                 alibi_slopes=alibi_slopes)
         sinks = None  # applied in the kernel's epilogue
     if sinks is not None:
         out, lse = apply_sinks(out, lse, sinks)
@@ -178,7 +187,8 @@ def runs_eagerly(*tensors) -> bool:
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options="", sinks=None):
+def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options="", sinks=None,
+                    softcap=None, alibi_slopes=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -199,13 +209,15 @@ def _autograd_inside_op():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None, options="", sinks=None):
+def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_indices=None, options="", sinks=None,
+                        softcap=None, alibi_slopes=None):
     """Exact gradients: differentiate the reference forward again (dlse may be None)."""
     if dispatch.is_empty(q, k):  # nothing depends on q, k or v
         return tuple(torch.zeros_like(t) for t in (q, k, v))
     with _autograd_inside_op(), torch.enable_grad():
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices, options, differentiable=True)
+        out, lse = _reference(qg, kg, vg, key, scale, block_indices, head_indices, options, differentiable=True,
+                              softcap=softcap, alibi_slopes=alibi_slopes)
         if sinks is not None:
             out, lse = apply_sinks(out, lse, sinks.detach())
         outs, grads = [out], [dout]
@@ -221,48 +233,52 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: str,
                           scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
                           head_indices: Optional[torch.Tensor] = None, options: str = "",
-                          sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                          alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse). With sinks they are
     the sink-including ones, from which the kernels' gradients are already exact (the sink
     column has no value); the reference recomputes them with the sinks."""
-    override = BACKWARD_KERNELS.get(spec) if head_indices is None and q.is_cuda else None
+    plain = head_indices is None and softcap is None and alibi_slopes is None  # what the override hook takes
+    override = BACKWARD_KERNELS.get(spec) if plain and q.is_cuda else None
     if override is not None and q.dtype != torch.float64 and not dispatch.is_empty(q, k):
         return tuple(g.contiguous() for g in override(dout, dlse, q, k, v, out, lse, scale, block_indices))
     choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, role="backward",
                              lse_grad=dlse is not None, options=options, block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
     if choice.backend == "reference":
-        return _reference_backward(dout, dlse, q, k, v, spec, scale, block_indices, head_indices, options, sinks)
+        return _reference_backward(dout, dlse, q, k, v, spec, scale, block_indices, head_indices, options, sinks,
+                                   softcap, alibi_slopes)
     if head_indices is not None:
         grads = choice.kernel.backward(q, k, v, out, lse, dout, head_indices, scale=scale)
     else:
-        grads = choice.kernel(q, k, v, out, lse, dout, scale=scale, block_indices=block_indices)
+        grads = choice.kernel(q, k, v, out, lse, dout, scale=scale, block_indices=block_indices, softcap=softcap,
+                              alibi_slopes=alibi_slopes)
     return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec, scale=None, block_indices=None,
-                             head_indices=None, options="", sinks=None):
+                             head_indices=None, options="", sinks=None, softcap=None, alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale, block_indices, head_indices, options, sinks = inputs
+    q, k, v, key, scale, block_indices, head_indices, options, sinks, softcap, alibi_slopes = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices, sinks)
-    ctx.key, ctx.scale, ctx.options = key, scale, options
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices, sinks, alibi_slopes)
+    ctx.key, ctx.scale, ctx.options, ctx.softcap = key, scale, options, softcap
     ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the Triton backward can run
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, block_indices, head_indices, sinks = ctx.saved_tensors
+    q, k, v, out, lse, block_indices, head_indices, sinks, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(dout.contiguous(), dlse, q, k, v, out, lse, ctx.key, ctx.scale,
-                                       block_indices, head_indices, ctx.options, sinks)
+                                       block_indices, head_indices, ctx.options, sinks, ctx.softcap, alibi_slopes)
     dsinks = sink_gradient(dout, dlse, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[8] else None
-    return dq, dk, dv, None, None, None, None, None, dsinks
+    return dq, dk, dv, None, None, None, None, None, dsinks, None, None  # ALiBi slopes are constants
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -82,10 +82,22 @@ def _chunks(counts: list[int], per_tile: int, max_scores: int):
         yield start, len(counts), widest
 
 
-def _masked_attention(Q, K, V, mask, scale: float):
-    """(out, lse, scores) of softmax(Q K^T * scale) V over the visible keys of `mask`; a row
+def alibi_bias(slopes: torch.Tensor, q_tok: torch.Tensor, kv_tok: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """ALiBi's additive bias -slope * |i - j| of queries q_tok and keys kv_tok (broadcast
+    against each other; `slopes` already broadcast to them), with query i at position
+    i + nkv - nq: aligned bottom-right to the keys, as FlashAttention's ALiBi."""
+    return -slopes * (q_tok + (nkv - nq) - kv_tok).abs().to(slopes.dtype)
+
+
+def _masked_attention(Q, K, V, mask, scale: float, softcap: float | None = None, bias=None):
+    """(out, lse, scores) of softmax(S) V over the visible keys of `mask`, S = Q K^T * scale,
+    capped to softcap * tanh(S / softcap) when given, plus `bias` (ALiBi) when given; a row
     with nothing visible gives zeros and lse -inf, and no NaN in gradients."""
     s = torch.matmul(Q, K.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if bias is not None:
+        s = s + bias
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing visible
@@ -98,7 +110,7 @@ def _masked_attention(Q, K, V, mask, scale: float):
 
 
 def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: float, acc: torch.dtype,
-             max_scores: int, stats: dict | None):
+             max_scores: int, stats: dict | None, softcap: float | None, alibi_slopes: torch.Tensor | None):
     device = q.device
     rep = spec.num_heads // spec.num_kv_heads
     bidx = torch.tensor(job.batches, device=device)[:, None, None]
@@ -136,7 +148,11 @@ def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: 
         Q = q[bidx, hidx, qtok.clamp_min(0)[None]].to(acc)  # [P, C, vq, D]
         K = k[bidx, hidx // rep, kflat].to(acc)  # [P, C, T, D]
         V = v[bidx, hidx // rep, kflat].to(acc)
-        o, lse, s = _masked_attention(Q, K, V, mask, scale)  # s: [P, C, vq, T]
+        bias = None
+        if alibi_slopes is not None:  # 1-D: tokens are positions
+            slopes = alibi_slopes.to(acc)[hidx[:, :, :, None]]  # [P, 1, 1, 1]
+            bias = alibi_bias(slopes, qtok[:, :, None], kflat[0][:, None, :], spec.nq, spec.nkv)
+        o, lse, s = _masked_attention(Q, K, V, mask, scale, softcap, bias)  # s: [P, C, vq, T]
         outs.append(o.flatten(1, 2))  # [P, C*vq, D]
         lses.append(lse.flatten(1))  # [P, C*vq]
         if stats is not None:
@@ -151,7 +167,8 @@ def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, plan: Plan | None = None,
                         scale: float | None = None, block_indices: torch.Tensor | None = None, *,
                         tiling: Tiling | None = None, max_scores: int | None = None,
-                        stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        stats: dict | None = None, softcap: float | None = None,
+                        alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention computed exactly along `plan` (built from `spec`, `tiling` and
     `block_indices` when not given).
 
@@ -165,7 +182,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     single tile may exceed it), so memory follows the visited tiles. Routed specs
     need `block_indices` even with a prebuilt plan: partial tiles read the block
     mask. `stats`, if a dict, receives counters (chunks, max_scores, scores,
-    partial_tiles, full_tiles) for tests and debugging.
+    partial_tiles, full_tiles) for tests and debugging. `softcap` c turns every score s (scaled)
+    into c * tanh(s / c); `alibi_slopes` [Hq] (1-D specs) then add -slope * |i - j|
+    (`alibi_bias`); both before masking.
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
@@ -199,7 +218,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
 
     outs, lses, order = [], [], []
     for job in _jobs(plan, spec, B, masks):
-        o, lse = _run_job(job, q, k, v, spec, qg, kg, scale, acc, max_scores, stats)
+        o, lse = _run_job(job, q, k, v, spec, qg, kg, scale, acc, max_scores, stats, softcap, alibi_slopes)
         outs.append(o[:, rows])
         lses.append(lse[:, rows])
         order += [b * spec.num_heads + h for b, h in zip(job.batches, job.heads)]
@@ -227,7 +246,8 @@ def _check_small(spec: Spec) -> None:
 
 
 def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec,
-                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float | None = None, softcap: float | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference_attention` of a small static call (Nq * Nkv <= SMALL_PAIRS, no Routed part)
     without a plan: the element-wise semantics give the [heads, Nq, Nkv] mask directly. A
     decoding step (one query, a new key length each time) then plans nothing. Plain torch
@@ -237,7 +257,12 @@ def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spe
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     rep = spec.num_heads // spec.num_kv_heads
     kk, vv = (t.to(acc).repeat_interleave(rep, 1) if rep > 1 else t.to(acc) for t in (k, v))
-    out, lse, _ = _masked_attention(q.to(acc), kk, vv, _small_masks(spec, q.device), scale)
+    bias = None
+    if alibi_slopes is not None:
+        qi = torch.arange(spec.nq, device=q.device)[:, None]
+        kj = torch.arange(spec.nkv, device=q.device)[None, :]
+        bias = alibi_bias(alibi_slopes.to(acc)[:, None, None], qi, kj, spec.nq, spec.nkv)
+    out, lse, _ = _masked_attention(q.to(acc), kk, vv, _small_masks(spec, q.device), scale, softcap, bias)
     return out.to(q.dtype), lse
 
 
