@@ -132,11 +132,11 @@ def test_triton_kernels(case, mod):
 @pytest.mark.interpreter
 def test_triton_routed_kernels():
     pytest.importorskip("triton")
-    spec = pg.Spec(pg.Routed(16, 2, causal=True) | (pg.Band(5) & pg.Causal()), 64, num_heads=2, head_dim=16)
-    idx = torch.tensor([[[0, 1], [0, 1], [2, 0], [3, 1]], [[0, 2], [1, 0], [0, 2], [2, 3]]])
+    spec = pg.Spec(pg.Routed(32, 2, causal=True) | (pg.Band(5) & pg.Causal()), 96, num_heads=2, head_dim=16)
+    idx = torch.tensor([[[0, -1], [0, 1], [2, 0]], [[0, 2], [1, 0], [1, -1]]])  # tiles of 16: 2 x 2 per block
     before = dispatch.calls.copy()
     with dispatch.kernels_on_cpu():
-        check(spec, 1, torch.float32, 2, lambda *a, **kw: pg.compile(spec, backend="triton", tiling=pg.Tiling(16, 8))(
+        check(spec, 1, torch.float32, 2, lambda *a, **kw: pg.compile(spec, backend="triton", tiling=pg.Tiling(16, 16))(
             *a, block_indices=idx, return_lse=True, **kw), 3e-4, 3.0, True, block_indices=idx)
     ran = dispatch.calls - before
     assert ran[("forward", "triton")] == 1 and ran[("backward", "triton")] == 1, ran
@@ -178,3 +178,26 @@ def test_alibi_needs_a_1d_spec():
     q = torch.randn(1, 2, 16, 8)
     with pytest.raises(ValueError, match="alibi_slopes: needs a 1-D spec"):
         pg.attention(q, q, q, spec, alibi_slopes=torch.ones(2))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_modified_kernels_compile_for_gpu(arch):
+    """With softcap and ALiBi on, the forward, dK/dV and dQ kernels of an LLM shape (Gemma 2's
+    sliding window, head dim 128, bf16) compile for sm_80 and sm_90 as the plain ones do: no
+    register spills, pipelined kv loops, warpgroup MMA on sm_90."""
+    pytest.importorskip("triton")
+    from patterngen.backends.triton import TritonBackward, TritonForward
+    from patterngen.backends.triton.config import backward_tiling
+    from patterngen.backends.triton.sass import read
+    spec = pg.Spec(pg.Band(4095) & pg.Causal(), num_heads=8, num_kv_heads=4, head_dim=128)
+    mods = {"SOFTCAP": True, "ALIBI": True}
+    fwd = TritonForward(spec, pg.Tiling(128, 64))
+    compiled = [fwd.cross_compile(arch, torch.bfloat16, mods=mods)]
+    bwd = TritonBackward(TritonForward(spec, backward_tiling(pg.Tiling(128, 64), spec.head_dim, spec)))
+    compiled += bwd.cross_compile(arch, torch.bfloat16, mods=mods)
+    for c in compiled:
+        r = read(c)
+        print(f"{c.name} sm_{arch}: {r.registers} registers, full step {r.full_tile}, partial {r.partial_tile}")
+        assert r.stack == 0 and r.spill_ops == 0, f"{c.name} sm_{arch}: register spills"
+        assert r.pipelined and not r.serialized, f"{c.name} sm_{arch}: {r}"
+        assert r.matmul == ("wgmma" if arch == 90 else "mma.sync"), f"{c.name} sm_{arch}: {r.matmul}"

@@ -382,3 +382,44 @@ def test_save_refuses_what_json_cannot_hold(model, tmp_path, setting):
     assert (tmp_path / "config.json").read_text() == good
     assert not os.path.exists(tmp_path / "fresh" / "config.json")
     model.config.patterngen_pattern, model.config.patterngen_spec = streaming(), None
+
+
+# -- Gemma 2 (softcap, alternating sliding and full layers) and gpt-oss (learned sinks) -------------
+def _tiny(name: str):
+    """A tiny random Gemma 2 or gpt-oss: sliding-window layer (window 8) then a full one, with the
+    model's own score modification (Gemma 2's logit softcap 5, gpt-oss's sink logits)."""
+    torch.manual_seed(0)
+    shape = dict(num_hidden_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                 head_dim=HEAD_DIM, vocab_size=VOCAB, sliding_window=8, max_position_embeddings=256)
+    if name == "gemma2":
+        config = transformers.Gemma2Config(intermediate_size=128, attn_logit_softcapping=5.0,
+                                           query_pre_attn_scalar=HEAD_DIM, **shape)
+        return transformers.Gemma2ForCausalLM(config).eval()
+    config = transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **shape)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # zero at init: make them matter
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_gemma2_and_gpt_oss_equal_eager(name):
+    """Logits (batch 2) and greedy generation equal the model's eager attention, which applies
+    the sliding window, the softcap and the sinks itself. Generation keeps every key
+    (`DynamicCache()` without a config has no sliding layers, which patterngen refuses)."""
+    if not hasattr(transformers, "Gemma2Config" if name == "gemma2" else "GptOssConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    model = _tiny(name)
+    pattern = [pg.Band(7) & pg.Causal(), pg.Causal()]  # layer_types: sliding_attention, full_attention
+    assert model.config.layer_types == ["sliding_attention", "full_attention"]
+    ids = ids_for(2, 30)
+    want = run(model, ids, "eager")
+    got = run(model, ids, NAME, pattern)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
+        model.set_attn_implementation(NAME)
+        got = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
+    assert torch.equal(got, want)

@@ -79,7 +79,7 @@ def compile_generated(source: str, kernel: str, arg_names: list[str], consts: di
     for name in arg_names:
         if name in consts:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA", "SINKS"):
+        elif name in ("LSE", "DELTA", "SINKS", "SLOPES"):
             signature[name] = "*fp32"
         elif name in _INT_TABLES:
             signature[name] = "*i32"
@@ -88,12 +88,12 @@ def compile_generated(source: str, kernel: str, arg_names: list[str], consts: di
         elif name.isupper():
             signature[name] = f"*{elem}"
         else:
-            signature[name] = "fp32" if name == "sm_scale" else "i32"
+            signature[name] = "fp32" if name in ("sm_scale", "softcap") else "i32"
     # what the JIT specialises at run time: 16-byte aligned pointers, and strides of q, k, v and
     # their gradients that are multiples of 16 (contiguous tensors with head_dim % 16 == 0); the
     # strides of index tensors (si*) depend on top-k and get no such promise
     aligned = [i for i, (n, t) in enumerate(signature.items())
-               if t.startswith("*") or (n[0] == "s" and n != "sm_scale" and not n.startswith("si")
+               if t.startswith("*") or (t == "i32" and n[0] == "s" and not n.startswith("si")
                                          and head_dim % 16 == 0)]
     return compile_kernel(path=str(write_source(source)), kernel=kernel, signature=signature, constexprs=consts,
                           aligned=aligned, arch=arch, num_warps=config.num_warps, num_stages=config.num_stages)

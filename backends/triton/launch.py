@@ -62,6 +62,18 @@ def int64_offsets(*tensors: torch.Tensor) -> bool:
     return any((x.shape[2] + _TILE_SLACK) * x.stride(2) >= 2 ** 31 for x in tensors)
 
 
+NO_SCORE_MODS = {"SOFTCAP": False, "ALIBI": False}
+"""The forward and backward kernels' score-modification constexprs when a call has none."""
+
+
+def score_mods(softcap: float | None, alibi_slopes: torch.Tensor | None, placeholder: torch.Tensor) -> tuple:
+    """(SLOPES, softcap, constexprs) as the forward and backward kernels take them: the slopes in
+    float32 (`placeholder`, any float32 tensor on the device, when there are none: never read)."""
+    slopes = placeholder if alibi_slopes is None else alibi_slopes.float().contiguous()
+    return slopes, 0.0 if softcap is None else float(softcap), {"SOFTCAP": softcap is not None,
+                                                                 "ALIBI": alibi_slopes is not None}
+
+
 def no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Nothing to launch: no batch entry, head, query or key (the result is zeros, lse -inf)."""
     return q.numel() == 0 or k.shape[2] == 0
@@ -245,8 +257,10 @@ class TritonForward:
         return out
 
     def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
-                 sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse); `sinks` [H]: learned sink logits, applied in the epilogue (op.apply_sinks)."""
+                 sinks: torch.Tensor | None = None, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse); `sinks` [H]: learned sink logits, applied in the epilogue (op.apply_sinks);
+        `softcap`, `alibi_slopes` [H]: the score modifications (`modified_scores` in the templates)."""
         check_launch_dtype(q)
         B, H, nq, nkv = q.shape[0], self.spec.num_heads, q.shape[2], k.shape[2]
         out = torch.empty_like(q)
@@ -269,21 +283,24 @@ class TritonForward:
             rows, cols, work = lt.device.on(q.device, "rows", "cols", "work")
             tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
         config = self.config_for(cuda_arch(q.device), q.element_size())
+        slopes, cap, mods = score_mods(softcap, alibi_slopes, lse)
         self.module.attention_fwd[grid](
-            q, k, v, out, lse, lse if sinks is None else sinks.float().contiguous(), *tables, *routed, scale,
+            q, k, v, out, lse, lse if sinks is None else sinks.float().contiguous(), slopes, *tables, *routed, scale,
+            cap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv,
             **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
-            HAS_SINKS=sinks is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+            HAS_SINKS=sinks is not None, **mods, num_warps=config.num_warps, num_stages=config.num_stages)
         return out, lse
 
-    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16) -> CompiledKernel:
+    def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
+                      mods: dict | None = None) -> CompiledKernel:
         """Compile for sm_<arch> without a GPU, with the launch parameters of that arch: cubin, PTX
         and shared memory (the lengths are plain int arguments, so one compilation serves every
-        length)."""
+        length). `mods`: score-modification constexprs (default `NO_SCORE_MODS`)."""
         config = self.config_for(arch, dtype.itemsize)
         return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names,
-                                 {**self.constexprs(dtype), "HAS_SINKS": False}, dtype, arch, config,
+                                 {**self.constexprs(dtype), "HAS_SINKS": False, **(mods or NO_SCORE_MODS)}, dtype, arch, config,
                                  self.spec.head_dim)
 
 
@@ -361,11 +378,12 @@ class TritonBackward:
         return out
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
-                      preprocess: bool = False) -> list[CompiledKernel]:
+                      preprocess: bool = False, mods: dict | None = None) -> list[CompiledKernel]:
         """The dK/dV and dQ kernels compiled for sm_<arch>, and with `preprocess` the trivial
-        rowsum(dO * O) kernel too (with the launch options its JIT launch uses)."""
-        out = [compile_generated(self.source, name, getattr(self.module, name).arg_names, kern.constexprs(dtype),
-                                 dtype, arch, self.config, self.fwd.spec.head_dim)
+        rowsum(dO * O) kernel too (with the launch options its JIT launch uses); `mods` as the forward's."""
+        out = [compile_generated(self.source, name, getattr(self.module, name).arg_names,
+                                 {**kern.constexprs(dtype), **(mods or NO_SCORE_MODS)}, dtype, arch, self.config,
+                                 self.fwd.spec.head_dim)
                for name, kern in (("attention_bwd_dkdv", self.dkdv), ("attention_bwd_dq", self.dq))]
         if preprocess:
             out.append(compile_generated(self.source, "bwd_preprocess", self.module.bwd_preprocess.arg_names,
@@ -374,8 +392,10 @@ class TritonBackward:
         return out
 
     def __call__(self, q, k, v, out, lse, dout, scale: float | None = None,
-                 block_indices: torch.Tensor | None = None):
-        """(dq, dk, dv) for the forward's (out, lse) (and a Routed spec's block indices)."""
+                 block_indices: torch.Tensor | None = None, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None):
+        """(dq, dk, dv) for the forward's (out, lse) (and a Routed spec's block indices, and the
+        forward's score modifications)."""
         check_launch_dtype(q)
         spec, fwd = self.fwd.spec, self.fwd
         B, nq, nkv = q.shape[0], q.shape[2], k.shape[2]
@@ -393,7 +413,8 @@ class TritonBackward:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         wide = int64_offsets(q, k)  # contiguous: dO, dQ as Q, V, dK, dV as K
         consts, dq_consts = self.dkdv.constexprs(q.dtype, None, wide), self.dq.constexprs(q.dtype, None, wide)
-        common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        slopes, cap, mods = score_mods(softcap, alibi_slopes, delta)
+        common = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages, **mods)
         # contiguous: Q, dO, dQ share one layout, K, V, dK, dV another (the kernels take one stride set each)
         strides = (*q.stride()[:3], *k.stride()[:3])
         dkdv_routed, dq_routed, idx_strides = (), (), ()
@@ -405,10 +426,10 @@ class TritonBackward:
             dkdv_routed = routed_transpose(idx, kv_blocks)
             dq_routed, idx_strides = (idx, self.dq.visit_rows(idx, lt_dq.q_grid.count)), idx.stride()[:2]
         self.module.attention_bwd_dkdv[(lt.kv_grid.count, spec.num_kv_heads, B)](
-            q, k, v, dout, lse2, delta, dk, dv, rows_t, cols_t, head_group, *dkdv_routed, scale, *strides,
+            q, k, v, dout, lse2, delta, dk, dv, slopes, rows_t, cols_t, head_group, *dkdv_routed, scale, cap, *strides,
             spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq, nkv, **consts, **common)
         self.module.attention_bwd_dq[(lt_dq.q_grid.count, spec.num_heads, B)](
-            q, k, v, dout, lse2, delta, dq, *dq_rows, head_group, *dq_routed, scale, *strides, *idx_strides,
+            q, k, v, dout, lse2, delta, dq, slopes, *dq_rows, head_group, *dq_routed, scale, cap, *strides, *idx_strides,
             spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)
         return dq, dk, dv
 

@@ -199,8 +199,7 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         if kwargs.get(name) is not None:
             raise ValueError(packed_error(f"{name}: the batch holds packed documents (flash-attention "
                                            f"cu_seq_lens kwargs, e.g. from DataCollatorWithFlattening)"))
-    if kwargs.get("softcap") is not None:
-        raise ValueError("softcap: not supported by the patterngen attention (got a value for it)")
+    softcap = kwargs.get("softcap")  # Gemma 2's attention logit cap
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss's learned sink logits, one per head
     if torch.compiler.is_compiling():
         _assert_one_document(kwargs.get("position_ids"))
@@ -210,7 +209,7 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     _, heads, nq, head_dim = query.shape
     kv_heads, nkv = key.shape[1], key.shape[2]
     spec = spec_for(config, getattr(module, "layer_idx", None), nq, nkv, heads, kv_heads, head_dim)
-    out = attention(query, key, value, spec, scale=scaling, sinks=sinks)
+    out = attention(query, key, value, spec, scale=scaling, sinks=sinks, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
