@@ -11,9 +11,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # -- validation --------------------------------------------------------------------
-def check_inputs(q, k, v, spec: Spec) -> None:
+def check_inputs(q, k, v, spec: Spec, paged: bool = False) -> None:
     """q [B, Hq, Nq, D], k and v [B, Hkv, Nkv, D] of one float dtype and device, as `spec` says
-    (any Nq and Nkv for a length-free spec: they are never compared, so symbolic lengths stay so)."""
+    (any Nq and Nkv for a length-free spec: they are never compared, so symbolic lengths stay so);
+    `paged`: k and v are caches [pages, Hkv, page_size, D]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -29,7 +30,7 @@ def check_inputs(q, k, v, spec: Spec) -> None:
     if k.shape != v.shape:
         raise ValueError(f"v: shape {tuple(v.shape)} differs from k's {tuple(k.shape)}; k and v must match")
     B, Hq, Nq, D = q.shape
-    if k.shape[0] != B:
+    if k.shape[0] != B and not paged:
         raise ValueError(f"k: batch size {k.shape[0]} differs from q's {B}")
     expected = [("q", "heads", Hq, spec.num_heads, "spec.num_heads"),
                 ("q", "head_dim", D, spec.head_dim, "spec.head_dim"),
@@ -138,6 +139,56 @@ def check_score_mods(softcap, alibi_slopes, q: torch.Tensor, spec: Spec, head_in
         raise ValueError("softcap: not supported together with head_indices yet")
     check_alibi_slopes(alibi_slopes, q, spec, head_indices)
     return softcap
+
+
+def _check_index(name: str, t, shape: str, dims: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 tensor {shape} or None, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32 (as FlashAttention and vLLM take it; convert with "
+                        f".to(torch.int32)), got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
+
+
+def check_segments(q, k, spec: Spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, block_indices) -> bool:
+    """Shapes, dtypes and devices of packed documents (cu_seqlens_q/k), valid key lengths
+    (kv_lens) and a paged cache (block_table; k and v are then the caches); their values are read
+    where they are used (`patterngen.segments`). Returns whether the call is made of pieces."""
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if block_table is not None and kv_lens is None:
+        raise ValueError("block_table: a paged cache needs kv_lens (the number of keys of each batch entry)")
+    if not packed and kv_lens is None:
+        return False
+    if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q, cu_seqlens_k: packed documents need both (cumulative query and key lengths)")
+    if packed and kv_lens is not None:
+        raise ValueError("kv_lens: not taken together with cu_seqlens_q/k (each document's lengths are its own)")
+    if not spec.length_free or spec.ndim != 1:
+        what = "cu_seqlens_q/k" if packed else "kv_lens"
+        raise ValueError(f"{what}: the spec applies to pieces of different lengths, so it must be a length-free 1-D "
+                         f"spec (Spec(pattern, num_heads=..., head_dim=...)), got {spec!r}")
+    if spec.routed is not None or block_indices is not None:
+        raise ValueError(f"{'cu_seqlens_q/k' if packed else 'kv_lens'}: not supported with Routed patterns yet")
+    tensors = [("cu_seqlens_q", cu_seqlens_q, "[documents + 1]", 1), ("cu_seqlens_k", cu_seqlens_k,
+                                                                     "[documents + 1]", 1)] if packed else \
+        [("kv_lens", kv_lens, f"[B={q.shape[0]}]", 1)] + ([("block_table", block_table, "[B, max_pages]", 2)]
+                                                         if block_table is not None else [])
+    for name, t, shape, dims in tensors:
+        _check_index(name, t, shape, dims)
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    if packed:
+        if q.shape[0] != 1:
+            raise ValueError(f"q: packed documents come as one batch entry [1, heads, total tokens, head_dim], got "
+                             f"shape {tuple(q.shape)}")
+        if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 2:
+            raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected the same number (>= 2) of entries, documents + 1, "
+                             f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    elif kv_lens.shape[0] != q.shape[0] or (block_table is not None and block_table.shape[0] != q.shape[0]):
+        raise ValueError(f"kv_lens, block_table: expected one row per batch entry ({q.shape[0]}), got "
+                         f"{list(kv_lens.shape)}{'' if block_table is None else ', ' + str(list(block_table.shape))}")
+    return True
 
 
 def check_scale(scale, head_dim: int) -> float:

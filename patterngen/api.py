@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends.inputs import check_head_indices, check_inputs, check_scale, check_score_mods, check_sinks
+from .backends.inputs import (check_head_indices, check_inputs, check_scale, check_score_mods, check_segments,
+                              check_sinks)
 from .dispatch import compile_options
 from .ir import Spec
 from .op import attention_forward, attention_op, runs_eagerly
@@ -60,7 +61,9 @@ _op_key_of_repr._dynamo_marked_constant = True
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, scale: float | None = None,
               block_indices: torch.Tensor | None = None, return_lse: bool = False,
               head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
-              softcap: float | None = None, alibi_slopes: torch.Tensor | None = None, _options: str = ""):
+              softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+              cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+              kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None, _options: str = ""):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
@@ -73,22 +76,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     (Gemma 2) turns each scaled score s into c * tanh(s / c); `alibi_slopes` [Hq] (1-D specs)
     then add -slope[h] * |i - j|, query i at position i + Nkv - Nq (bottom-right, as
     FlashAttention), constants (no gradient); both before masking.
+
+    Pieces (a length-free 1-D spec; int32 index tensors, FlashAttention's and vLLM's conventions):
+    `cu_seqlens_q`/`cu_seqlens_k` [docs + 1] pack documents into q [1, Hq, total_q, D] and
+    k/v [1, Hkv, total_k, D], the spec applying inside each with positions from its start;
+    `kv_lens` [B]: only the first kv_lens[b] keys of entry b exist, queries aligned to the last
+    of them; with `block_table` [B, max_pages] too, k and v are paged caches [pages, Hkv,
+    page_size, D] (entry b's i-th page is block_table[b, i]). Each piece runs as its own call
+    (patterngen/segments.py): no tile spans two pieces, keys past a length are never read.
     Differentiable in q, k and v; a row with no visible key gives zeros. Runs
     the `patterngen::attention` op: the reference backend on CPU, the generated Triton
     kernels on CUDA, and `torch.compile` traces it without graph breaks.
     """
     _check_spec(spec)
-    check_inputs(q, k, v, spec)
+    check_inputs(q, k, v, spec, paged=block_table is not None)
     scale = check_scale(scale, spec.head_dim)
     if block_indices is not None and not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     check_head_indices(head_indices, q)
     check_sinks(sinks, q, spec.num_heads, head_indices)
     softcap = check_score_mods(softcap, alibi_slopes, q, spec, head_indices)
+    check_segments(q, k, spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, block_indices)
     has_indices = block_indices is not None
     key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
-    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices, sinks, alibi_slopes) else attention_op
-    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks, softcap, alibi_slopes)
+    pieces = (cu_seqlens_q, cu_seqlens_k, kv_lens, block_table)
+    op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices, sinks, alibi_slopes,
+                                           *pieces) else attention_op
+    out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks, softcap, alibi_slopes, *pieces)
     return (out, lse) if return_lse else out
 
 
@@ -113,9 +127,12 @@ class CompiledAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                  block_indices: torch.Tensor | None = None, return_lse: bool = False,
                  head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
-                 softcap: float | None = None, alibi_slopes: torch.Tensor | None = None):
+                 softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                 cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                 kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None):
         return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices, sinks=sinks,
-                         softcap=softcap, alibi_slopes=alibi_slopes, _options=self.options)
+                         softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                         cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens, block_table=block_table, _options=self.options)
 
     def __repr__(self):
         return f"CompiledAttention({self.spec!r}, backend={self.backend!r}, tiling={self.tiling!r})"
@@ -127,7 +144,8 @@ def _tile_tokens(tiling: Tiling) -> int:
 
 def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
     """A callable `kernel(q, k, v, scale=None, block_indices=None, return_lse=False,
-    head_indices=None, *, sinks=None, softcap=None, alibi_slopes=None)` for `spec`: `pg.attention` through the same op, differentiable.
+    head_indices=None, *, sinks=None, softcap=None, alibi_slopes=None, cu_seqlens_q=None,
+    cu_seqlens_k=None, kv_lens=None, block_table=None)` for `spec`: `pg.attention` through the same op, differentiable.
 
     `backend` is "auto" (as pg.attention: the Triton kernels on CUDA, the reference
     elsewhere), "reference", or "triton" (the kernels, or an error saying why they cannot

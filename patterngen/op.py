@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .backends.inputs import check_head_values, head_selection
-from . import dispatch
+from . import dispatch, segments
 from .backends.reference import SMALL_PAIRS, reference_attention, small_attention, small_attention_cpu
 from .ir import Spec
 from .analysis.plan import Plan, build_plan
@@ -148,10 +148,27 @@ def _reference(q, k, v, key, scale, block_indices, head_indices=None, options=""
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, scale: Optional[float] = None,
                       block_indices: Optional[torch.Tensor] = None, head_indices: Optional[torch.Tensor] = None,
                       options: str = "", sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                      alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                      cu_seqlens_k: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
+                      block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec whose JSON text is `spec`, on the
     backend `dispatch.choose` picks; with `sinks` [Hq], as `apply_sinks` makes them; `softcap`
-    and `alibi_slopes` [Hq] modify the scores (`reference_attention`)."""
+    and `alibi_slopes` [Hq] modify the scores (`reference_attention`). Packed documents, valid
+    key lengths and paged caches run as pieces (`patterngen.segments`)."""
+    if cu_seqlens_q is not None or kv_lens is not None:
+        if block_table is not None:
+            k, v = (segments.gather_pages(t, block_table, kv_lens) for t in (k, v))
+        out, lse = q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
+        for seg in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens):
+            if seg.empty:  # no pair: nothing to launch (a kernel backend would refuse it)
+                o, l = _empty_result(seg.queries(q))
+                o, l = (o, l) if sinks is None else apply_sinks(o, l, sinks)
+            else:
+                o, l = attention_forward(seg.queries(q), seg.keys(k), seg.keys(v), spec, scale, None,
+                                         seg.heads(head_indices), options, sinks, softcap, alibi_slopes)
+            seg.queries(out).copy_(o)
+            seg.queries(lse).copy_(l)
+        return out, lse
     choice = dispatch.choose(spec, q, k, head_indices=head_indices is not None, options=options, v=v,
                              block_indices=block_indices)
     dispatch.calls[choice.role, choice.kind] += 1
@@ -188,7 +205,8 @@ def runs_eagerly(*tensors) -> bool:
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options="", sinks=None,
-                    softcap=None, alibi_slopes=None):
+                    softcap=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, kv_lens=None,
+                    block_table=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -228,17 +246,33 @@ def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_ind
     return tuple((torch.zeros_like(t) if g is None else g).contiguous() for g, t in zip((dq, dk, dv), (q, k, v)))
 
 
-@torch.library.custom_op("patterngen::attention_backward", mutates_args=())
-def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: str,
                           scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
                           head_indices: Optional[torch.Tensor] = None, options: str = "",
                           sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                          alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                          cu_seqlens_k: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
+                          block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse). With sinks they are
     the sink-including ones, from which the kernels' gradients are already exact (the sink
-    column has no value); the reference recomputes them with the sinks."""
+    column has no value); the reference recomputes them with the sinks. Pieces (packed
+    documents, kv_lens, paged caches) run one by one, as in the forward."""
+    if cu_seqlens_q is not None or kv_lens is not None:
+        caches = (k, v)
+        if block_table is not None:
+            k, v = (segments.gather_pages(t, block_table, kv_lens) for t in caches)
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        for seg in (s for s in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens) if not s.empty):
+            g = attention_backward(seg.queries(dout), None if dlse is None else seg.queries(dlse), seg.queries(q),
+                                   seg.keys(k), seg.keys(v), seg.queries(out), seg.queries(lse), spec, scale, None,
+                                   seg.heads(head_indices), options, sinks, softcap, alibi_slopes)
+            for pick, total, part in zip((seg.queries, seg.keys, seg.keys), grads, g):
+                pick(total).add_(part)
+        if block_table is not None:
+            grads[1:] = [segments.scatter_pages(g, t, block_table, kv_lens) for g, t in zip(grads[1:], caches)]
+        return tuple(grads)
     plain = head_indices is None and softcap is None and alibi_slopes is None  # what the override hook takes
     override = BACKWARD_KERNELS.get(spec) if plain and q.is_cuda else None
     if override is not None and q.dtype != torch.float64 and not dispatch.is_empty(q, k):
@@ -257,31 +291,37 @@ def attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: t
     return tuple(g.contiguous() for g in grads)
 
 
+attention_backward_op = torch.library.custom_op("patterngen::attention_backward", mutates_args=())(attention_backward)
+
+
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec, scale=None, block_indices=None,
-                             head_indices=None, options="", sinks=None, softcap=None, alibi_slopes=None):
+                             head_indices=None, options="", sinks=None, softcap=None, alibi_slopes=None,
+                             cu_seqlens_q=None, cu_seqlens_k=None, kv_lens=None, block_table=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key, scale, block_indices, head_indices, options, sinks, softcap, alibi_slopes = inputs
+    q, k, v, key, scale, block_indices, head_indices, options, sinks, softcap, alibi_slopes, *pieces = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices, sinks, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, block_indices, head_indices, sinks, alibi_slopes, *pieces)
     ctx.key, ctx.scale, ctx.options, ctx.softcap = key, scale, options, softcap
     ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the Triton backward can run
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, block_indices, head_indices, sinks, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, block_indices, head_indices, sinks, alibi_slopes, *pieces = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_backward_op(dout.contiguous(), dlse, q, k, v, out, lse, ctx.key, ctx.scale,
-                                       block_indices, head_indices, ctx.options, sinks, ctx.softcap, alibi_slopes)
+                                       block_indices, head_indices, ctx.options, sinks, ctx.softcap, alibi_slopes,
+                                       *pieces)
     dsinks = sink_gradient(dout, dlse, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[8] else None
-    return dq, dk, dv, None, None, None, None, None, dsinks, None, None  # ALiBi slopes are constants
+    # ALiBi slopes and the pieces' index tensors are constants
+    return dq, dk, dv, None, None, None, None, None, dsinks, None, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
-__all__ = ["BACKWARD_KERNELS", "apply_sinks", "attention_backward_op", "attention_forward", "attention_op", "cache_entries", "runs_eagerly", "bound_spec", "reference",
+__all__ = ["BACKWARD_KERNELS", "apply_sinks", "attention_backward", "attention_backward_op", "attention_forward", "attention_op", "cache_entries", "runs_eagerly", "bound_spec", "reference",
            "lookup_spec", "spec_from_repr", "spec_key"]

@@ -144,3 +144,30 @@ def dense_gradients(q, k, v, dout, spec, block_indices=None):
     def per_kv_head(t):
         return t.unflatten(1, (spec.num_kv_heads, g)).sum(2)
     return ds @ k * scale, per_kv_head(ds.transpose(-1, -2) @ q * scale), per_kv_head(p.transpose(-1, -2) @ dout)
+
+
+def oracle_attention(q, k, v, spec, softcap=None, slopes=None, sinks=None, block_indices=None):
+    """(out, lse) in float64 from the definitions, differentiable: the dense mask, scaled scores,
+    softcap c * tanh(s / c), ALiBi -slope * |i + nkv - nq - j|, the sink as an extra column with
+    no value; rows that see nothing (and no sink) give 0 and lse -inf."""
+    mask = pg.dense_mask(spec, block_indices)
+    g = spec.num_heads // spec.num_kv_heads
+    k, v = (t.repeat_interleave(g, 1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) * spec.head_dim ** -0.5
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if slopes is not None:
+        i = torch.arange(spec.nq, dtype=s.dtype)[:, None] + (spec.nkv - spec.nq)
+        j = torch.arange(spec.nkv, dtype=s.dtype)[None, :]
+        s = s - slopes.to(s.dtype)[:, None, None] * (i - j).abs()
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)], -1)
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    empty = l == 0
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l))).squeeze(-1)
+    p = p / torch.where(empty, 1.0, l)
+    return (p[..., :-1] if sinks is not None else p) @ v, lse

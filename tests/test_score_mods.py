@@ -13,35 +13,11 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import dispatch
+from tests.helpers import oracle_attention
 from tests.strategies import scaled
 
 PATTERNS = [pg.Causal(), (pg.Sink(2) | pg.Band(6)) & pg.Causal(), pg.Band(3, 5), pg.Strided(3, 1), pg.Full(),
             pg.Heads([pg.Causal(), pg.Band(4) & pg.Causal()])]
-
-
-def mods_oracle(q, k, v, spec, softcap=None, slopes=None, sinks=None, block_indices=None):
-    """(out, lse) in float64 from the definitions; rows that see nothing (and no sink) give 0, -inf."""
-    mask = pg.dense_mask(spec, block_indices)
-    g = spec.num_heads // spec.num_kv_heads
-    k, v = (t.repeat_interleave(g, 1) for t in (k, v))
-    s = q @ k.transpose(-1, -2) * spec.head_dim ** -0.5
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if slopes is not None:
-        i = torch.arange(spec.nq, dtype=s.dtype)[:, None] + (spec.nkv - spec.nq)
-        j = torch.arange(spec.nkv, dtype=s.dtype)[None, :]
-        s = s - slopes.to(s.dtype)[:, None, None] * (i - j).abs()
-    s = s.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)], -1)
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    l = p.sum(-1, keepdim=True)
-    empty = l == 0
-    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, l))).squeeze(-1)
-    p = p / torch.where(empty, 1.0, l)
-    return (p[..., :-1] if sinks is not None else p) @ v, lse
 
 
 def check(spec, batch, dtype, seed, run, tol, softcap=None, alibi=False, sinks=False, lse_loss=False,
@@ -58,7 +34,7 @@ def check(spec, batch, dtype, seed, run, tol, softcap=None, alibi=False, sinks=F
     ref = [t.detach().double().requires_grad_() for t in x]
     ref_sink = None if sink is None else sink.detach().double().requires_grad_()
     out, lse = run(*x, softcap=softcap, alibi_slopes=None if slopes is None else slopes.to(dtype), sinks=sink)
-    want_out, want_lse = mods_oracle(*ref, spec, softcap, slopes, ref_sink, block_indices)
+    want_out, want_lse = oracle_attention(*ref, spec, softcap, slopes, ref_sink, block_indices)
     torch.testing.assert_close(out.double(), want_out, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), want_lse, atol=tol, rtol=tol)
     w_out, w_lse = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,

@@ -1,0 +1,101 @@
+"""Calls made of independent pieces: packed documents (`cu_seqlens_q`/`cu_seqlens_k`), valid key
+lengths (`kv_lens`), and paged KV caches (`block_table`).
+
+Each piece, a `Segment`, is a plain call of the (length-free, 1-D) spec on views of the tensors:
+the rows q[b, :, q0:q1] against the keys k[b, :, k0:k1], positions counted from the piece's
+start, queries aligned bottom-right to its keys. The op runs every piece on the backend
+`dispatch` picks for it (a length-free spec's kernels take any lengths, so nothing is
+recompiled) and writes the results in place: no tile spans two documents, and no key past an
+entry's length is read. Why pieces and not one varlen launch: every walk and the backward then
+come for free, exact; the cost is a launch per piece, and a host read of the lengths.
+
+A paged cache is gathered into contiguous [B, Hkv, pages * page_size, D] keys and values first
+(`gather_pages`); its gradient goes back to the pages (`scatter_pages`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Batch entry b's queries [q0, q1) against its keys [k0, k1)."""
+
+    b: int
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+    @property
+    def empty(self) -> bool:
+        """No (query, key) pair: zeros, lse -inf (or the sink), no gradient."""
+        return self.q1 == self.q0 or self.k1 == self.k0
+
+    def queries(self, t: torch.Tensor) -> torch.Tensor:
+        """The piece's rows of a [B, H, Nq, ...] tensor (q, out, dout, lse, dlse, dq)."""
+        return t[self.b:self.b + 1, :, self.q0:self.q1]
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        """The piece's keys of a [B, Hkv, Nkv, D] tensor (k, v, dk, dv)."""
+        return t[self.b:self.b + 1, :, self.k0:self.k1]
+
+    def heads(self, head_indices: torch.Tensor | None) -> torch.Tensor | None:
+        """The piece's rows of head indices [B, Nq, k]."""
+        return None if head_indices is None else head_indices[self.b:self.b + 1, self.q0:self.q1]
+
+
+def _host(name: str, t: torch.Tensor) -> list[int]:
+    values = t.tolist()  # one device sync: the pieces are launched from the host
+    if any(x < 0 for x in values):
+        raise ValueError(f"{name}: values must be >= 0, got {values}")
+    return values
+
+
+def segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+             kv_lens: torch.Tensor | None) -> list[Segment]:
+    """The pieces of a call, with its length tensors checked against the tensors (shapes and
+    dtypes were checked by `backends.inputs.check_segments`)."""
+    if cu_seqlens_q is not None:
+        cq, ck = _host("cu_seqlens_q", cu_seqlens_q), _host("cu_seqlens_k", cu_seqlens_k)
+        for name, cu, total, who in (("cu_seqlens_q", cq, q.shape[2], "q"), ("cu_seqlens_k", ck, k.shape[2], "k")):
+            if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] != total:
+                raise ValueError(f"{name}: expected cumulative lengths rising from 0 to {who}'s {total} tokens "
+                                 f"(FlashAttention's convention), got {cu}")
+        return [Segment(0, cq[d], cq[d + 1], ck[d], ck[d + 1]) for d in range(len(cq) - 1)]
+    lens = _host("kv_lens", kv_lens)
+    if any(n > k.shape[2] for n in lens):
+        raise ValueError(f"kv_lens: values must be <= the {k.shape[2]} keys of k, got {lens}")
+    return [Segment(b, 0, q.shape[2], 0, n) for b, n in enumerate(lens)]
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, max_pages * page_size, D] keys (or values) of a paged cache [pages, Hkv,
+    page_size, D]: batch entry b's page i is cache[block_table[b, i]]. Only the pages that hold
+    its first kv_lens[b] keys are read (and checked to lie in the cache); the others are left
+    zero."""
+    pages, hkv, page, d = cache.shape
+    B, width = block_table.shape
+    used = torch.arange(width, device=block_table.device)[None, :] * page < kv_lens[:, None]
+    table = block_table.long()
+    bad = used & ((table < 0) | (table >= pages))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table: entry [{b}, {i}] = {int(table[b, i])} points outside the cache's {pages} "
+                         f"pages (kv_lens[{b}] = {int(kv_lens[b])} keys use {-(-int(kv_lens[b]) // page)} pages)")
+    out = cache[torch.where(used, table, 0)] * used[..., None, None, None].to(cache.dtype)  # [B, width, Hkv, page, D]
+    return out.transpose(1, 2).reshape(B, hkv, width * page, d)
+
+
+def scatter_pages(grad: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                  kv_lens: torch.Tensor) -> torch.Tensor:
+    """The gradient of `gather_pages`: grad [B, Hkv, max_pages * page_size, D] summed into the
+    pages it was read from (a page shared by several entries gets each one's part)."""
+    pages, hkv, page, d = cache.shape
+    B, width = block_table.shape
+    used = (torch.arange(width, device=block_table.device)[None, :] * page < kv_lens[:, None]).flatten()
+    parts = grad.reshape(B, hkv, width, page, d).transpose(1, 2).reshape(B * width, hkv, page, d)
+    out = torch.zeros_like(cache)
+    return out.index_add_(0, block_table.long().flatten()[used], parts[used].to(cache.dtype))
