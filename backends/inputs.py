@@ -151,11 +151,16 @@ def _check_index(name: str, t, shape: str, dims: int) -> None:
         raise ValueError(f"{name}: expected shape {shape}, got {list(t.shape)}")
 
 
-def check_segments(q, k, spec: Spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, block_indices) -> bool:
+def check_segments(q, k, spec: Spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, block_indices,
+                   kv_offsets=None) -> bool:
     """Shapes, dtypes and devices of packed documents (cu_seqlens_q/k), valid key lengths
-    (kv_lens) and a paged cache (block_table; k and v are then the caches); their values are read
-    where they are used (`patterngen.segments`). Returns whether the call is made of pieces."""
+    (kv_lens, with kv_offsets: where they start) and a paged cache (block_table; k and v are
+    then the caches); their values are read where they are used (`patterngen.segments`).
+    Returns whether the call is made of pieces."""
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if kv_offsets is not None and (kv_lens is None or block_table is not None):
+        raise ValueError("kv_offsets: needs kv_lens (entry b's keys are k[b, :, kv_offsets[b]:kv_offsets[b] + "
+                         "kv_lens[b]]) and is not taken with a block_table")
     if block_table is not None and kv_lens is None:
         raise ValueError("block_table: a paged cache needs kv_lens (the number of keys of each batch entry)")
     if not packed and kv_lens is None:
@@ -173,7 +178,8 @@ def check_segments(q, k, spec: Spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_
     tensors = [("cu_seqlens_q", cu_seqlens_q, "[documents + 1]", 1), ("cu_seqlens_k", cu_seqlens_k,
                                                                      "[documents + 1]", 1)] if packed else \
         [("kv_lens", kv_lens, f"[B={q.shape[0]}]", 1)] + ([("block_table", block_table, "[B, max_pages]", 2)]
-                                                         if block_table is not None else [])
+                                                         if block_table is not None else []) + \
+        ([("kv_offsets", kv_offsets, f"[B={q.shape[0]}]", 1)] if kv_offsets is not None else [])
     for name, t, shape, dims in tensors:
         _check_index(name, t, shape, dims)
         if t.device != q.device:
@@ -185,9 +191,10 @@ def check_segments(q, k, spec: Spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_
         if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 2:
             raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected the same number (>= 2) of entries, documents + 1, "
                              f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    elif kv_lens.shape[0] != q.shape[0] or (block_table is not None and block_table.shape[0] != q.shape[0]):
-        raise ValueError(f"kv_lens, block_table: expected one row per batch entry ({q.shape[0]}), got "
-                         f"{list(kv_lens.shape)}{'' if block_table is None else ', ' + str(list(block_table.shape))}")
+    else:
+        for name, t in (("kv_lens", kv_lens), ("block_table", block_table), ("kv_offsets", kv_offsets)):
+            if t is not None and t.shape[0] != q.shape[0]:
+                raise ValueError(f"{name}: expected one row per batch entry ({q.shape[0]}), got shape {list(t.shape)}")
     return True
 
 

@@ -63,7 +63,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
               head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
               softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-              kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None, _options: str = ""):
+              kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+              kv_offsets: torch.Tensor | None = None, _options: str = ""):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
@@ -82,7 +83,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     k/v [1, Hkv, total_k, D], the spec applying inside each with positions from its start;
     `kv_lens` [B]: only the first kv_lens[b] keys of entry b exist, queries aligned to the last
     of them; with `block_table` [B, max_pages] too, k and v are paged caches [pages, Hkv,
-    page_size, D] (entry b's i-th page is block_table[b, i]). Each piece runs as its own call
+    page_size, D] (entry b's i-th page is block_table[b, i]); with `kv_offsets` [B] instead,
+    entry b's keys are k[b, :, kv_offsets[b]:][:kv_lens[b]] (left padding, positions counted
+    from the first real token). Each piece runs as its own call
     (patterngen/segments.py): no tile spans two pieces, keys past a length are never read.
     Differentiable in q, k and v; a row with no visible key gives zeros. Runs
     the `patterngen::attention` op: the reference backend on CPU, the generated Triton
@@ -96,10 +99,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     check_head_indices(head_indices, q)
     check_sinks(sinks, q, spec.num_heads, head_indices)
     softcap = check_score_mods(softcap, alibi_slopes, q, spec, head_indices)
-    check_segments(q, k, spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, block_indices)
+    check_segments(q, k, spec, cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, block_indices, kv_offsets)
     has_indices = block_indices is not None
     key = _op_key_of_repr(repr(spec), has_indices) if torch.compiler.is_compiling() else _op_key(spec, has_indices)
-    pieces = (cu_seqlens_q, cu_seqlens_k, kv_lens, block_table)
+    pieces = (cu_seqlens_q, cu_seqlens_k, kv_lens, block_table, kv_offsets)
     op = attention_forward if runs_eagerly(q, k, v, block_indices, head_indices, sinks, alibi_slopes,
                                            *pieces) else attention_op
     out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks, softcap, alibi_slopes, *pieces)
@@ -129,10 +132,12 @@ class CompiledAttention:
                  head_indices: torch.Tensor | None = None, *, sinks: torch.Tensor | None = None,
                  softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
                  cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                 kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None):
+                 kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                 kv_offsets: torch.Tensor | None = None):
         return attention(q, k, v, self.spec, scale, block_indices, return_lse, head_indices, sinks=sinks,
                          softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-                         cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens, block_table=block_table, _options=self.options)
+                         cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens, block_table=block_table,
+                         kv_offsets=kv_offsets, _options=self.options)
 
     def __repr__(self):
         return f"CompiledAttention({self.spec!r}, backend={self.backend!r}, tiling={self.tiling!r})"
@@ -145,7 +150,7 @@ def _tile_tokens(tiling: Tiling) -> int:
 def compile(spec: Spec, backend: str = "auto", tiling: Tiling | None = None) -> CompiledAttention:
     """A callable `kernel(q, k, v, scale=None, block_indices=None, return_lse=False,
     head_indices=None, *, sinks=None, softcap=None, alibi_slopes=None, cu_seqlens_q=None,
-    cu_seqlens_k=None, kv_lens=None, block_table=None)` for `spec`: `pg.attention` through the same op, differentiable.
+    cu_seqlens_k=None, kv_lens=None, block_table=None, kv_offsets=None)` for `spec`: `pg.attention` through the same op, differentiable.
 
     `backend` is "auto" (as pg.attention: the Triton kernels on CUDA, the reference
     elsewhere), "reference", or "triton" (the kernels, or an error saying why they cannot

@@ -150,7 +150,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
                       options: str = "", sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                       alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                       cu_seqlens_k: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
-                      block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_table: Optional[torch.Tensor] = None,
+                      kv_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, Nq, D], lse [B, Hq, Nq]) of the spec whose JSON text is `spec`, on the
     backend `dispatch.choose` picks; with `sinks` [Hq], as `apply_sinks` makes them; `softcap`
     and `alibi_slopes` [Hq] modify the scores (`reference_attention`). Packed documents, valid
@@ -159,7 +160,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
         if block_table is not None:
             k, v = (segments.gather_pages(t, block_table, kv_lens) for t in (k, v))
         out, lse = q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
-        for seg in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens):
+        for seg in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets):
             if seg.empty:  # no pair: nothing to launch (a kernel backend would refuse it)
                 o, l = _empty_result(seg.queries(q))
                 o, l = (o, l) if sinks is None else apply_sinks(o, l, sinks)
@@ -206,7 +207,7 @@ def runs_eagerly(*tensors) -> bool:
 @attention_op.register_fake
 def _attention_fake(q, k, v, spec, scale=None, block_indices=None, head_indices=None, options="", sinks=None,
                     softcap=None, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, kv_lens=None,
-                    block_table=None):
+                    block_table=None, kv_offsets=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -253,7 +254,8 @@ def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torc
                           sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
                           alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
                           cu_seqlens_k: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
-                          block_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          block_table: Optional[torch.Tensor] = None,
+                          kv_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse). With sinks they are
     the sink-including ones, from which the kernels' gradients are already exact (the sink
@@ -264,7 +266,8 @@ def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torc
         if block_table is not None:
             k, v = (segments.gather_pages(t, block_table, kv_lens) for t in caches)
         grads = [torch.zeros_like(t) for t in (q, k, v)]
-        for seg in (s for s in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens) if not s.empty):
+        for seg in (s for s in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets)
+                    if not s.empty):
             g = attention_backward(seg.queries(dout), None if dlse is None else seg.queries(dlse), seg.queries(q),
                                    seg.keys(k), seg.keys(v), seg.queries(out), seg.queries(lse), spec, scale, None,
                                    seg.heads(head_indices), options, sinks, softcap, alibi_slopes)
@@ -297,7 +300,7 @@ attention_backward_op = torch.library.custom_op("patterngen::attention_backward"
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, dlse, q, k, v, out, lse, spec, scale=None, block_indices=None,
                              head_indices=None, options="", sinks=None, softcap=None, alibi_slopes=None,
-                             cu_seqlens_q=None, cu_seqlens_k=None, kv_lens=None, block_table=None):
+                             cu_seqlens_q=None, cu_seqlens_k=None, kv_lens=None, block_table=None, kv_offsets=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -318,7 +321,7 @@ def _backward(ctx, dout, dlse):
                                        *pieces)
     dsinks = sink_gradient(dout, dlse, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[8] else None
     # ALiBi slopes and the pieces' index tensors are constants
-    return dq, dk, dv, None, None, None, None, None, dsinks, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, dsinks, None, None, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -55,7 +55,7 @@ def _host(name: str, t: torch.Tensor) -> list[int]:
 
 
 def segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-             kv_lens: torch.Tensor | None) -> list[Segment]:
+             kv_lens: torch.Tensor | None, kv_offsets: torch.Tensor | None = None) -> list[Segment]:
     """The pieces of a call, with its length tensors checked against the tensors (shapes and
     dtypes were checked by `backends.inputs.check_segments`)."""
     if cu_seqlens_q is not None:
@@ -66,9 +66,12 @@ def segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None
                                  f"(FlashAttention's convention), got {cu}")
         return [Segment(0, cq[d], cq[d + 1], ck[d], ck[d + 1]) for d in range(len(cq) - 1)]
     lens = _host("kv_lens", kv_lens)
-    if any(n > k.shape[2] for n in lens):
-        raise ValueError(f"kv_lens: values must be <= the {k.shape[2]} keys of k, got {lens}")
-    return [Segment(b, 0, q.shape[2], 0, n) for b, n in enumerate(lens)]
+    starts = [0] * len(lens) if kv_offsets is None else _host("kv_offsets", kv_offsets)
+    if any(s + n > k.shape[2] for s, n in zip(starts, lens)):
+        what = "kv_lens" if kv_offsets is None else "kv_offsets + kv_lens"
+        raise ValueError(f"{what}: values must be <= the {k.shape[2]} keys of k, got "
+                         f"{[s + n for s, n in zip(starts, lens)]}")
+    return [Segment(b, 0, q.shape[2], s, s + n) for b, (s, n) in enumerate(zip(starts, lens))]
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:

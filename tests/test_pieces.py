@@ -92,18 +92,21 @@ def test_packed_documents(pattern, docs, heads, sinks, softcap, seed):
 
 
 @settings(max_examples=scaled(20), deadline=None)
-@given(st.sampled_from(PATTERNS), st.integers(1, 12), st.lists(st.integers(0, 24), min_size=1, max_size=3),
+@given(st.sampled_from(PATTERNS), st.integers(1, 12),
+       st.lists(st.tuples(st.integers(0, 24), st.integers(0, 24)), min_size=1, max_size=3), st.booleans(),
        st.booleans(), st.integers(0, 2**16))
-def test_kv_lens(pattern, nq, lens, alibi, seed):
-    """Entry b keeps its first kv_lens[b] keys, its queries aligned to the last of them; keys past
-    the length get no gradient and never change the result."""
+def test_kv_lens(pattern, nq, ranges, offsets, alibi, seed):
+    """Entry b keeps its first kv_lens[b] keys (from kv_offsets[b] when given: left padding), its
+    queries aligned to the last of them; other keys get no gradient and never change the result."""
     spec = pg.Spec(pattern, num_heads=2, num_kv_heads=1, head_dim=D)
-    q, k, v = tensors(len(lens), 2, 1, nq, 24, seed=seed)
-    L = torch.tensor(lens, dtype=torch.int32)
+    q, k, v = tensors(len(ranges), 2, 1, nq, 24, seed=seed)
+    starts = [min(a, b) if offsets else 0 for a, b in ranges]
+    lens = [abs(b - a) if offsets else b for a, b in ranges]
+    L, S = torch.tensor(lens, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32) if offsets else None
     slopes = torch.tensor([0.3, 0.1], dtype=torch.float64) if alibi else None
-    pieces = [(b, 0, nq, 0, n) for b, n in enumerate(lens)]
-    compare(lambda q, k, v, s: pg.attention(q, k, v, spec, return_lse=True, kv_lens=L, alibi_slopes=slopes),
-            q, k, v, spec, pieces, 1e-9, slopes=slopes)
+    pieces = [(b, 0, nq, s, s + n) for b, (s, n) in enumerate(zip(starts, lens))]
+    compare(lambda q, k, v, s: pg.attention(q, k, v, spec, return_lse=True, kv_lens=L, kv_offsets=S,
+                                            alibi_slopes=slopes), q, k, v, spec, pieces, 1e-9, slopes=slopes)
 
 
 @settings(max_examples=scaled(15), deadline=None)
@@ -214,7 +217,10 @@ I32 = torch.int32
      ValueError, "the same number"),
     (dict(kv_lens=torch.tensor([9], dtype=I32)), ValueError, "kv_lens: values must be <= the 8 keys"),
     (dict(kv_lens=torch.tensor([-1], dtype=I32)), ValueError, "kv_lens: values must be >= 0"),
-    (dict(kv_lens=torch.tensor([4, 4], dtype=I32)), ValueError, "kv_lens, block_table: expected one row per batch"),
+    (dict(kv_lens=torch.tensor([4, 4], dtype=I32)), ValueError, "kv_lens: expected one row per batch"),
+    (dict(kv_lens=torch.tensor([4], dtype=I32), kv_offsets=torch.tensor([5], dtype=I32)), ValueError,
+     "kv_offsets \\+ kv_lens: values must be <= the 8 keys"),
+    (dict(kv_offsets=torch.tensor([5], dtype=I32)), ValueError, "kv_offsets: needs kv_lens"),
     (dict(kv_lens=[4]), TypeError, "kv_lens: expected an int32 tensor"),
     (dict(block_table=torch.zeros(1, 2, dtype=I32)), ValueError, "block_table: a paged cache needs kv_lens"),
     (dict(kv_lens=torch.tensor([4], dtype=I32), cu_seqlens_q=torch.tensor([0, 8], dtype=I32),

@@ -147,8 +147,8 @@ def test_refuses_what_it_would_ignore(model):
     ids = ids_for(2, 12)
     padded = torch.ones(2, 12, dtype=torch.long)
     run(model, ids, NAME, streaming(), mask=padded)  # all ones: fine
-    padded[0, :3] = 0
-    with pytest.raises(ValueError, match="padding"):
+    padded[0, 3:5] = 0  # a hole: neither left padding nor none
+    with pytest.raises(ValueError, match="left padding only"):
         run(model, ids, NAME, streaming(), mask=padded)
     with pytest.raises(ValueError, match="custom 4-D"):
         run(model, ids, NAME, streaming(), mask=additive_mask(streaming(), 12, 2))
@@ -423,3 +423,60 @@ def test_gemma2_and_gpt_oss_equal_eager(name):
         model.set_attn_implementation(NAME)
         got = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
     assert torch.equal(got, want)
+
+
+# -- left padding --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", [streaming(sinks=2, window=5), DUO], ids=["streaming_llm", "duo_attention"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_left_padding_equals_each_sequence_alone(model, pattern, cache):
+    """A left-padded batch (rows of 12, 7 and 3 tokens) gives each row's logits and greedy tokens
+    of that row run alone, unpadded: padded keys are never attended and the pattern's
+    positions (its sinks) count from each row's first real token; with a static cache too."""
+    lengths = (PROMPT, 7, 3)
+    ids = ids_for(len(lengths), PROMPT, seed=5) % (VOCAB - 1) + 1
+    mask = torch.stack([torch.arange(PROMPT) >= PROMPT - n for n in lengths]).long()
+    ids = ids * mask  # pad token 0
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    alone = [run(model, ids[b:b + 1, PROMPT - n:], NAME, pattern)[0] for b, n in enumerate(lengths)]
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, PROMPT - n:], alone[b], atol=TOL, rtol=TOL)
+    kw = {} if cache is None else {"cache_implementation": cache}
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                 **kw)[:, PROMPT:]
+        for b, n in enumerate(lengths):
+            one = model.generate(ids[b:b + 1, PROMPT - n:], max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert batched[b].tolist() == one[0, n:].tolist(), (b, n)
+
+
+def test_right_padding_is_refused(model):
+    ids = ids_for(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    with pytest.raises(ValueError, match="left padding only"):
+        run(model, ids, NAME, streaming(), mask=mask)
+
+
+def test_compiled_model_takes_left_padding(model):
+    """torch.compile(fullgraph=True) of the model with a left-padding mask: the eager logits on
+    every real token; a mask that is not left padding trips the graph's assertion."""
+    lengths = (PROMPT, 7, 3)
+    ids = ids_for(len(lengths), PROMPT, seed=7)
+    mask = torch.stack([torch.arange(PROMPT) >= PROMPT - n for n in lengths]).long()
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate makes them
+    model.set_attn_implementation(NAME)
+    model.config.patterngen_pattern, model.config.patterngen_spec = streaming(sinks=2, window=5), None
+    compiled = torch.compile(lambda x, m, p: model(x, attention_mask=m, position_ids=p, use_cache=False).logits,
+                             fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, position_ids=pos).logits
+        got = compiled(ids, mask, pos)
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], atol=TOL, rtol=TOL)
+        holes = mask.clone()
+        holes[1, -1] = 0
+        with pytest.raises(RuntimeError, match="left padding only"):
+            compiled(ids, holes, pos)

@@ -22,8 +22,8 @@ def _as_int(value) -> int:
 def packed_error(detected: str) -> str:
     return (f"{detected}; the patterngen attention replaces the mask with its pattern over the whole row, so "
             f"attention would silently cross document boundaries. Run one document per row (no padding: equal "
-            f"lengths, or one document at a time); patterngen's packed-document support (cu_seqlens) is "
-            f"planned but not yet used by this integration")
+            f"lengths, or one document at a time), or call pg.attention with cu_seqlens_q/cu_seqlens_k "
+            f"directly; this integration does not pass them yet")
 
 
 # -- the mask transformers asks for: only a base mask, which the pattern replaces --------------------
@@ -146,7 +146,11 @@ def padding_guard(batch_size: int, q_length: int | None = None, kv_length: int |
       chunked), which the pattern replaces, is refused: packed sequences (position_ids
       restarting within a row), blockwise overlays (block_sequence_ids) and a model's
       or_mask_function / and_mask_function would be silently dropped;
-    - a padding mask (a 2-D mask with zeros) would be silently dropped: refused;
+    - a left-padding mask (a 2-D mask whose rows are zeros, then ones) is returned as int32
+      [B, real]: the attention then runs each row from its first real token (`kv_offsets`,
+      positions counted from there, as transformers counts them). Other zeros (right
+      padding, holes) are refused (under torch.compile, where any given mask takes this
+      path, by an assertion in the graph);
     - the real key length is read from the cache: tokens it already holds
       (`q_offset`) plus the new queries. A static cache hands the attention all of
       its `kv_length` preallocated slots; then an all-True bool mask [B, real] is
@@ -157,9 +161,19 @@ def padding_guard(batch_size: int, q_length: int | None = None, kv_length: int |
     """
     if not torch.compiler.is_compiling():  # Dynamo cannot trace the introspection: see transformers._assert_one_document
         check_mask_function(kwargs.get("mask_function"))
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("attention_mask: the patterngen attention does not take padding masks (the given 2-D "
-                         "mask has zeros); run unpadded sequences or one sequence per batch")
+    left_only = ("attention_mask: the patterngen attention takes left padding only (each row's zeros before all "
+                 "of its tokens; tokenizer padding_side='left'), but the 2-D mask has zeros after a token (right "
+                 "padding or holes)")
+    if attention_mask is None:
+        padded = False
+    elif torch.compiler.is_compiling():  # no data-dependent branch in the graph: a given mask may pad
+        padded, rows = True, attention_mask.to(torch.int32)
+        torch._assert_async(((rows.diff(dim=-1) >= 0).all() & rows[:, -1].bool().all()), left_only)
+    else:
+        padded = not bool(attention_mask.all())
+        rows = attention_mask.to(torch.int32)
+        if padded and not (bool((rows.diff(dim=-1) >= 0).all()) and bool(rows[:, -1].all())):
+            raise ValueError(left_only)
     if q_length is None:  # transformers 4.5x: the queries' cache positions instead of lengths and offsets
         cache_position = kwargs.get("cache_position")
         if cache_position is None or kv_length is None:
@@ -186,6 +200,8 @@ def padding_guard(batch_size: int, q_length: int | None = None, kv_length: int |
         raise ValueError(f"attention_mask: the 2-D mask covers {attention_mask.shape[-1]} tokens, but the cache "
                          f"holds {_as_int(q_offset)} and this call adds {q_length} ({real} in all); pass a mask "
                          f"over exactly those tokens")
+    if padded:
+        return rows
     if real == kv_length:
         return None
     return torch.ones(batch_size, real, dtype=torch.bool, device=kwargs.get("device"))

@@ -179,9 +179,10 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
                                  scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """The `transformers` attention-function contract: query [B, H, Nq, D], key/value
     [B, Hkv, Nkv, D] -> (output [B, Nq, H, D] as eager attention returns it, None)."""
+    pieces = {}
     if attention_mask is not None:
         if not (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
-                and attention_mask.dtype == torch.bool):
+                and attention_mask.dtype in (torch.bool, torch.int32)):
             shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
             raise ValueError(f"attention_mask: the patterngen attention takes its mask from the pattern; got a "
                              f"{shape} mask (custom 4-D masks are not supported)")
@@ -192,6 +193,9 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
                              f"{query.shape[2]} queries and {key.shape[2]} key slots (valid: queries <= filled "
                              f"<= slots)")
         key, value = key[:, :, :real], value[:, :, :real]
+        if attention_mask.dtype == torch.int32:  # left padding (padding_guard): each row from its first token
+            starts = (attention_mask == 0).sum(-1, dtype=torch.int32)
+            pieces = dict(kv_offsets=starts, kv_lens=real - starts)
     if dropout and module.training:
         raise ValueError(f"dropout: the patterngen attention has no attention dropout, got {dropout} "
                          f"(set the config's attention_dropout to 0.0)")
@@ -202,24 +206,31 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     softcap = kwargs.get("softcap")  # Gemma 2's attention logit cap
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss's learned sink logits, one per head
     if torch.compiler.is_compiling():
-        _assert_one_document(kwargs.get("position_ids"))
+        _assert_one_document(kwargs.get("position_ids"), attention_mask)
     config = getattr(module, "config", None)
     if config is None:
         raise ValueError(f"module: {type(module).__name__} has no `config` to read the patterngen pattern from")
     _, heads, nq, head_dim = query.shape
     kv_heads, nkv = key.shape[1], key.shape[2]
     spec = spec_for(config, getattr(module, "layer_idx", None), nq, nkv, heads, kv_heads, head_dim)
-    out = attention(query, key, value, spec, scale=scaling, sinks=sinks, softcap=softcap)
+    if pieces and not spec.length_free:
+        spec = spec.unbound()  # each row has its own length
+    out = attention(query, key, value, spec, scale=scaling, sinks=sinks, softcap=softcap, **pieces)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _assert_one_document(position_ids) -> None:
+def _assert_one_document(position_ids, attention_mask=None) -> None:
     """Under torch.compile: transformers cannot tell packed from unpacked positions while tracing
     (it always composes its packed-sequence mask then), and the mask builder's structural check
     cannot be traced, so the positions are checked inside the graph instead: a run-time assertion
-    that they rise by one along each row (one document per row)."""
+    that they rise by one along each row (one document per row) between real tokens (a left-padding
+    mask from `padding_guard`, int32, marks the others)."""
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] > 1:
-        torch._assert_async((position_ids.diff(dim=-1) == 1).all(),
+        rising = position_ids.diff(dim=-1) == 1
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.int32:
+            real = attention_mask[:, -position_ids.shape[-1]:] != 0
+            rising = rising | ~(real[:, 1:] & real[:, :-1])
+        torch._assert_async(rising.all(),
                             "patterngen: position_ids restart within a row (packed documents); the patterngen "
                             "attention runs one document per row")
 
