@@ -6,6 +6,7 @@ from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Route
 from .ir import from_json
 from .core.oracle import dense_mask
 from .analysis.plan import Plan, TilePlan, build_plan
+from .analysis.keep import kv_keep
 from .routing.blocks import route
 from .routing.heads import gate_heads, route_heads
 from .core.tiles import TileGrid, Tiling

@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
                           MistralForCausalLM, StaticCache)
 
-from patterngen.integrations.transformers import PATTERN_ATTR, SPEC_ATTR, register, spec_for  # noqa: E402
+from patterngen.integrations.transformers import (PATTERN_ATTR, SPEC_ATTR, PatternCache, register,  # noqa: E402
+                                                  spec_for)
 
 HEADS, KV_HEADS, HIDDEN, VOCAB = 4, 2, 64, 100
 HEAD_DIM = HIDDEN // HEADS
@@ -422,7 +423,8 @@ def test_gemma2_and_gpt_oss_equal_eager(name):
         want = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
         model.set_attn_implementation(NAME)
         got = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=DynamicCache())
-    assert torch.equal(got, want)
+        bounded = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=PatternCache(model.config))
+    assert torch.equal(got, want) and torch.equal(bounded, want)
 
 
 # -- left padding --------------------------------------------------------------------------------------
@@ -480,3 +482,26 @@ def test_compiled_model_takes_left_padding(model):
         holes[1, -1] = 0
         with pytest.raises(RuntimeError, match="left padding only"):
             compiled(ids, holes, pos)
+
+
+# -- bounded caches -------------------------------------------------------------------------------------
+STREAM = (pg.Sink(4) | pg.Band(7)) & pg.Causal()
+DUO_KV = pg.Heads({0: STREAM, 1: STREAM, 2: pg.Causal(), 3: pg.Causal()})  # kv head 0 streams, 1 retrieves
+
+
+@pytest.mark.parametrize("pattern", [DUO_KV, DUO], ids=["duo_per_kv_head", "duo_mixed_groups"])
+def test_pattern_cache_generates_the_unbounded_caches_tokens(model, pattern):
+    """PatternCache keeps per kv head what a later query can see: the streaming kv head holds
+    4 sinks + 7 window keys whatever the length, the retrieval head every key, and greedy
+    generation (batch 2) equals the unbounded DynamicCache's token for token."""
+    model.set_attn_implementation(NAME)
+    model.config.patterngen_pattern, model.config.patterngen_spec = pattern, None
+    ids = ids_for(2, PROMPT, seed=9) % (VOCAB - 1) + 1
+    cache = PatternCache(model.config)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0, past_key_values=DynamicCache())
+        got = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert torch.equal(got, want)
+    seen = PROMPT + 30 - 1  # the last generated token is never fed back
+    expected = [11, seen] if pattern is DUO_KV else [seen, seen]  # a mixed group keeps what either head sees
+    assert cache.kept() == [expected] * 2

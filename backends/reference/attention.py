@@ -89,7 +89,7 @@ def alibi_bias(slopes: torch.Tensor, q_tok: torch.Tensor, kv_tok: torch.Tensor, 
     return -slopes * (q_tok + (nkv - nq) - kv_tok).abs().to(slopes.dtype)
 
 
-def _masked_attention(Q, K, V, mask, scale: float, softcap: float | None = None, bias=None):
+def masked_attention(Q, K, V, mask, scale: float, softcap: float | None = None, bias=None):
     """(out, lse, scores) of softmax(S) V over the visible keys of `mask`, S = Q K^T * scale,
     capped to softcap * tanh(S / softcap) when given, plus `bias` (ALiBi) when given; a row
     with nothing visible gives zeros and lse -inf, and no NaN in gradients."""
@@ -152,7 +152,7 @@ def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: 
         if alibi_slopes is not None:  # 1-D: tokens are positions
             slopes = alibi_slopes.to(acc)[hidx[:, :, :, None]]  # [P, 1, 1, 1]
             bias = alibi_bias(slopes, qtok[:, :, None], kflat[0][:, None, :], spec.nq, spec.nkv)
-        o, lse, s = _masked_attention(Q, K, V, mask, scale, softcap, bias)  # s: [P, C, vq, T]
+        o, lse, s = masked_attention(Q, K, V, mask, scale, softcap, bias)  # s: [P, C, vq, T]
         outs.append(o.flatten(1, 2))  # [P, C*vq, D]
         lses.append(lse.flatten(1))  # [P, C*vq]
         if stats is not None:
@@ -262,7 +262,7 @@ def small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spe
         qi = torch.arange(spec.nq, device=q.device)[:, None]
         kj = torch.arange(spec.nkv, device=q.device)[None, :]
         bias = alibi_bias(alibi_slopes.to(acc)[:, None, None], qi, kj, spec.nq, spec.nkv)
-    out, lse, _ = _masked_attention(q.to(acc), kk, vv, _small_masks(spec, q.device), scale, softcap, bias)
+    out, lse, _ = masked_attention(q.to(acc), kk, vv, _small_masks(spec, q.device), scale, softcap, bias)
     return out.to(q.dtype), lse
 
 

@@ -80,6 +80,7 @@ import torch
 
 from ..api import attention
 from ..ir import Pattern, Spec, Window, from_json
+from .hf_cache import PatternCache, bounded_attention, positions_of
 from .hf_masks import packed_error, padding_guard
 
 PATTERN_ATTR = "patterngen_pattern"
@@ -212,7 +213,16 @@ def patterngen_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         raise ValueError(f"module: {type(module).__name__} has no `config` to read the patterngen pattern from")
     _, heads, nq, head_dim = query.shape
     kv_heads, nkv = key.shape[1], key.shape[2]
+    positions = positions_of(key)  # keys from a bounded PatternCache: per head, the positions it holds
+    if positions is not None:
+        if pieces:
+            raise ValueError("attention_mask: padding is not supported with a PatternCache (its heads keep "
+                             "different positions); run unpadded batches with it")
+        nkv = int(max(int(p.max()) for p in positions if p.numel())) + 1
     spec = spec_for(config, getattr(module, "layer_idx", None), nq, nkv, heads, kv_heads, head_dim)
+    if positions is not None:
+        out = bounded_attention(query, key, value, spec.unbound(), positions, scaling, sinks, softcap, attention)
+        return out.transpose(1, 2).contiguous(), None
     if pieces and not spec.length_free:
         spec = spec.unbound()  # each row has its own length
     out = attention(query, key, value, spec, scale=scaling, sinks=sinks, softcap=softcap, **pieces)
@@ -325,4 +335,4 @@ def register(name: str = "patterngen") -> str:
     return name
 
 
-__all__ = ["register", "patterngen_attention_forward", "spec_for", "PATTERN_ATTR", "SPEC_ATTR"]
+__all__ = ["register", "patterngen_attention_forward", "spec_for", "PatternCache", "PATTERN_ATTR", "SPEC_ATTR"]
