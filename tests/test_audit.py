@@ -152,7 +152,8 @@ def test_shared_memory_beyond_a_block_does_not_fit():
     of examples/moba_routed.py, 2026-11-30): such a kernel cannot launch, and the audit says so."""
     from patterngen.backends.triton.sass import KernelReport
     fields = dict(name="attention_fwd", registers=255, stack=0, instructions=1, warpgroup_mma=1, mma_sync=0,
-                  async_copies=1, step_loops=2, unpipelined_steps=0, spill_ops=0, wgmma_waits=0, loop_body=1)
+                  async_copies=1, step_loops=2, unpipelined_steps=0, spill_ops=0, step_spills=0, wgmma_waits=0,
+                  loop_body=1)
     assert not KernelReport(arch=90, shared=655_360, **fields).fits
     assert KernelReport(arch=90, shared=229_376, **fields).fits
     assert not KernelReport(arch=80, shared=229_376, **fields).fits

@@ -74,6 +74,24 @@ def score_mods(softcap: float | None, alibi_slopes: torch.Tensor | None, placeho
                                                                  "ALIBI": alibi_slopes is not None}
 
 
+MAX_SPLITS = 16
+"""The most kv splits a split-KV forward launch takes (its partials cost splits x out in scratch)."""
+MERGE_ROWS = 16
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def kv_splits(programs: int, kv_tiles: int, sms: int | None) -> int:
+    """How many kv splits a forward launch of `programs` programs over rows of up to `kv_tiles`
+    kv tiles takes: enough to give every SM a program when the grid leaves some idle (decoding
+    a few queries against a long cache), at most MAX_SPLITS and one per kv tile; 1 off CUDA."""
+    if sms is None or programs >= sms:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-sms // programs), kv_tiles))
+
+
 def no_pairs(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Nothing to launch: no batch entry, head, query or key (the result is zeros, lse -inf)."""
     return q.numel() == 0 or k.shape[2] == 0
@@ -258,9 +276,12 @@ class TritonForward:
 
     def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
                  sinks: torch.Tensor | None = None, softcap: float | None = None,
-                 alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 alibi_slopes: torch.Tensor | None = None,
+                 num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse); `sinks` [H]: learned sink logits, applied in the epilogue (op.apply_sinks);
-        `softcap`, `alibi_slopes` [H]: the score modifications (`modified_scores` in the templates)."""
+        `softcap`, `alibi_slopes` [H]: the score modifications (`modified_scores` in the templates).
+        `num_splits`: split-KV programs per work item (None: `kv_splits`' choice on CUDA; the
+        closed-form and table walks take them, others run whole), merged by `merge_splits`."""
         check_launch_dtype(q)
         B, H, nq, nkv = q.shape[0], self.spec.num_heads, q.shape[2], k.shape[2]
         out = torch.empty_like(q)
@@ -284,24 +305,40 @@ class TritonForward:
             tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
         config = self.config_for(cuda_arch(q.device), q.element_size())
         slopes, cap, mods = score_mods(softcap, alibi_slopes, lse)
-        self.module.attention_fwd[grid](
-            q, k, v, out, lse, lse if sinks is None else sinks.float().contiguous(), slopes, *tables, *routed, scale,
-            cap,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv,
+        sink_arg = lse if sinks is None else sinks.float().contiguous()
+        splits = 1
+        if self.walk_name in ("closed_form", "table"):
+            splits = num_splits or kv_splits(grid[0] * B, -(-nkv // self.block_n),
+                                             sm_count(q.device) if q.is_cuda else None)
+        o, l = out, lse
+        if splits > 1:  # partials of each split, merged below
+            o = torch.empty(splits * B, *q.shape[1:], device=q.device, dtype=torch.float32)
+            l = torch.empty(splits * B, H, nq, device=q.device, dtype=torch.float32)
+        self.module.attention_fwd[(*grid, splits)](
+            q, k, v, o, l, sink_arg, slopes, *tables, *routed, scale, cap,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv, splits,
             **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
-            HAS_SINKS=sinks is not None, **mods, num_warps=config.num_warps, num_stages=config.num_stages)
+            HAS_SINKS=sinks is not None and splits == 1, SPLIT_KV=splits > 1, **mods, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+        if splits > 1:
+            out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous, as the merge writes it
+            rows = B * H * nq
+            self.module.merge_splits[(-(-rows // MERGE_ROWS),)](
+                o, l, out, lse, sink_arg, rows, H, nq, splits, HEAD_DIM=self.spec.head_dim, BLOCK_D=self.block_d,
+                BLOCK_R=MERGE_ROWS, HAS_SINKS=sinks is not None, num_warps=4)
         return out, lse
 
     def cross_compile(self, arch: int, dtype: torch.dtype = torch.bfloat16,
                       mods: dict | None = None) -> CompiledKernel:
         """Compile for sm_<arch> without a GPU, with the launch parameters of that arch: cubin, PTX
         and shared memory (the lengths are plain int arguments, so one compilation serves every
-        length). `mods`: score-modification constexprs (default `NO_SCORE_MODS`)."""
+        length). `mods`: constexprs set per call to compile other than off (SOFTCAP, ALIBI,
+        SPLIT_KV, HAS_SINKS)."""
         config = self.config_for(arch, dtype.itemsize)
-        return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names,
-                                 {**self.constexprs(dtype), "HAS_SINKS": False, **(mods or NO_SCORE_MODS)}, dtype, arch, config,
-                                 self.spec.head_dim)
+        consts = {**self.constexprs(dtype), "HAS_SINKS": False, "SPLIT_KV": False, **NO_SCORE_MODS, **(mods or {})}
+        return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names, consts, dtype,
+                                 arch, config, self.spec.head_dim)
 
 
 def preprocess_consts(fwd: TritonForward) -> dict:
@@ -382,7 +419,7 @@ class TritonBackward:
         """The dK/dV and dQ kernels compiled for sm_<arch>, and with `preprocess` the trivial
         rowsum(dO * O) kernel too (with the launch options its JIT launch uses); `mods` as the forward's."""
         out = [compile_generated(self.source, name, getattr(self.module, name).arg_names,
-                                 {**kern.constexprs(dtype), **(mods or NO_SCORE_MODS)}, dtype, arch, self.config,
+                                 {**kern.constexprs(dtype), **NO_SCORE_MODS, **(mods or {})}, dtype, arch, self.config,
                                  self.fwd.spec.head_dim)
                for name, kern in (("attention_bwd_dkdv", self.dkdv), ("attention_bwd_dq", self.dq))]
         if preprocess:

@@ -62,6 +62,7 @@ class KernelReport:
     step_loops: int  # kv-tile step loops (`step_loops`)
     unpipelined_steps: int  # step loops without an asynchronous copy
     spill_ops: int  # STL + LDL
+    step_spills: int  # STL + LDL inside kv-tile step loops (the ones that cost per tile)
     wgmma_waits: int  # WARPGROUP.DEPBAR: waits for warpgroup MMAs
     loop_body: int  # instructions of the longest loop (a backward branch's span)
     full_tile: int = 0  # instructions of one full kv-tile step (`tile_steps`; 0: no matrix loop)
@@ -150,6 +151,7 @@ def read(compiled: CompiledKernel) -> KernelReport:
         instructions=len(ops), warpgroup_mma=_count(ops, ("HGMMA",)), mma_sync=_count(ops, ("HMMA",)),
         async_copies=_count(ops, ASYNC_COPIES),
         step_loops=len(steps), unpipelined_steps=sum(not _count(ops, ASYNC_COPIES, lp) for lp in steps),
-        spill_ops=_count(ops, ("STL", "LDL")), wgmma_waits=_count(ops, ("WARPGROUP.DEPBAR",)),
+        spill_ops=_count(ops, ("STL", "LDL")), step_spills=sum(_count(ops, ("STL", "LDL"), lp) for lp in steps),
+        wgmma_waits=_count(ops, ("WARPGROUP.DEPBAR",)),
         loop_body=max((j - i + 1 for i, j in loops), default=0),
         full_tile=full, partial_tile=partial)
