@@ -247,3 +247,22 @@ def test_lengths_smoke(tmp_path, capsys):
         for key in ("pg_first_ms", "pg_ms", "flex_mask_ms", "flex_ms", "sdpa_mask_ms"):
             assert math.isfinite(r[key]) and r[key] > 0, (r, key)
         assert r["err_vs_flex"] < 2e-6 and r["err_vs_sdpa_mask"] < 2e-6
+
+
+def test_serving_bench_sections_run_small():
+    """`patterngen bench --serving`'s two sections at toy sizes: the document lengths sum to
+    the tokens, every row is timed, and the bounded cache holds fewer keys and decodes the
+    unbounded cache's tokens."""
+    pytest.importorskip("transformers")
+    from patterngen.tools.bench.serving import _doc_lengths, bench_decode, bench_packed, markdown
+    lengths = _doc_lengths(5, 100, 0)
+    assert sum(lengths) == 100 and len(lengths) == 5 and min(lengths) > 0
+    cpu = torch.device("cpu")
+    packed = bench_packed(cpu, torch.float32, 96, 4, 2, 16, 1, 0)
+    assert [r["impl"] for r in packed["rows"]] == ["patterngen packed (cu_seqlens)", "patterngen padded to the longest",
+                                                   "SDPA causal, padded"]
+    assert all(r["seconds"] > 0 for r in packed["rows"]) and packed["pairs_padded"] >= packed["pairs_packed"]
+    decode = bench_decode(cpu, torch.float32, 48, 3, 8, 0)
+    unbounded, bounded = decode["caches"].values()
+    assert decode["same_tokens"] and bounded["kv_bytes"] < unbounded["kv_bytes"]
+    assert "Packed training" in markdown({"environment": {}, "packed": packed, "decode": decode})

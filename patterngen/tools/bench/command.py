@@ -43,6 +43,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", action="store_true",
                         help="instead of the suite: a length-free spec at changing lengths (Hugging Face greedy "
                              "decode vs SDPA, new lengths vs FlexAttention and SDPA; runs on the CPU too)")
+    parser.add_argument("--serving", action="store_true",
+                        help="instead of the suite: packed documents vs padding (training, forward + backward) and "
+                             "decoding with the bounded PatternCache vs an unbounded cache (runs on the CPU too; "
+                             "--quick: 2K tokens instead of 32K)")
     parser.add_argument("--tokens", type=int, default=300, metavar="N",
                         help="with --lengths: decode steps of the greedy-decode measurement (default 300)")
 
@@ -82,6 +86,9 @@ def run(args) -> int:
     if getattr(args, "lengths", False):
         from .lengths import run as run_lengths
         return run_lengths(args)
+    if getattr(args, "serving", False):
+        from .serving import run as run_serving
+        return run_serving(args)
     smoke = bool(args.cpu_smoke)
     if not smoke and not torch.cuda.is_available():
         print("patterngen bench: no CUDA device is present, so no timing is produced.\n"
