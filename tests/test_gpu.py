@@ -47,8 +47,8 @@ def _inputs(spec: pg.Spec, dtype: torch.dtype, seed: int = 0, lengths=None):
     return [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
 
 
-def _run(spec, q, k, v):
-    out = pg.attention(q, k, v, spec)
+def _run(spec, q, k, v, **kwargs):
+    out = pg.attention(q, k, v, spec, **kwargs)
     dout = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(1), device="cuda")
     grads = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
     return out, grads
@@ -98,6 +98,36 @@ if pytest is not None:
     def test_length_free_kernels_every_length(dtype):
         check_length_free(dtype)
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+    def test_serving_call_forms(dtype):
+        check_serving(dtype)
+
+
+def check_serving(dtype: torch.dtype) -> float:
+    """Issue 14's call forms on the kernels, each against the float64 reference: softcap, ALiBi
+    and learned sinks in a prefill and in a split-KV decode (one query, 8 heads x 2 entries
+    leave most SMs idle), and packed documents."""
+    worst = 0.0
+    slopes = torch.linspace(0.01, 0.2, FREE.num_heads, device="cuda")
+    sinks = torch.linspace(-1.0, 1.0, FREE.num_heads, device="cuda")
+    docs = torch.tensor([0, 700, 701, 2000], dtype=torch.int32, device="cuda")
+    calls = [((600, 1500), dict(softcap=30.0, alibi_slopes=slopes, sinks=sinks)),
+             ((1, 5000), dict(softcap=30.0, alibi_slopes=slopes, sinks=sinks)),
+             ((2000, 2000), dict(cu_seqlens_q=docs, cu_seqlens_k=docs))]
+    for lengths, kwargs in calls:
+        q, k, v = _inputs(FREE, dtype, lengths=lengths)
+        if "cu_seqlens_q" in kwargs:
+            q, k, v = (t.detach()[:1].requires_grad_(True) for t in (q, k, v))
+        out, grads = _run(FREE, q, k, v, **kwargs)
+        want, want_grads = _run(FREE, *(t.detach().double().requires_grad_(True) for t in (q, k, v)),
+                                **{n: (a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
+                                   for n, a in kwargs.items()})
+        for got, ref in zip((out, *grads), (want, *want_grads)):
+            err = (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+            assert math.isfinite(err) and err < TOL[dtype], f"{lengths} {list(kwargs)} {dtype}: {err:.2e}"
+            worst = max(worst, err)
+    return worst
+
 
 def check_length_free(dtype: torch.dtype) -> float:
     """One length-free spec at decode and prefill lengths: each against float64, and no kernel
@@ -128,11 +158,12 @@ if __name__ == "__main__":
             print(f"{case:16s} vs sdpa          FAILED: {type(exc).__name__}: {exc}")
             failed += 1
     for dt in (torch.float16, torch.bfloat16):
-        try:
-            print(f"length-free      {str(dt):15s} relative error {check_length_free(dt):.2e}")
-            passed += 1
-        except Exception as exc:
-            print(f"length-free      {str(dt):15s} FAILED: {type(exc).__name__}: {exc}")
-            failed += 1
+        for label, check in (("length-free", check_length_free), ("serving", check_serving)):
+            try:
+                print(f"{label:16s} {str(dt):15s} relative error {check(dt):.2e}")
+                passed += 1
+            except Exception as exc:
+                print(f"{label:16s} {str(dt):15s} FAILED: {type(exc).__name__}: {exc}")
+                failed += 1
     print(f"{passed} passed, {failed} failed")
     raise SystemExit(1 if failed else 0)
