@@ -248,14 +248,14 @@ def _reference_backward(dout, dlse, q, k, v, key, scale, block_indices, head_ind
 
 
 def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: str,
-                          scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
-                          head_indices: Optional[torch.Tensor] = None, options: str = "",
-                          sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
-                          alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
-                          cu_seqlens_k: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
-                          block_table: Optional[torch.Tensor] = None,
-                          kv_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, spec: str,
+                       scale: Optional[float] = None, block_indices: Optional[torch.Tensor] = None,
+                       head_indices: Optional[torch.Tensor] = None, options: str = "",
+                       sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                       alibi_slopes: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+                       cu_seqlens_k: Optional[torch.Tensor] = None, kv_lens: Optional[torch.Tensor] = None,
+                       block_table: Optional[torch.Tensor] = None,
+                       kv_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `patterngen::attention`; out and lse are the forward's results,
     kept for the kernels that use them (rowsum(dO * O), softmax from lse). With sinks they are
     the sink-including ones, from which the kernels' gradients are already exact (the sink

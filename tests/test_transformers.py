@@ -505,3 +505,7 @@ def test_pattern_cache_generates_the_unbounded_caches_tokens(model, pattern):
     seen = PROMPT + 30 - 1  # the last generated token is never fed back
     expected = [11, seen] if pattern is DUO_KV else [seen, seen]  # a mixed group keeps what either head sees
     assert cache.kept() == [expected] * 2
+    with torch.no_grad():  # beam search reorders and repeats the cache's batch
+        beams = [model.generate(ids[:1], max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False,
+                                pad_token_id=0, past_key_values=c) for c in (DynamicCache(), PatternCache(model.config))]
+    assert torch.equal(*beams)

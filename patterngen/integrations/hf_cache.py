@@ -95,10 +95,20 @@ class PatternLayer(CacheLayerMixin):
         self.seen, self.is_initialized = 0, False
         self.head_keys = self.head_values = self.positions = None
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _batch(self, fn) -> None:
+        """Apply `fn` to every kept tensor's batch dimension (the positions are shared)."""
         if self.is_initialized:
-            self.head_keys = [k.index_select(0, beam_idx.to(k.device)) for k in self.head_keys]
-            self.head_values = [v.index_select(0, beam_idx.to(v.device)) for v in self.head_values]
+            self.head_keys = [fn(k) for k in self.head_keys]
+            self.head_values = [fn(v) for v in self.head_values]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch(lambda t: t[indices])
 
 
 class PatternCache(Cache):
