@@ -9,7 +9,14 @@ example count (see `strategies.scaled`).
 """
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    # Kernel tests run in the Triton interpreter, which triton reads once, at its import: set it
+    # before any test module (or a library it imports, such as transformers) imports triton, so
+    # that any subset of the files runs as the whole suite does. A GPU run leaves it unset.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 settings.register_profile("patterngen", deadline=None, suppress_health_check=[HealthCheck.too_slow])

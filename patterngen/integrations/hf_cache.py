@@ -22,6 +22,7 @@ from ..backends.reference.attention import masked_attention
 from ..core.semantics import visible
 from ..ir import Heads, Spec
 from ..op import apply_sinks
+from .hf_specs import spec_for
 
 _POSITIONS = "_patterngen_positions"
 
@@ -117,7 +118,6 @@ class PatternCache(Cache):
     or layer_idx -> pattern), for the patterngen attention."""
 
     def __init__(self, config, **kwargs):
-        from .transformers import spec_for
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or \
             text.num_attention_heads
