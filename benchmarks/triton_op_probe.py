@@ -51,9 +51,9 @@ def main() -> int:
         lse = torch.empty(B, H, nq, device=q.device, dtype=torch.float32)
         nq_t = triton.cdiv(nq, kern.block_m)
         wrap_triton(kern.module.attention_fwd)[(nq_t * H, B)](
-            q, k, v, out, lse, lse, lse, 1.0 / 128 ** 0.5, 0.0, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], H, nq_t, nq, nkv, 1, **kern.constexprs(q.dtype), HAS_SINKS=False, SPLIT_KV=False,
-            **NO_SCORE_MODS,
+            q, k, v, out, lse, lse, lse, lse, 1.0 / 128 ** 0.5, 0.0, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *out.stride()[:3], H, nq_t, nq, nkv, 1, B, **kern.constexprs(q.dtype), HAS_SINKS=False,
+            SPLIT_KV=False, VARLEN=False, **NO_SCORE_MODS,
             num_warps=kern.config.num_warps, num_stages=kern.config.num_stages)
         return out
 

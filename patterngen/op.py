@@ -159,8 +159,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
     if cu_seqlens_q is not None or kv_lens is not None:
         if block_table is not None:
             k, v = (segments.gather_pages(t, block_table, kv_lens) for t in (k, v))
+        pieces = segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets)
+        kernel = _one_launch(spec, q, k, v, options, head_indices)
+        if kernel is not None:  # every piece in one launch of a closed-form kernel
+            segs = torch.tensor([[s.b, s.q0, s.q1, s.k0, s.k1] for s in pieces], dtype=torch.int32, device=q.device)
+            out, lse = kernel(q, k, v, scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+                              pieces=(segs, max(s.q1 - s.q0 for s in pieces)))
+            return out.contiguous(), lse.contiguous()
         out, lse = q.new_zeros(q.shape), q.new_full(q.shape[:3], float("-inf"), dtype=_acc_dtype(q.dtype))
-        for seg in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets):
+        for seg in pieces:
             if seg.empty:  # no pair: nothing to launch (a kernel backend would refuse it)
                 o, l = _empty_result(seg.queries(q))
                 o, l = (o, l) if sinks is None else apply_sinks(o, l, sinks)
@@ -187,6 +194,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
         out, lse = apply_sinks(out, lse, sinks)
     # the fake kernel promises contiguous results whatever the input strides
     return out.contiguous(), lse.contiguous()
+
+
+def _one_launch(spec: str, q, k, v, options: str, head_indices):
+    """The forward kernel that runs every piece of a call in one launch (`TritonForward`'s
+    `pieces`: the closed-form walk of a length-free spec), or None: each piece is then a call."""
+    if head_indices is not None or dispatch.is_empty(q, k) or not lookup_spec(spec).length_free:
+        return None
+    choice = dispatch.choose(spec, q, k, options=options, v=v)
+    if choice.backend != "triton" or getattr(choice.kernel, "walk_name", None) != "closed_form":
+        return None
+    dispatch.calls[choice.role, choice.kind] += 1
+    return choice.kernel
 
 
 attention_op = torch.library.custom_op("patterngen::attention", mutates_args=())(attention_forward)

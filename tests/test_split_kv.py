@@ -62,7 +62,8 @@ def test_split_choice():
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_split_kernels_compile_for_gpu(arch):
-    """The split-KV forward (decode tiles, head dim 128, bf16) compiles as the plain one does:
+    """The split-KV forward (decode tiles, head dim 128, bf16), also over pieces (VARLEN),
+    compiles as the plain one does:
     pipelined, the same matmul instructions (16-row tiles take mma.sync on sm_90 too), no spill
     in a kv-tile step (one 4-byte value, the output's batch entry, is spilled around the loops on
     sm_90: one store and one load per program); and so does the merge."""
@@ -74,11 +75,40 @@ def test_split_kernels_compile_for_gpu(arch):
     spec = pg.Spec((pg.Sink(4) | pg.Band(4095)) & pg.Causal(), num_heads=32, num_kv_heads=8, head_dim=128)
     fwd = TritonForward(spec, pg.Tiling(16, 64))
     plain = read(fwd.cross_compile(arch, torch.bfloat16))
-    r = read(fwd.cross_compile(arch, torch.bfloat16, mods={"SPLIT_KV": True}))
-    print(f"split forward sm_{arch}: {r.registers} registers, full step {r.full_tile} (plain {plain.full_tile})")
-    assert r.step_spills == 0 and r.spill_ops <= 2 and r.pipelined and not r.serialized, r
-    assert r.matmul == plain.matmul and r.full_tile <= plain.full_tile + 4, (r, plain)
+    for mods in ({"SPLIT_KV": True}, {"SPLIT_KV": True, "VARLEN": True}):
+        r = read(fwd.cross_compile(arch, torch.bfloat16, mods=mods))
+        print(f"{mods} sm_{arch}: {r.registers} registers, full step {r.full_tile} (plain {plain.full_tile})")
+        assert r.step_spills == 0 and r.spill_ops <= 2 and r.pipelined and not r.serialized, r
+        assert r.matmul == plain.matmul and r.full_tile <= plain.full_tile + 4, (r, plain)
     merge = compile_generated(fwd.source, "merge_splits", fwd.module.merge_splits.arg_names,
                               {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": MERGE_ROWS, "HAS_SINKS": True},
                               torch.bfloat16, arch, fwd.config_for(arch, 2), 128)
     assert read(merge).spill_ops == 0
+
+
+@settings(max_examples=scaled(12), deadline=None)
+@given(st.integers(1, 4), st.lists(st.tuples(st.integers(0, 70), st.integers(0, 30)), min_size=1, max_size=4),
+       st.integers(1, 5), st.booleans(), st.integers(0, 2**16))
+def test_pieces_in_one_launch(kernels, nq, entries, splits, sinks, seed):
+    """`VARLEN`: batch entries with their own key lengths and offsets (decoding a ragged batch) in
+    one launch, with and without kv splits; each entry equals the oracle on its own keys."""
+    spec = SPECS["closed_form"]
+    g = torch.Generator().manual_seed(seed)
+    B, nkv = len(entries), 100
+    q = torch.randn(B, spec.num_heads, nq, 16, generator=g)
+    k, v = (torch.randn(B, spec.num_kv_heads, nkv, 16, generator=g) for _ in range(2))
+    s = torch.randn(spec.num_heads, generator=g) if sinks else None
+    segs = torch.tensor([[b, 0, nq, off, off + n] for b, (n, off) in enumerate(entries)], dtype=torch.int32)
+    out, lse = kernels["closed_form"](q, k, v, num_splits=splits, sinks=s, pieces=(segs, nq))
+    for b, (n, off) in enumerate(entries):
+        if n == 0:
+            want_out = torch.zeros(1, spec.num_heads, nq, 16, dtype=torch.float64)
+            want_lse = torch.full((1, spec.num_heads, nq), float("-inf"), dtype=torch.float64)
+            if sinks:
+                want_lse = s.double()[None, :, None].expand_as(want_lse)
+        else:
+            want_out, want_lse = oracle_attention(q[b:b + 1].double(), k[b:b + 1, :, off:off + n].double(),
+                                                  v[b:b + 1, :, off:off + n].double(), spec.bind(nq, n),
+                                                  sinks=None if s is None else s.double())
+        torch.testing.assert_close(out[b:b + 1].double(), want_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b:b + 1].double(), want_lse, atol=2e-5, rtol=2e-5)

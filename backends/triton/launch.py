@@ -276,12 +276,15 @@ class TritonForward:
 
     def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
                  sinks: torch.Tensor | None = None, softcap: float | None = None,
-                 alibi_slopes: torch.Tensor | None = None,
-                 num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 alibi_slopes: torch.Tensor | None = None, num_splits: int | None = None,
+                 pieces: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse); `sinks` [H]: learned sink logits, applied in the epilogue (op.apply_sinks);
         `softcap`, `alibi_slopes` [H]: the score modifications (`modified_scores` in the templates).
         `num_splits`: split-KV programs per work item (None: `kv_splits`' choice on CUDA; the
-        closed-form and table walks take them, others run whole), merged by `merge_splits`."""
+        closed-form and table walks take them, others run whole), merged by `merge_splits`.
+        `pieces` (closed-form walk, length-free spec): (SEGS int32 [pieces, 5], the longest
+        piece's queries), pieces of the inputs in one launch (`varlen`); rows outside every
+        piece are left as they are (the caller's zeros)."""
         check_launch_dtype(q)
         B, H, nq, nkv = q.shape[0], self.spec.num_heads, q.shape[2], k.shape[2]
         out = torch.empty_like(q)
@@ -290,16 +293,25 @@ class TritonForward:
             check_lengths(self.spec, nq, nkv)
             lse.fill_(float("-inf"))
             return out.zero_(), lse if sinks is None else lse.copy_(sinks.float()[None, :, None].expand_as(lse))
-        lt = self.lengths(nq, nkv)
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         scale = softmax_scale(self.spec.head_dim, scale)
-        nq_t = lt.q_grid.count
+        if pieces is not None:
+            if self.walk_name != "closed_form" or not self.spec.length_free:
+                raise ValueError(f"pieces: one launch for many pieces needs the closed-form walk of a length-free "
+                                 f"spec, not the {self.walk_name} walk of {self.spec!r}")
+            segs, longest = pieces
+            nq_t, lt = -(-longest // self.block_m), None
+            out.zero_()
+            lse.fill_(float("-inf"))
+        else:
+            segs, lt = lse, self.lengths(nq, nkv)
+            nq_t = lt.q_grid.count
         routed = []
         if self.spec.routed is not None:
             idx = self.routed_indices(block_indices, B, q.device, nq, nkv)
             routed = [idx, self.visit_rows(idx, nq_t)]
         if self.walk_name == "closed_form":  # work order and kv tiles from the program id: no tables
-            tables, grid = (), (nq_t * H, B)
+            tables, grid = (), (nq_t * H, B if pieces is None else segs.shape[0])
         else:
             rows, cols, work = lt.device.on(q.device, "rows", "cols", "work")
             tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
@@ -314,13 +326,16 @@ class TritonForward:
         if splits > 1:  # partials of each split, merged below
             o = torch.empty(splits * B, *q.shape[1:], device=q.device, dtype=torch.float32)
             l = torch.empty(splits * B, H, nq, device=q.device, dtype=torch.float32)
+        if splits > 1 and pieces is not None:  # rows outside every piece: zeros, lse -inf, as in `out`
+            o.zero_()
+            l.fill_(float("-inf"))
         self.module.attention_fwd[(*grid, splits)](
-            q, k, v, o, l, sink_arg, slopes, *tables, *routed, scale, cap,
+            q, k, v, o, l, sink_arg, slopes, segs, *tables, *routed, scale, cap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv, splits,
+            *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv, splits, B,
             **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
-            HAS_SINKS=sinks is not None and splits == 1, SPLIT_KV=splits > 1, **mods, num_warps=config.num_warps,
-            num_stages=config.num_stages)
+            HAS_SINKS=sinks is not None and splits == 1, SPLIT_KV=splits > 1, VARLEN=pieces is not None, **mods,
+            num_warps=config.num_warps, num_stages=config.num_stages)
         if splits > 1:
             out = torch.empty(q.shape, device=q.device, dtype=q.dtype)  # contiguous, as the merge writes it
             rows = B * H * nq
@@ -336,7 +351,8 @@ class TritonForward:
         length). `mods`: constexprs set per call to compile other than off (SOFTCAP, ALIBI,
         SPLIT_KV, HAS_SINKS)."""
         config = self.config_for(arch, dtype.itemsize)
-        consts = {**self.constexprs(dtype), "HAS_SINKS": False, "SPLIT_KV": False, **NO_SCORE_MODS, **(mods or {})}
+        consts = {**self.constexprs(dtype), "HAS_SINKS": False, "SPLIT_KV": False, "VARLEN": False, **NO_SCORE_MODS,
+                  **(mods or {})}
         return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names, consts, dtype,
                                  arch, config, self.spec.head_dim)
 
