@@ -14,3 +14,4 @@ from .api import attention, compile
 from .dispatch import explain
 from .sim import simulate
 from .aot import load
+from . import distributed

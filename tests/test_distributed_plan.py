@@ -1,0 +1,84 @@
+"""`pg.distributed.plan` (issue 15 item 2): the keys each rank of a sequence-sharded attention
+receives. Oracle: the dense mask. Every key a rank's queries see is its own or received
+(complete), and every received kv tile holds a pair its queries see (nothing moved for naught,
+up to the tile)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterngen as pg
+from tests.strategies import patterns, scaled
+
+
+def check(spec: pg.Spec, world: int, tiling: pg.Tiling) -> pg.distributed.DistributedPlan:
+    p = pg.distributed.plan(spec, world, tiling)
+    mask = pg.dense_mask(spec).any(0)  # [Nq, Nkv], any head
+    kg = pg.TileGrid(spec.kv_shape, tiling.kv_tile)
+    tile_of = torch.empty(spec.nkv, dtype=torch.long)
+    tok = kg.tokens(torch.arange(kg.count))
+    for t in range(kg.count):
+        tile_of[tok[t][tok[t] >= 0]] = t
+    for r in range(world):
+        a, b = p.q_shards[r]
+        seen = mask[a:b].any(0)
+        have = p.needed(r)
+        assert not (seen & ~have).any(), f"rank {r} misses keys {(seen & ~have).nonzero().flatten().tolist()}"
+        ka, kb = p.kv_shards[r]
+        received = have.clone()
+        received[ka:kb] = False
+        tiles = tile_of[received].unique()
+        useful = torch.zeros(kg.count, dtype=torch.bool)
+        useful[tile_of[seen]] = True
+        assert useful[tiles].all(), f"rank {r} receives tiles {tiles[~useful[tiles]].tolist()} it never reads"
+        assert p.received_tokens[r] == int(received.sum())
+    return p
+
+
+@settings(max_examples=scaled(25), deadline=None)
+@given(st.sampled_from([1, 2, 3, 4]), st.integers(1, 4), st.data())
+def test_1d_plans_receive_exactly_the_tiles_read(world, tiles_per_shard, data):
+    n = world * tiles_per_shard * 16
+    pattern = data.draw(patterns((n,), (n,), window=False))
+    check(pg.Spec(pattern, n, num_heads=2, head_dim=16), world, pg.Tiling(16, 16))
+
+
+@settings(max_examples=scaled(15), deadline=None)
+@given(st.sampled_from([2, 4]), st.integers(1, 3), st.integers(4, 12), st.data())
+def test_grid_slabs_receive_exactly_the_tiles_read(world, rows_per_shard, width, data):
+    shape = (world * rows_per_shard * 2, width)
+    pattern = data.draw(patterns(shape, shape))
+    check(pg.Spec(pattern, shape, num_heads=1, head_dim=16), world, pg.Tiling((2, 4), (2, 4)))
+
+
+def test_band_receives_its_width_from_the_left_neighbour_only():
+    """Band(300) & Causal() on 4 ranks of 2048 tokens: 300 keys rounded up to 64-key tiles (320),
+    from the left neighbour; dense ring attention would move 3 shards (6144 keys) to every rank."""
+    spec = pg.Spec(pg.Band(300) & pg.Causal(), 8192, num_heads=2, head_dim=64)
+    p = check(spec, 4, pg.Tiling(64, 64))
+    assert p.received_tokens == (0, 320, 320, 320)
+    assert all(t.src == t.dst - 1 for t in p.transfers)
+    assert pg.distributed.ring_tokens(spec, 4) == 6144
+
+
+def test_video_window_receives_a_halo_of_frames():
+    """A 3-frame window over 16 frames of 16 x 16 on 4 ranks: one frame from each neighbour."""
+    spec = pg.Spec(pg.Window((3, 5, 5)), (16, 16, 16), num_heads=1, head_dim=16)
+    p = check(spec, 4, pg.Tiling((1, 8, 8), (1, 8, 8)))
+    frame = 16 * 16
+    assert p.received_tokens == (frame, 2 * frame, 2 * frame, frame)
+    assert p.received_from(1) == {0: ((3 * frame, 4 * frame),), 2: ((8 * frame, 9 * frame),)}
+
+
+def test_bad_input():
+    causal = pg.Spec(pg.Causal(), 96, num_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="world_size: 5 ranks cannot hold equal shards"):
+        pg.distributed.plan(causal, 5)
+    with pytest.raises(ValueError, match="q tiles 64 straddle the shards"):
+        pg.distributed.plan(causal, 3, pg.Tiling(64, 64))
+    with pytest.raises(ValueError, match="length-free"):
+        pg.distributed.plan(pg.Spec(pg.Causal(), num_heads=1, head_dim=16), 2)
+    with pytest.raises(ValueError, match="picks its keys at run time"):
+        pg.distributed.plan(pg.Spec(pg.Routed(16, 1), 96, num_heads=1, head_dim=16), 2)
+    with pytest.raises(ValueError, match="world_size: expected an int >= 1"):
+        pg.distributed.plan(causal, 0)
