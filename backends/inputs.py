@@ -82,21 +82,25 @@ def head_selection(head_indices: torch.Tensor, num_heads: int) -> torch.Tensor:
     return chosen[..., :num_heads].transpose(1, 2)
 
 
+def _check_per_head(name: str, t, q: torch.Tensor, num_heads: int, what: str, head_indices) -> None:
+    """A float tensor [num_heads] on q's device (one `what` per query head), not with head_indices."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a float tensor [{num_heads}] (one {what} per query head) or None, "
+                        f"got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) != (num_heads,):
+        raise ValueError(f"{name}: expected shape [{num_heads}] (one {what} per query head), got {list(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    if head_indices is not None:
+        raise ValueError(f"{name}: not supported together with head_indices yet")
+
+
 def check_sinks(sinks, q: torch.Tensor, num_heads: int, head_indices) -> None:
     """Learned sink logits: a float tensor [Hq] on q's device, or None."""
-    if sinks is None:
-        return
-    if not isinstance(sinks, torch.Tensor):
-        raise TypeError(f"sinks: expected a float tensor [{num_heads}] (one logit per query head) or None, "
-                        f"got {type(sinks).__name__}")
-    if not sinks.is_floating_point():
-        raise TypeError(f"sinks: expected a floating-point tensor, got {sinks.dtype}")
-    if tuple(sinks.shape) != (num_heads,):
-        raise ValueError(f"sinks: expected shape [{num_heads}] (one logit per query head), got {list(sinks.shape)}")
-    if sinks.device != q.device:
-        raise ValueError(f"sinks: on {sinks.device}, but q is on {q.device}")
-    if head_indices is not None:
-        raise ValueError("sinks: not supported together with head_indices yet")
+    if sinks is not None:
+        _check_per_head("sinks", sinks, q, num_heads, "logit", head_indices)
 
 
 def check_softcap(softcap) -> float | None:
@@ -115,21 +119,10 @@ def check_alibi_slopes(slopes, q: torch.Tensor, spec: Spec, head_indices) -> Non
     distances, which a flattened n-D grid does not have), or None."""
     if slopes is None:
         return
-    H = spec.num_heads
-    if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes: expected a float tensor [{H}] (one slope per query head) or None, "
-                        f"got {type(slopes).__name__}")
-    if not slopes.is_floating_point():
-        raise TypeError(f"alibi_slopes: expected a floating-point tensor, got {slopes.dtype}")
-    if tuple(slopes.shape) != (H,):
-        raise ValueError(f"alibi_slopes: expected shape [{H}] (one slope per query head), got {list(slopes.shape)}")
-    if slopes.device != q.device:
-        raise ValueError(f"alibi_slopes: on {slopes.device}, but q is on {q.device}")
+    _check_per_head("alibi_slopes", slopes, q, spec.num_heads, "slope", head_indices)
     if spec.ndim != 1:
         raise ValueError(f"alibi_slopes: needs a 1-D spec (distances |i - j| between tokens), but {spec!r} has "
                          f"{spec.ndim} dimensions")
-    if head_indices is not None:
-        raise ValueError("alibi_slopes: not supported together with head_indices yet")
 
 
 def check_score_mods(softcap, alibi_slopes, q: torch.Tensor, spec: Spec, head_indices) -> float | None:

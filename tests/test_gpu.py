@@ -139,31 +139,27 @@ def check_length_free(dtype: torch.dtype) -> float:
     return worst
 
 
+def _report(label: str, check, what: str) -> bool:
+    """Run one check as the script does: print its figure or why it failed."""
+    try:
+        print(f"{label} {what} {check():.2e}")
+        return True
+    except Exception as exc:  # report every case, then fail
+        print(f"{label} FAILED: {type(exc).__name__}: {exc}")
+        return False
+
+
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to check")
-    failed = passed = 0
+    results = []
     for case in CASES:
         for dt in (torch.float16, torch.bfloat16):
-            try:
-                print(f"{case:16s} {str(dt):15s} relative error {check_against_float64(case, dt):.2e}")
-                passed += 1
-            except Exception as exc:  # report every case, then fail
-                print(f"{case:16s} {str(dt):15s} FAILED: {type(exc).__name__}: {exc}")
-                failed += 1
-        try:
-            print(f"{case:16s} vs sdpa          max error {check_against_sdpa(case):.2e}")
-            passed += 1
-        except Exception as exc:
-            print(f"{case:16s} vs sdpa          FAILED: {type(exc).__name__}: {exc}")
-            failed += 1
+            results.append(_report(f"{case:16s} {str(dt):15s}", lambda: check_against_float64(case, dt),
+                                   "relative error"))
+        results.append(_report(f"{case:16s} vs sdpa         ", lambda: check_against_sdpa(case), "max error"))
     for dt in (torch.float16, torch.bfloat16):
         for label, check in (("length-free", check_length_free), ("serving", check_serving)):
-            try:
-                print(f"{label:16s} {str(dt):15s} relative error {check(dt):.2e}")
-                passed += 1
-            except Exception as exc:
-                print(f"{label:16s} {str(dt):15s} FAILED: {type(exc).__name__}: {exc}")
-                failed += 1
-    print(f"{passed} passed, {failed} failed")
-    raise SystemExit(1 if failed else 0)
+            results.append(_report(f"{label:16s} {str(dt):15s}", lambda: check(dt), "relative error"))
+    print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
+    raise SystemExit(0 if all(results) else 1)
