@@ -320,7 +320,7 @@ class TritonForward:
         sink_arg = lse if sinks is None else sinks.float().contiguous()
         splits = 1
         if self.walk_name in ("closed_form", "table"):
-            splits = num_splits or kv_splits(grid[0] * B, -(-nkv // self.block_n),
+            splits = num_splits or kv_splits(grid[0] * grid[1], -(-nkv // self.block_n),
                                              sm_count(q.device) if q.is_cuda else None)
         o, l = out, lse
         if splits > 1:  # partials of each split, merged below
