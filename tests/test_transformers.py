@@ -509,3 +509,19 @@ def test_pattern_cache_generates_the_unbounded_caches_tokens(model, pattern):
         beams = [model.generate(ids[:1], max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False,
                                 pad_token_id=0, past_key_values=c) for c in (DynamicCache(), PatternCache(model.config))]
     assert torch.equal(*beams)
+
+
+def test_pattern_cache_takes_chunks_after_pruning(model):
+    """A chunk of several tokens appended to a bounded cache that has already dropped keys (a
+    chunked prefill, speculative tokens) gives the unbounded cache's logits: the chunk's queries
+    see at most what the cache kept (kv_keep is monotone in the query position)."""
+    model.set_attn_implementation(NAME)
+    model.config.patterngen_pattern, model.config.patterngen_spec = DUO_KV, None
+    ids = ids_for(2, 40, seed=11)
+    bounded, unbounded = PatternCache(model.config), DynamicCache()
+    with torch.no_grad():
+        for a, b in ((0, 16), (16, 17), (17, 18), (18, 29), (29, 40)):  # chunks after keys were dropped
+            got = model(ids[:, a:b], past_key_values=bounded, use_cache=True).logits
+            want = model(ids[:, a:b], past_key_values=unbounded, use_cache=True).logits
+            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    assert bounded.kept() == [[11, 40]] * 2
