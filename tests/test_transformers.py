@@ -3,6 +3,7 @@ download) with patterngen attention gives the logits of the same model's eager
 attention fed the pattern's dense mask as a 4-D additive mask."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -511,10 +512,14 @@ def test_pattern_cache_generates_the_unbounded_caches_tokens(model, pattern):
     assert torch.equal(*beams)
 
 
-def test_pattern_cache_takes_chunks_after_pruning(model):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pattern_cache_takes_chunks_after_pruning(model, dtype):
     """A chunk of several tokens appended to a bounded cache that has already dropped keys (a
     chunked prefill, speculative tokens) gives the unbounded cache's logits: the chunk's queries
-    see at most what the cache kept (kv_keep is monotone in the query position)."""
+    see at most what the cache kept (kv_keep is monotone in the query position); in float64 to
+    1e-12, so the pruned heads accumulate in float64 as the reference does."""
+    model = copy.deepcopy(model).to(dtype)
+    tol = TOL if dtype == torch.float32 else 1e-12
     model.set_attn_implementation(NAME)
     model.config.patterngen_pattern, model.config.patterngen_spec = DUO_KV, None
     ids = ids_for(2, 40, seed=11)
@@ -523,5 +528,5 @@ def test_pattern_cache_takes_chunks_after_pruning(model):
         for a, b in ((0, 16), (16, 17), (17, 18), (18, 29), (29, 40)):  # chunks after keys were dropped
             got = model(ids[:, a:b], past_key_values=bounded, use_cache=True).logits
             want = model(ids[:, a:b], past_key_values=unbounded, use_cache=True).logits
-            torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     assert bounded.kept() == [[11, 40]] * 2

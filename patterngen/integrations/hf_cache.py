@@ -153,16 +153,17 @@ def bounded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                                sinks=None if sinks is None else sinks[qh], softcap=softcap)
     step = spec.bind(nq, total)
     rows = torch.arange(nq, device=query.device)[:, None]
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # as the reference accumulates
     for h in (h for h in range(hkv) if h not in whole):
         n = positions[h].numel()
         k, v = key[:, h, key.shape[2] - n:], value[:, h, key.shape[2] - n:]
         for g in range(group):
             qh = h * group + g
             mask = visible(spec.head_patterns[qh], rows, positions[h][None, :], step)
-            o, lse, _ = masked_attention(query[:, qh].float(), k.float(), v.float(), mask,
+            o, lse, _ = masked_attention(query[:, qh].to(acc), k.to(acc), v.to(acc), mask,
                                          scale if scale is not None else D ** -0.5, softcap)
             if sinks is not None:
-                o, _ = apply_sinks(o[:, None], lse[:, None], sinks[qh:qh + 1].float())
+                o, _ = apply_sinks(o[:, None], lse[:, None], sinks[qh:qh + 1].to(acc))
                 o = o[:, 0]
             out[:, qh] = o.to(out.dtype)
     return out
