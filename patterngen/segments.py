@@ -6,8 +6,9 @@ the rows q[b, :, q0:q1] against the keys k[b, :, k0:k1], positions counted from 
 start, queries aligned bottom-right to its keys. The op runs every piece on the backend
 `dispatch` picks for it (a length-free spec's kernels take any lengths, so nothing is
 recompiled) and writes the results in place: no tile spans two documents, and no key past an
-entry's length is read. Why pieces and not one varlen launch: every walk and the backward then
-come for free, exact; the cost is a launch per piece, and a host read of the lengths.
+entry's length is read. A closed-form forward takes all pieces in one launch (the op's
+`_one_launch`, the kernel's VARLEN); other walks and the backward run a launch per piece, which
+gives every walk exactly. Either way the lengths are read on the host (one sync a call).
 
 A paged cache is gathered into contiguous [B, Hkv, pages * page_size, D] keys and values first
 (`gather_pages`); its gradient goes back to the pages (`scatter_pages`).
@@ -74,6 +75,11 @@ def segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None
     return [Segment(b, 0, q.shape[2], s, s + n) for b, (s, n) in enumerate(zip(starts, lens))]
 
 
+def _used_pages(block_table: torch.Tensor, kv_lens: torch.Tensor, page: int) -> torch.Tensor:
+    """bool [B, max_pages]: the table entries that hold some of entry b's first kv_lens[b] keys."""
+    return torch.arange(block_table.shape[1], device=block_table.device)[None, :] * page < kv_lens[:, None]
+
+
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, max_pages * page_size, D] keys (or values) of a paged cache [pages, Hkv,
     page_size, D]: batch entry b's page i is cache[block_table[b, i]]. Only the pages that hold
@@ -81,7 +87,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, kv_lens: torch.
     zero."""
     pages, hkv, page, d = cache.shape
     B, width = block_table.shape
-    used = torch.arange(width, device=block_table.device)[None, :] * page < kv_lens[:, None]
+    used = _used_pages(block_table, kv_lens, page)
     table = block_table.long()
     bad = used & ((table < 0) | (table >= pages))
     if bool(bad.any()):
@@ -98,7 +104,7 @@ def scatter_pages(grad: torch.Tensor, cache: torch.Tensor, block_table: torch.Te
     pages it was read from (a page shared by several entries gets each one's part)."""
     pages, hkv, page, d = cache.shape
     B, width = block_table.shape
-    used = (torch.arange(width, device=block_table.device)[None, :] * page < kv_lens[:, None]).flatten()
+    used = _used_pages(block_table, kv_lens, page).flatten()
     parts = grad.reshape(B, hkv, width, page, d).transpose(1, 2).reshape(B * width, hkv, page, d)
     out = torch.zeros_like(cache)
     return out.index_add_(0, block_table.long().flatten()[used], parts[used].to(cache.dtype))

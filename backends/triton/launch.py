@@ -326,9 +326,9 @@ class TritonForward:
         if splits > 1:  # partials of each split, merged below
             o = torch.empty(splits * B, *q.shape[1:], device=q.device, dtype=torch.float32)
             l = torch.empty(splits * B, H, nq, device=q.device, dtype=torch.float32)
-        if splits > 1 and pieces is not None:  # rows outside every piece: zeros, lse -inf, as in `out`
-            o.zero_()
-            l.fill_(float("-inf"))
+            if pieces is not None:  # rows outside every piece: zeros, lse -inf, as in `out`
+                o.zero_()
+                l.fill_(float("-inf"))
         self.module.attention_fwd[(*grid, splits)](
             q, k, v, o, l, sink_arg, slopes, segs, *tables, *routed, scale, cap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
