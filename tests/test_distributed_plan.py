@@ -11,8 +11,8 @@ import patterngen as pg
 from tests.strategies import patterns, scaled
 
 
-def check(spec: pg.Spec, world: int, tiling: pg.Tiling) -> pg.distributed.DistributedPlan:
-    p = pg.distributed.plan(spec, world, tiling)
+def check(spec: pg.Spec, world: int, tiling: pg.Tiling, layout: str = "contiguous") -> pg.distributed.DistributedPlan:
+    p = pg.distributed.plan(spec, world, tiling, layout)
     mask = pg.dense_mask(spec).any(0)  # [Nq, Nkv], any head
     kg = pg.TileGrid(spec.kv_shape, tiling.kv_tile)
     tile_of = torch.empty(spec.nkv, dtype=torch.long)
@@ -20,27 +20,38 @@ def check(spec: pg.Spec, world: int, tiling: pg.Tiling) -> pg.distributed.Distri
     for t in range(kg.count):
         tile_of[tok[t][tok[t] >= 0]] = t
     for r in range(world):
-        a, b = p.q_shards[r]
-        seen = mask[a:b].any(0)
+        seen = mask[p.held(r, "q")].any(0)
         have = p.needed(r)
         assert not (seen & ~have).any(), f"rank {r} misses keys {(seen & ~have).nonzero().flatten().tolist()}"
-        ka, kb = p.kv_shards[r]
         received = have.clone()
-        received[ka:kb] = False
+        received[p.held(r)] = False
         tiles = tile_of[received].unique()
         useful = torch.zeros(kg.count, dtype=torch.bool)
         useful[tile_of[seen]] = True
         assert useful[tiles].all(), f"rank {r} receives tiles {tiles[~useful[tiles]].tolist()} it never reads"
         assert p.received_tokens[r] == int(received.sum())
+    held = torch.zeros(spec.nq, dtype=torch.long)
+    for r in range(world):  # the shards partition the tokens, and each rank computes its own q tiles
+        held[p.held(r, "q")] += 1
+        assert set(qg_tokens(p, p.q_tiles(r))) == set(p.held(r, "q").tolist())
+    assert (held == 1).all()
+    for rnd in p.rounds:  # no rank sends or receives twice in a round; every transfer in one round
+        assert len({t.src for t in rnd}) == len(rnd) == len({t.dst for t in rnd})
+    assert sorted(((t.src, t.dst) for rnd in p.rounds for t in rnd)) == sorted((t.src, t.dst) for t in p.transfers)
     return p
 
 
+def qg_tokens(p, tiles) -> list[int]:
+    tok = p.tile_plan.q_grid.tokens(tiles).flatten()
+    return tok[tok >= 0].tolist()
+
+
 @settings(max_examples=scaled(25), deadline=None)
-@given(st.sampled_from([1, 2, 3, 4]), st.integers(1, 4), st.data())
-def test_1d_plans_receive_exactly_the_tiles_read(world, tiles_per_shard, data):
-    n = world * tiles_per_shard * 16
+@given(st.sampled_from([1, 2, 3, 4]), st.integers(1, 4), st.sampled_from(pg.distributed.LAYOUTS), st.data())
+def test_1d_plans_receive_exactly_the_tiles_read(world, tiles_per_shard, layout, data):
+    n = 2 * world * tiles_per_shard * 16
     pattern = data.draw(patterns((n,), (n,), window=False))
-    check(pg.Spec(pattern, n, num_heads=2, head_dim=16), world, pg.Tiling(16, 16))
+    check(pg.Spec(pattern, n, num_heads=2, head_dim=16), world, pg.Tiling(16, 16), layout)
 
 
 @settings(max_examples=scaled(15), deadline=None)
@@ -70,11 +81,24 @@ def test_video_window_receives_a_halo_of_frames():
     assert p.received_from(1) == {0: ((3 * frame, 4 * frame),), 2: ((8 * frame, 9 * frame),)}
 
 
+def test_zigzag_balances_causal_work():
+    """Causal attention on 4 ranks: contiguous shards leave the last rank 7x the first's tile
+    pairs; zig-zag chunks (r and 7 - r of 8) give every rank the same share."""
+    spec = pg.Spec(pg.Causal(), 1024, num_heads=2, head_dim=16)
+    flat = check(spec, 4, pg.Tiling(64, 64))
+    zig = check(spec, 4, pg.Tiling(64, 64), "zigzag")
+    work = [flat.visited_pairs(r) for r in range(4)]
+    assert work == [2 * 10, 2 * 26, 2 * 42, 2 * 58]  # tiles 4r..4r+3 visit 4r+1..4r+4 kv tiles each
+    assert [zig.visited_pairs(r) for r in range(4)] == [sum(work) // 4] * 4
+    assert sum(zig.visited_pairs(r) for r in range(4)) == sum(work)
+    assert zig.q_shards[1] == ((128, 256), (768, 896))
+
+
 def test_bad_input():
     causal = pg.Spec(pg.Causal(), 96, num_heads=1, head_dim=16)
-    with pytest.raises(ValueError, match="world_size: 5 ranks cannot hold equal shards"):
+    with pytest.raises(ValueError, match="world_size: 5 ranks cannot hold equal contiguous shards"):
         pg.distributed.plan(causal, 5)
-    with pytest.raises(ValueError, match="q tiles 64 straddle the shards"):
+    with pytest.raises(ValueError, match="q tiles 64 straddle the contiguous shards"):
         pg.distributed.plan(causal, 3, pg.Tiling(64, 64))
     with pytest.raises(ValueError, match="length-free"):
         pg.distributed.plan(pg.Spec(pg.Causal(), num_heads=1, head_dim=16), 2)
@@ -82,3 +106,7 @@ def test_bad_input():
         pg.distributed.plan(pg.Spec(pg.Routed(16, 1), 96, num_heads=1, head_dim=16), 2)
     with pytest.raises(ValueError, match="world_size: expected an int >= 1"):
         pg.distributed.plan(causal, 0)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        pg.distributed.plan(causal, 2, layout="ring")
+    with pytest.raises(ValueError, match="cannot hold equal zigzag shards"):
+        pg.distributed.plan(pg.Spec(pg.Causal(), 100, num_heads=1, head_dim=16), 4, pg.Tiling(1, 1), "zigzag")

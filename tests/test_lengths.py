@@ -7,6 +7,7 @@ oracle's mask of `spec.bind(nq, nkv)`, and the fixed-length spec of those length
 the very same module (so the lengths never enter the kernel text).
 """
 import functools
+import inspect
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -150,6 +151,41 @@ def test_closed_form_walks_and_tables():
         assert cache.get(n, n) == (n, n)
     assert len(cache) == 3 and made == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]
     assert LENGTH_TABLES >= 8 and kernels("causal")[0]._cache.size == LENGTH_TABLES
+
+
+LAUNCHED = ("attention_fwd", "merge_splits", "bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq",
+            "compact_heads", "attention_fwd_heads", "attention_bwd_dq_heads", "attention_bwd_dkdv_heads")
+CHANGING = {"nq", "nkv", "num_q_tiles", "num_kv_tiles", "num_splits", "batch", "rows"}
+"""Kernel arguments that change with the call's lengths, batch or kv splits: Triton must not
+specialise on them (value 1, multiples of 16), or a new length re-JITs the same source (seen
+on an H200: merge_splits recompiled at the first length that is a multiple of 16)."""
+
+
+def _unspecialised(kernel) -> set[str]:
+    names = getattr(kernel, "do_not_specialize", None)  # a JITFunction
+    if names is None:  # under the interpreter
+        names = kernel.kwargs.get("do_not_specialize") or []
+    params = list(inspect.signature(kernel.fn).parameters)
+    return {params[n] if isinstance(n, int) else n for n in names}
+
+
+def test_length_arguments_are_not_specialised():
+    """Every launched kernel of the forward, backward and head-routed modules leaves the
+    arguments that change between calls unspecialised: one compilation per variant."""
+    from patterngen.backends.triton.heads import TritonHeads
+    modules = [k.module for name in ("causal", "strided&causal", "routed|band") for k in kernels(name)]
+    spec = pg.Spec(pg.Heads([pg.Causal(), pg.Band(20) & pg.Causal()]), num_heads=2, head_dim=16)
+    modules.append(TritonHeads(spec, pg.Tiling(16, 16)).module)
+    seen = set()
+    for module in modules:
+        for name in LAUNCHED:
+            if hasattr(module, name):
+                kernel = getattr(module, name)
+                params = set(inspect.signature(kernel.fn).parameters)
+                missing = (params & CHANGING) - _unspecialised(kernel)
+                assert not missing, f"{name} specialises on {sorted(missing)}"
+                seen.add(name)
+    assert seen == set(LAUNCHED), f"kernels not checked: {set(LAUNCHED) - seen}"
 
 
 def test_lengths_are_checked():

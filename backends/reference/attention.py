@@ -109,22 +109,35 @@ def masked_attention(Q, K, V, mask, scale: float, softcap: float | None = None, 
     return torch.matmul(p, V) / l_safe, lse, s
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Where a call's tokens sit in its tensors: the q tiles it computes (`tiles`), query token
+    t at row q_rows[t] of q, key token j at row kv_rows[j] of k and v (-1: not held, never
+    visible). The whole call: every tile, token t at row t."""
+
+    tiles: torch.Tensor
+    q_rows: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
+
+
 def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: float, acc: torch.dtype,
-             max_scores: int, stats: dict | None, softcap: float | None, alibi_slopes: torch.Tensor | None):
+             max_scores: int, stats: dict | None, softcap: float | None, alibi_slopes: torch.Tensor | None,
+             rows: _Rows):
     device = q.device
     rep = spec.num_heads // spec.num_kv_heads
     bidx = torch.tensor(job.batches, device=device)[:, None, None]
     hidx = torch.tensor(job.heads, device=device)[:, None, None]
     P = len(job.batches)
     tp = job.plan
-    counts = tp.q_ptr.diff()
+    counts = tp.q_ptr.diff()[rows.tiles]
     outs, lses = [], []
-    for t0, t1, width in _chunks(counts.tolist(), P * qg.volume * kg.volume, max_scores):
-        C = t1 - t0
-        qtok = qg.tokens(torch.arange(t0, t1))  # [C, vq]
+    for c0, c1, width in _chunks(counts.tolist(), P * qg.volume * kg.volume, max_scores):
+        C = c1 - c0
+        tiles = rows.tiles[c0:c1]
+        qtok = qg.tokens(tiles)  # [C, vq]
         slot = torch.arange(width)
-        used = slot < counts[t0:t1, None]  # [C, width]
-        pos = (tp.q_ptr[t0:t1, None] + slot).clamp(max=max(tp.visited - 1, 0))
+        used = slot < counts[c0:c1, None]  # [C, width]
+        pos = (tp.q_ptr[tiles, None] + slot).clamp(max=max(tp.visited - 1, 0))
         if tp.visited:
             kt = torch.where(used, tp.kv_tiles[pos], -1)
             full = used & tp.full[pos]
@@ -145,9 +158,15 @@ def _run_job(job: _Job, q, k, v, spec: Spec, qg: TileGrid, kg: TileGrid, scale: 
         mask = mask.transpose(1, 2).reshape(C, qg.volume, width * kg.volume)  # [C, vq, T]
 
         kflat = ktok.clamp_min(0).view(C, -1)[None]  # [1, C, T]
-        Q = q[bidx, hidx, qtok.clamp_min(0)[None]].to(acc)  # [P, C, vq, D]
-        K = k[bidx, hidx // rep, kflat].to(acc)  # [P, C, T, D]
-        V = v[bidx, hidx // rep, kflat].to(acc)
+        krow = kflat
+        if rows.kv_rows is not None:
+            krow = rows.kv_rows[kflat]
+            mask &= (krow[0] >= 0)[:, None, :]
+            krow = krow.clamp_min(0)
+        qrow = qtok.clamp_min(0) if rows.q_rows is None else rows.q_rows[qtok.clamp_min(0)]
+        Q = q[bidx, hidx, qrow[None]].to(acc)  # [P, C, vq, D]
+        K = k[bidx, hidx // rep, krow].to(acc)  # [P, C, T, D]
+        V = v[bidx, hidx // rep, krow].to(acc)
         bias = None
         if alibi_slopes is not None:  # 1-D: tokens are positions
             slopes = alibi_slopes.to(acc)[hidx[:, :, :, None]]  # [P, 1, 1, 1]
@@ -206,26 +225,54 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
         _check_plan(plan, spec, None if indices is None else indices.shape[0])
     masks = None if indices is None else block_masks(spec, indices.to(q.device))
 
+    return _along_plan(q, k, v, spec, plan, masks, scale, max_scores, stats, softcap, alibi_slopes,
+                       _Rows(torch.arange(plan.q_grid.count)))
+
+
+def _along_plan(q, k, v, spec: Spec, plan: Plan, masks, scale: float, max_scores: int, stats: dict | None,
+                softcap: float | None, alibi_slopes: torch.Tensor | None, rows: _Rows):
+    """(out, lse) of the query tokens of `rows.tiles` (every query row of q), in token order."""
+    B = q.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if B == 0:
         return q.new_zeros(q.shape), torch.zeros(q.shape[:3], dtype=acc, device=q.device)
     qg, kg = plan.q_grid, plan.kv_grid
     # Each query token lies in exactly one q tile: these rows of the tile-major
-    # output, in this order, are tokens 0..Nq-1.
-    qtok_all = qg.tokens(torch.arange(qg.count)).flatten()
+    # output, in this order, are the tokens in ascending order.
+    qtok_all = qg.tokens(rows.tiles).flatten()
     valid = torch.nonzero(qtok_all >= 0).flatten()
-    rows = valid[torch.argsort(qtok_all[valid])].to(q.device)
+    order_rows = valid[torch.argsort(qtok_all[valid])].to(q.device)
+    if len(order_rows) != q.shape[2]:
+        raise ValueError(f"q: {q.shape[2]} query rows, but the q tiles given hold {len(order_rows)} tokens")
 
     outs, lses, order = [], [], []
     for job in _jobs(plan, spec, B, masks):
-        o, lse = _run_job(job, q, k, v, spec, qg, kg, scale, acc, max_scores, stats, softcap, alibi_slopes)
-        outs.append(o[:, rows])
-        lses.append(lse[:, rows])
+        o, lse = _run_job(job, q, k, v, spec, qg, kg, scale, acc, max_scores, stats, softcap, alibi_slopes, rows)
+        outs.append(o[:, order_rows])
+        lses.append(lse[:, order_rows])
         order += [b * spec.num_heads + h for b, h in zip(job.batches, job.heads)]
     inverse = torch.argsort(torch.tensor(order, device=q.device))
     out = torch.cat(outs)[inverse].view(q.shape).to(q.dtype)
     lse = torch.cat(lses)[inverse].view(q.shape[:3])
     return out, lse
+
+
+def shard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, plan: Plan,
+                    q_tiles: torch.Tensor, q_rows: torch.Tensor, kv_rows: torch.Tensor, scale: float | None = None,
+                    max_scores: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Part of `spec`'s attention, as one process of a sequence-sharded run computes it: the
+    query tokens of the q tiles `q_tiles` (of `plan`), query token t at row `q_rows[t]` of q
+    [B, Hq, n, D] (the tiles' tokens in ascending order), against the keys the process holds,
+    key token j at row `kv_rows[j]` of k and v [B, Hkv, m, D] (-1: not held, masked out). The
+    pattern is evaluated at the true token indices, so the (out, lse) of disjoint key sets
+    merge by log-sum-exp into the whole attention (`patterngen.distributed`). Differentiable."""
+    scale = check_scale(scale, spec.head_dim)
+    for name, rows, n in (("q_rows", q_rows, spec.nq), ("kv_rows", kv_rows, spec.nkv)):
+        if rows.shape != (n,):
+            raise ValueError(f"{name}: expected shape ({n},) (one row per token), got {tuple(rows.shape)}")
+    rows = _Rows(q_tiles.cpu(), *(r.to(device=q.device, dtype=torch.long) for r in (q_rows, kv_rows)))
+    return _along_plan(q, k, v, spec, plan, None, scale, DEFAULT_MAX_SCORES if max_scores is None else max_scores,
+                       None, None, None, rows)
 
 
 def _small_masks(spec: Spec, device) -> torch.Tensor:

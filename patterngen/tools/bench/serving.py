@@ -10,6 +10,12 @@
    the decode steps, the KV bytes each cache holds after the prompt, and whether the tokens
    agree.
 
+3. On a GPU only, the decode kernels: one query per entry of a ragged batch (cache lengths
+   `kv_lens` between half and all of the cache), GQA, a causal and a sinks + window spec,
+   patterngen (one VARLEN launch, split-KV when SMs idle, plus the merge) against compiled
+   FlexAttention with a per-entry block mask (built once, not timed) and SDPA with a boolean
+   mask of the same pairs; CUDA-event medians.
+
 On the CPU patterngen runs its exact reference backend and SDPA its CPU kernel: wall-clock
 figures of those, not of GPU kernels.
 """
@@ -128,6 +134,52 @@ def bench_decode(device, dtype, context: int, steps: int, window: int, seed: int
     return out
 
 
+def bench_decode_kernels(device, dtype, context: int, batch: int, window: int, seed: int, timer=None,
+                         compiled: bool = True) -> dict:
+    """Ragged one-query decode of `batch` entries (issue 14's split-KV): ms per call (CUDA events
+    unless another `timer` is given)."""
+    import patterngen as pg
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from .timing import CudaTimer
+    hq, hkv, d = 32, 8, 128
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lens = torch.randint(context // 2, context + 1, (batch,), generator=g, dtype=torch.int32)
+    q = torch.randn(batch, hq, 1, d, generator=g).to(device, dtype)
+    k, v = (torch.randn(batch, hkv, context, d, generator=g).to(device, dtype) for _ in range(2))
+    lens_d = lens.to(device)
+    timer = timer or CudaTimer(device)
+    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    rows = []
+    for name, pattern in (("causal", pg.Causal()),
+                          (f"sinks 4 + window {window}", (pg.Sink(4) | pg.Band(window - 1)) & pg.Causal())):
+        spec = pg.Spec(pattern, num_heads=hq, num_kv_heads=hkv, head_dim=d)
+        windowed = name != "causal"
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            pos = lens_d[b] - 1 + q_idx  # the one query sits at its entry's last cached key
+            seen = kv_idx <= pos
+            return seen & ((kv_idx < 4) | (pos - kv_idx < window)) if windowed else seen
+
+        block = create_block_mask(mask_mod, batch, None, 1, context, device=device)
+        dense = mask_mod(torch.arange(batch, device=device)[:, None, None, None], None,
+                         torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+                         torch.arange(context, device=device)[None, None, None, :])
+        impls = {"patterngen": lambda: pg.attention(q, k, v, spec, kv_lens=lens_d),
+                 "flex": lambda: flex(q, k, v, block_mask=block, enable_gqa=True),
+                 "sdpa (bool mask)": lambda: torch.nn.functional.scaled_dot_product_attention(
+                     q, k, v, attn_mask=dense, enable_gqa=True)}
+        outs = {n: f().float() for n, f in impls.items()}
+        row = {"spec": name, "errors_vs_sdpa": {n: (o - outs["sdpa (bool mask)"]).abs().max().item()
+                                                for n, o in outs.items()}}
+        for n, f in impls.items():
+            row[n + " ms"] = timer(f)["ms"]
+        cached = int(sum(min(int(n), window + 4) if windowed else int(n) for n in lens))
+        row["read GB/s patterngen"] = 2 * cached * hkv * d * q.element_size() / row["patterngen ms"] / 1e6
+        rows.append(row)
+    return {"batch": batch, "context": context, "heads": [hq, hkv], "head_dim": d, "kv_lens": lens.tolist(),
+            "timing": timer.describe(), "rows": rows}
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# {TITLE}", "", ", ".join(f"{k} {v}" for k, v in doc["environment"].items()), ""]
     if doc.get("note"):
@@ -147,7 +199,18 @@ def markdown(doc: dict) -> str:
             [k, f"{c['prefill_s']:.2f}", f"{c['decode_tokens_per_s']:.1f}", f"{c['kv_bytes']:,}"]
             for k, c in d["caches"].items()]
         lines += [align_columns(table), ""]
-    for key in ("packed", "decode"):
+    kd = doc.get("decode_kernels")
+    if kd and "rows" in kd:
+        lines += [f"## Decode kernels: {kd['batch']} entries, one query each, cache lengths {min(kd['kv_lens'])}-"
+                  f"{max(kd['kv_lens'])} of {kd['context']}, {kd['heads'][0]} q / {kd['heads'][1]} kv heads, head "
+                  f"dim {kd['head_dim']} ({kd['timing']})", ""]
+        table = [["spec", "patterngen ms", "flex ms", "sdpa (bool mask) ms", "x flex", "x sdpa", "pg GB/s",
+                  "max err vs sdpa"]] + [
+            [r["spec"], f"{r['patterngen ms']:.4f}", f"{r['flex ms']:.4f}", f"{r['sdpa (bool mask) ms']:.4f}",
+             f"{r['flex ms'] / r['patterngen ms']:.2f}", f"{r['sdpa (bool mask) ms'] / r['patterngen ms']:.2f}",
+             f"{r['read GB/s patterngen']:.0f}", f"{max(r['errors_vs_sdpa'].values()):.1e}"] for r in kd["rows"]]
+        lines += [align_columns(table), ""]
+    for key in ("packed", "decode", "decode_kernels"):
         if doc.get(key, {}).get("error"):
             lines += [f"{key}: error: {doc[key]['error']}"]
     return "\n".join(lines) + "\n"
@@ -165,6 +228,9 @@ def run(args) -> int:
     sections = (("packed", lambda: bench_packed(device, dtype, tokens, 16, 4, 64, 1 if quick else 3, args.seed)),
                 ("decode", lambda: bench_decode(device, dtype, tokens, 8 if quick else 64, 64 if quick else 1024,
                                                 args.seed)))
+    if cuda:
+        sections += (("decode_kernels", lambda: bench_decode_kernels(device, dtype, 8192 if quick else 32768, 8,
+                                                                     4096, args.seed)),)
     for name, section in sections:
         t0 = time.perf_counter()
         try:
@@ -173,8 +239,9 @@ def run(args) -> int:
             doc[name] = {"error": f"{type(e).__name__}: {e}"}
         doc[name]["seconds_total"] = time.perf_counter() - t0
         print(f"[serving] {name}: {doc[name]['seconds_total']:.1f} s", flush=True)
-    text = markdown(doc)
-    print(text)
+        if args.out:  # after every section: a run stopped by a time limit keeps what it measured
+            written = write_json_and_markdown(args.out, doc, markdown(doc))
+    print(markdown(doc))
     if args.out:
-        print("wrote " + ", ".join(str(p) for p in write_json_and_markdown(args.out, doc, text)))
+        print("wrote " + ", ".join(str(p) for p in written))
     return 1 if any("error" in doc[n] for n, _ in sections) else 0
