@@ -143,11 +143,25 @@ def _ranges(mask: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple((int(a), int(b)) for a, b in edges)
 
 
+def _fit(tile, shape: tuple[int, ...], shards: tuple):
+    """`tile` cut so that its length along the first dimension divides the chunks'."""
+    a, b = shards[0][0]
+    if isinstance(tile, int):
+        return math.gcd(tile, b - a)
+    return (math.gcd(tile[0], (b - a) // math.prod(shape[1:])),) + tuple(tile[1:])
+
+
+def _fitted(tiling: Tiling, spec: Spec, q_shards: tuple, kv_shards: tuple) -> Tiling:
+    """`tiling` with tiles that fit the chunks: no q tile straddles two ranks (required), no kv
+    tile either (else a rank would receive a straddling tile's keys that its queries never see)."""
+    return Tiling(_fit(tiling.q_tile, spec.q_shape, q_shards), _fit(tiling.kv_tile, spec.kv_shape, kv_shards))
+
+
 def plan(spec: Spec, world_size: int, tiling: Tiling | None = None, layout: str = "contiguous") -> DistributedPlan:
     """The transfers of `spec` sharded over `world_size` ranks in `layout` ("contiguous" or
-    "zigzag"), at `tiling` (default: the kernels' tiling policy). A q tile must lie in one
-    chunk, so the chunk length along the first dimension is a multiple of the q tile's. Routed
-    patterns choose keys at run time: refused."""
+    "zigzag"), at `tiling` (default: the kernels' tiling policy, its tiles cut to divisors
+    of the chunks). A q tile must lie in one chunk, so the chunk length along the first
+    dimension is a multiple of the q tile's. Routed patterns choose keys at run time: refused."""
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
     if spec.length_free:
@@ -160,9 +174,9 @@ def plan(spec: Spec, world_size: int, tiling: Tiling | None = None, layout: str 
         raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    tiling = default_tiling(spec) if tiling is None else tiling
     q_shards = _shards(spec.q_shape, world_size, layout, "query")
     kv_shards = _shards(spec.kv_shape, world_size, layout, "key")
+    tiling = _fitted(default_tiling(spec), spec, q_shards, kv_shards) if tiling is None else tiling
     tp = build_plan(spec, tiling)
     qg, kg = tp.q_grid, tp.kv_grid
     owner = _owner(q_shards, spec.nq)
