@@ -2,6 +2,6 @@
 (`plan`, derived from the tile plan) and the attention of a rank's shard (`attention`, on
 torch.distributed)."""
 from .attention import attention
-from .plan import LAYOUTS, DistributedPlan, Transfer, plan, ring_tokens
+from ..analysis.shards import LAYOUTS, DistributedPlan, Transfer, plan, ring_tokens
 
 __all__ = ["LAYOUTS", "DistributedPlan", "Transfer", "attention", "plan", "ring_tokens"]

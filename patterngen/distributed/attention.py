@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..backends.reference import check_scale, shard_attention
 from ..ir import Spec
 from ..registry import spec_key
-from .plan import DistributedPlan, plan
+from ..analysis.shards import DistributedPlan, plan
 
 ROUND_TAG = 1 << 20
 """Tags of the transfers: ROUND_TAG + round (keys), + 2 * ROUND_TAG (values); gradients reuse them."""

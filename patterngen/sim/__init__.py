@@ -15,6 +15,8 @@ best ones. Modules, in the order the simulator uses them:
     search       candidate tilings, their evaluation, branch and bound
     heads_model  token-routed heads (Mixture-of-Head) on a chosen tiling
     report       SimReport, per-head figures, the printed table
+    sharding     a spec sequence-sharded over GPUs: link models (data in links/*.json), per-rank
+                 compute, bytes and transfers, the layout chosen (simulate(world_size=...))
     simulator    simulate() and workload(), which tie the above together
     advisor      strides that make a window fully block-sparse
     plot         tile maps and bound-versus-tile pictures (matplotlib)
@@ -27,6 +29,7 @@ from .plot import plot, tile_map
 from .profiles import closed_form_profile, plan_profiles
 from .report import HeadFigures, SimReport, format_table
 from .search import Candidate
+from .sharding import LinkModel, ShardingReport, available_links, load_link, simulate_sharding
 from .simulator import ranked_kernel_tilings, simulate, workload
 from .tile_shapes import box_shapes, flat_as_box
 from .time_model import Workload, dense_params, dense_time, dense_workload, predict_time, wave_time
@@ -34,4 +37,5 @@ from .time_model import Workload, dense_params, dense_time, dense_workload, pred
 __all__ = ["simulate", "ranked_kernel_tilings", "SimReport", "HeadFigures", "Candidate", "DeviceModel", "Workload", "load_device",
            "available_devices", "predict_time", "dense_time", "dense_params", "dense_workload", "wave_time",
            "workload", "box_shapes", "flat_as_box", "closed_form_profile", "plan_profiles", "visible_pairs",
-           "advise_strides", "StrideAdvice", "format_table", "plot", "tile_map"]
+           "advise_strides", "StrideAdvice", "format_table", "plot", "tile_map", "LinkModel", "ShardingReport",
+           "available_links", "load_link", "simulate_sharding"]

@@ -23,6 +23,7 @@ from . import counting, heads_model
 from .device import load_device
 from .report import HeadFigures, SimReport, head_groups
 from .search import Candidate, Search
+from .sharding import simulate_sharding
 from .time_model import Workload, dense_time, predict_time
 
 
@@ -61,8 +62,10 @@ def _synthetic_indices(spec: Spec, batch: int) -> torch.Tensor:
 
 
 def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int = 1,
-             block_indices: torch.Tensor | None = None, max_plans: int = 4, active_heads=None) -> SimReport:
-    """Simulate a block-sparse kernel for `spec`.
+             block_indices: torch.Tensor | None = None, max_plans: int = 4, active_heads=None,
+             world_size: int | None = None, link=None, layout: str | None = None):
+    """Simulate a block-sparse kernel for `spec` (a SimReport), or with `world_size` its run
+    sequence-sharded over that many GPUs (a ShardingReport, `sharding.simulate_sharding`).
 
     q_tile, kv_tile: int (flat tile) or tuple (box); None searches the shapes the
         device's kernels run (with both None, the best pair; with one given, the other).
@@ -80,7 +83,22 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         pairs, tile counts and predicted time count only the selected pairs and compacted
         q tiles (see `heads_model`); `all_heads_time_s` keeps the time
         of computing every head. A fraction of 1 gives the default figures.
+    world_size: sequence-shard `spec` over this many GPUs of `device` (default 'h100') joined
+        by `link` (a shipped name such as 'nvlink-h100', 'pcie-gen5', 'infiniband-ndr', a JSON
+        path or a LinkModel; default 'nvlink-h100'), in `layout` ('contiguous', 'zigzag'; None
+        picks the fastest): per-rank compute, bytes received and predicted time.
     """
+    if world_size is not None:
+        if block_indices is not None or active_heads is not None:
+            raise ValueError("simulate: world_size takes static specs computing every head (no block_indices or "
+                             "active_heads)")
+        if (q_tile is None) != (kv_tile is None):
+            raise ValueError("simulate: with world_size give both q_tile and kv_tile, or neither")
+        tiling = None if q_tile is None else Tiling(q_tile, kv_tile)
+        return simulate_sharding(spec, world_size, "nvlink-h100" if link is None else link,
+                                 "h100" if device is None else device, batch=batch, layout=layout, tiling=tiling)
+    if link is not None or layout is not None:
+        raise ValueError("simulate: link and layout describe a sharded run; give world_size too")
     t0 = time.perf_counter()
     if not isinstance(spec, Spec):
         raise TypeError(f"simulate: spec must be a patterngen.Spec, got {type(spec).__name__}")

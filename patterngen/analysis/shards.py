@@ -22,8 +22,8 @@ from functools import cached_property
 import networkx as nx
 import torch
 
-from ..analysis.plan import Plan, build_plan
-from ..analysis.tiling import default_tiling
+from .plan import Plan, build_plan
+from .tiling import default_tiling
 from ..core.tiles import Tiling
 from ..ir import Spec
 
