@@ -73,10 +73,11 @@ def test_transfer_time_counts_rounds(tmp_path):
 def test_own_and_received_compute_split_the_rank_work():
     spec = pg.Spec(pg.Band(100) & pg.Causal(), 1024, num_heads=2, head_dim=64)
     dp = pg.distributed.plan(spec, 2, pg.Tiling(64, 64))
-    everything, own = _rank_workloads(dp, 1, 1)
+    everything, own, received = _rank_workloads(dp, 1, 1)
     assert int(everything.unit_full.sum() + everything.unit_partial.sum()) == dp.visited_pairs(1)
     assert int(everything.unit_full.sum() - own.unit_full.sum() + everything.unit_partial.sum()
                - own.unit_partial.sum()) == 2 * 3  # q tile 8 reads kv tiles 6, 7 of rank 0, q tile 9 tile 7; 2 heads
+    assert int(received.unit_full.sum() + received.unit_partial.sum()) == 2 * 3 and received.units == 2 * 2
     dev = pg.sim.load_device("h100")
     assert float(predict_time(dev, own)) <= float(predict_time(dev, everything))
 
@@ -100,3 +101,14 @@ def test_bad_arguments():
     routed = pg.Spec(pg.Routed(16, 1), 256, num_heads=1, head_dim=16)
     with pytest.raises(ValueError, match="no block_indices"):
         pg.simulate(routed, world_size=2, block_indices=torch.zeros(1, 1, 16, 1, dtype=torch.long))
+
+
+def test_command_line(capsys):
+    from pathlib import Path
+    from patterngen.tools.cli import main
+    example = str(Path(__file__).parents[1] / "examples" / "mistral_sliding_window.py")
+    assert main(["simulate", example, "--world-size", "4", "--link", "pcie-gen5"]) == 0
+    out = capsys.readouterr().out
+    assert "4 ranks, contiguous layout" in out and "pcie-gen5" in out and "received MB" in out
+    assert main(["simulate", example, "--world-size", "4", "--link", "nope"]) == 2
+    assert "unknown link 'nope'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from ..ir import Spec
 from .device import available_devices
 from .plot import plot
 from .report import format_table
+from .sharding import available_links
 from .simulator import simulate
 
 
@@ -38,6 +39,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--active-heads", type=float, default=None, metavar="F",
                         help="token-routed heads (Mixture-of-Head): the expected fraction in (0, 1] of "
                              "(token, head) pairs that are computed (default: every head)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="predict the spec sequence-sharded over N GPUs (per-rank compute, bytes received, "
+                             "transfers; --device defaults to h100)")
+    parser.add_argument("--link", default=None,
+                        help=f"with --world-size: the link between GPUs: {', '.join(available_links())} or a JSON file "
+                             f"(default nvlink-h100)")
+    parser.add_argument("--layout", choices=("contiguous", "zigzag"), default=None,
+                        help="with --world-size: the shard layout (default: the faster)")
     parser.add_argument("--plot", metavar="OUT.png", default=None,
                         help="draw the tile map and the bound against tile shapes (needs matplotlib)")
 
@@ -52,6 +61,8 @@ def run(args: argparse.Namespace, load_specs: Callable[[str], list[tuple[str, Sp
         if args.tile is not None:
             q_tile, kv_tile = (_parse_tile(t) for t in args.tile)
         specs = load_specs(args.spec)
+        if getattr(args, "world_size", None) is not None:
+            return _run_sharded(args, specs, q_tile, kv_tile)
         rows = []
         for name, spec in specs:
             rows.append((name, simulate(spec, q_tile, kv_tile, device=args.device, batch=args.batch,
@@ -72,6 +83,15 @@ def run(args: argparse.Namespace, load_specs: Callable[[str], list[tuple[str, Sp
                   f"`pip install matplotlib` or `pip install patterngen[plot]`", file=sys.stderr)
             return 3
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_sharded(args: argparse.Namespace, specs, q_tile, kv_tile) -> int:
+    """`--world-size`: one summary and per-rank table per spec."""
+    for name, spec in specs:
+        r = simulate(spec, q_tile, kv_tile, device=args.device, batch=args.batch, world_size=args.world_size,
+                     link=args.link, layout=args.layout)
+        print(f"== {name}: {r.summary()}\n{r.table()}\n")
     return 0
 
 

@@ -3,8 +3,8 @@
 For each layout the shapes allow (`analysis.shards`: contiguous, zig-zag), per rank:
 
 * compute: the time model (`time_model.predict_time`) on the rank's CTAs (batch, head, q tile of
-  its shard) with their visited kv tiles, split into the tiles of keys it holds (computed while
-  the keys arrive) and of received keys (computed after);
+  its shard) with their visited kv tiles, as two launches: the tiles of keys it holds (while
+  the keys arrive) and those of received keys (after);
 * bytes: the keys and values it receives (plan tokens x 2 x kv heads x head dim x element size
   x batch);
 * transfers: per round of the plan (no rank sends or receives twice), the larger of what it
@@ -162,8 +162,10 @@ class ShardingReport:
         return align_columns(rows)
 
 
-def _rank_workloads(dp: DistributedPlan, rank: int, batch: int) -> tuple[Workload, Workload]:
-    """(all visited kv tiles, those of keys the rank holds) of the rank's CTAs, as workloads."""
+def _rank_workloads(dp: DistributedPlan, rank: int, batch: int) -> tuple[Workload, Workload, Workload]:
+    """The rank's CTAs as workloads: with all their visited kv tiles, with those of the keys the
+    rank holds, and (CTAs that have some) with those of received keys: the two passes of
+    `distributed.attention`, the first while the keys arrive."""
     tp, spec = dp.tile_plan, dp.spec
     kg = tp.kv_grid
     first = kg.tokens(torch.arange(kg.count))
@@ -189,12 +191,13 @@ def _rank_workloads(dp: DistributedPlan, rank: int, batch: int) -> tuple[Workloa
                                       for i in range(4))
     box = not isinstance(dp.tiling.q_tile, int)
 
-    def wl(f, p):  # CTAs heaviest first, the order the kernels launch their work items in
-        order = torch.argsort(full + part, descending=True, stable=True)
+    def wl(f, p):  # CTAs heaviest first (the order the kernels launch their work items in), empty ones dropped
+        order = torch.argsort(f + p, descending=True, stable=True)
+        order = order[(f + p)[order] > 0]
         return Workload(tp.q_grid.volume, kg.volume, spec.head_dim, box, f[order].repeat(batch),
                         p[order].repeat(batch))
 
-    return wl(full, part), wl(own_full, own_part)
+    return wl(full, part), wl(own_full, own_part), wl(full - own_full, part - own_part)
 
 
 def _predict(dp: DistributedPlan, dev: DeviceModel, link: LinkModel, batch: int, one_gpu_s: float,
@@ -203,9 +206,9 @@ def _predict(dp: DistributedPlan, dev: DeviceModel, link: LinkModel, batch: int,
     per_token = 2 * spec.num_kv_heads * spec.head_dim * BYTES_PER_ELEMENT * batch
     ranks = []
     for r in range(dp.world_size):
-        everything, own = _rank_workloads(dp, r, batch)
-        total_s, own_s = float(predict_time(dev, everything)), float(predict_time(dev, own))
-        received_s = max(total_s - own_s, 0.0)
+        everything, own, received = _rank_workloads(dp, r, batch)
+        own_s = float(predict_time(dev, own)) if own.units else 0.0
+        received_s = float(predict_time(dev, received)) if received.units else 0.0
         transfer_s = sum(link.seconds(per_token * max([t.tokens for t in rnd if t.src == r or t.dst == r], default=0))
                          for rnd in dp.rounds)
         tokens = dp.received_tokens[r]
@@ -236,7 +239,7 @@ def simulate_sharding(spec: Spec, world_size: int, link="nvlink-h100", device="h
     if not plans:
         raise ValueError("; ".join(errors))
     any_plan = next(iter(plans.values()))
-    full, _ = _rank_workloads(plan(spec, 1, any_plan.tiling), 0, batch)
+    full, _, _ = _rank_workloads(plan(spec, 1, any_plan.tiling), 0, batch)
     one_gpu_s = float(predict_time(dev, full))
     ring = ring_tokens(spec, world_size) * 2 * spec.num_kv_heads * spec.head_dim * BYTES_PER_ELEMENT * batch
     reports = {name: _predict(dp, dev, lk, batch, one_gpu_s, ring, {}) for name, dp in plans.items()}
