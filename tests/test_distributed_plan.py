@@ -37,6 +37,9 @@ def check(spec: pg.Spec, world: int, tiling: pg.Tiling, layout: str = "contiguou
     assert (held == 1).all()
     for rnd in p.rounds:  # no rank sends or receives twice in a round; every transfer in one round
         assert len({t.src for t in rnd}) == len(rnd) == len({t.dst for t in rnd})
+    degree = max([sum(t.src == r for t in p.transfers) for r in range(world)]
+                 + [sum(t.dst == r for t in p.transfers) for r in range(world)])
+    assert degree <= len(p.rounds) <= max(2 * degree - 1, 0), (degree, len(p.rounds))  # greedy's bound
     assert sorted(((t.src, t.dst) for rnd in p.rounds for t in rnd)) == sorted((t.src, t.dst) for t in p.transfers)
     return p
 
@@ -92,6 +95,16 @@ def test_zigzag_balances_causal_work():
     assert [zig.visited_pairs(r) for r in range(4)] == [sum(work) // 4] * 4
     assert sum(zig.visited_pairs(r) for r in range(4)) == sum(work)
     assert zig.q_shards[1] == ((128, 256), (768, 896))
+
+
+def test_rounds_reach_the_most_messages_of_a_rank():
+    """A strided window on 4 ranks: ranks 1 and 2 send three messages each, so three rounds (a
+    largest-first greedy colouring alone takes four)."""
+    spec = pg.Spec(pg.Window((6, 8, 8), stride=(4, 4, 4)), (8, 16, 16), num_heads=1, head_dim=16)
+    p = check(spec, 4, pg.Tiling((1, 8, 8), (1, 8, 8)))
+    assert sorted((t.src, t.dst) for t in p.transfers) == [(0, 1), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3),
+                                                          (3, 2)]
+    assert len(p.rounds) == 3
 
 
 def test_bad_input():

@@ -42,6 +42,8 @@ class Transfer:
 
 
 LAYOUTS = ("contiguous", "zigzag")
+COLOURING_STRATEGIES = ("saturation_largest_first", "smallest_last", "independent_set", "largest_first",
+                        "connected_sequential_dfs")
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,9 @@ class DistributedPlan:
     @cached_property
     def rounds(self) -> tuple[tuple[Transfer, ...], ...]:
         """The transfers in rounds where no rank sends twice or receives twice: a colouring of
-        the graph whose edges join transfers that share a sender or a receiver (networkx's
-        greedy colouring, largest degree first; at least the most messages one rank sends or
-        receives)."""
+        the graph whose edges join transfers that share a sender or a receiver, the fewest
+        colours of networkx's greedy strategies (at least the most messages one rank sends or
+        receives, which an optimal colouring reaches: the transfers form a bipartite graph)."""
         conflicts = nx.Graph()
         conflicts.add_nodes_from(range(len(self.transfers)))
         for i, a in enumerate(self.transfers):
@@ -108,7 +110,8 @@ class DistributedPlan:
                 b = self.transfers[j]
                 if a.src == b.src or a.dst == b.dst:
                     conflicts.add_edge(i, j)
-        colour = nx.greedy_color(conflicts, strategy="largest_first")
+        colour = min((nx.greedy_color(conflicts, strategy=s) for s in COLOURING_STRATEGIES),
+                     key=lambda c: len(set(c.values())))
         return tuple(tuple(self.transfers[i] for i in sorted(colour) if colour[i] == c)
                      for c in sorted(set(colour.values())))
 

@@ -47,6 +47,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of the suite: packed documents vs padding (training, forward + backward) and "
                              "decoding with the bounded PatternCache vs an unbounded cache (runs on the CPU too; "
                              "--quick: 2K tokens instead of 32K)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="instead of the suite: keys moved by sequence-sharded attention (gloo processes on this "
+                             "machine, 2-8 ranks) against the plan, dense ring attention and the simulator "
+                             "(--quick: small shapes)")
     parser.add_argument("--tokens", type=int, default=300, metavar="N",
                         help="with --lengths: decode steps of the greedy-decode measurement (default 300)")
 
@@ -89,6 +93,9 @@ def run(args) -> int:
     if getattr(args, "serving", False):
         from .serving import run as run_serving
         return run_serving(args)
+    if getattr(args, "distributed", False):
+        from .distributed import run as run_distributed
+        return run_distributed(args)
     smoke = bool(args.cpu_smoke)
     if not smoke and not torch.cuda.is_available():
         print("patterngen bench: no CUDA device is present, so no timing is produced.\n"
