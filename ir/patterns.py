@@ -256,20 +256,30 @@ class Global(Pattern):
 
 @dataclass(frozen=True, repr=False)
 class Strided(Pattern):
-    """kv % stride == offset on the flattened index."""
+    """(kv // block) % stride == offset on the flattened index: every stride-th key, or with
+    `block` > 1 every stride-th block of `block` keys (S2-Attention's vertical stride over
+    key blocks; a block that is a multiple of the kv tile makes the plan fully block-sparse)."""
 
     stride: int
     offset: int = 0
+    block: int = 1
 
     def __post_init__(self):
         _check_int("stride", self.stride, 1, "Strided")
         _check_int("offset", self.offset, 0, "Strided")
+        _check_int("block", self.block, 1, "Strided")
         if self.offset >= self.stride:
             raise ValueError(f"Strided: offset must be in 0..{self.stride - 1} for stride {self.stride}, "
                              f"got {self.offset}")
 
+    @property
+    def period(self) -> int:
+        """The pattern repeats every stride * block keys."""
+        return self.stride * self.block
+
     def __repr__(self):
-        return f"Strided({self.stride}, {self.offset})" if self.offset else f"Strided({self.stride})"
+        args = [str(self.stride)] + ([str(self.offset)] if self.offset or self.block > 1 else [])
+        return f"Strided({', '.join(args + ([f'block={self.block}'] if self.block > 1 else []))})"
 
 
 @dataclass(frozen=True, repr=False)

@@ -177,7 +177,8 @@ class MaskWriter:
         if isinstance(p, Global):
             return self.tmp(f"(kv < {p.n}) | (q < {p.n})")
         if isinstance(p, Strided):
-            return self.tmp(f"kv % {p.stride} == {p.offset}")
+            key = "kv" if p.block == 1 else f"(kv // {p.block})"
+            return self.tmp(f"{key} % {p.stride} == {p.offset}")
         if isinstance(p, Window):
             terms = [self.window_dim(k, *dims) for k, dims in enumerate(p.dims(self.spec.ndim))]
             return self.tmp(" & ".join(terms)) if len(terms) > 1 else terms[0]

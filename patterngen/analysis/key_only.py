@@ -17,7 +17,7 @@ def _kv_parts(pattern: Pattern) -> tuple[int, list[int]]:
     period, sinks = 1, set()
     for n in pattern.walk():
         if isinstance(n, Strided):
-            period = math.lcm(period, n.stride)
+            period = math.lcm(period, n.period)
         elif isinstance(n, Sink):
             sinks.add(n.n)
     return period, sorted(sinks)
@@ -37,7 +37,7 @@ def _kv_eval(node: Pattern, r: torch.Tensor, end: int | None) -> torch.Tensor:
     if isinstance(node, Sink):
         return torch.full(r.shape, end is not None and node.n >= end, dtype=torch.bool)
     if isinstance(node, Strided):
-        return r % node.stride == node.offset
+        return (r // node.block) % node.stride == node.offset  # r: a residue modulo a multiple of the period
     if isinstance(node, (Union, Intersection)):
         parts = [_kv_eval(p, r, end) for p in node.parts]
         out = parts[0]

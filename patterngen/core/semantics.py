@@ -116,7 +116,7 @@ def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
     if isinstance(pattern, Global):
         return (kv < pattern.n) | (q < pattern.n)
     if isinstance(pattern, Strided):
-        return (kv % pattern.stride == pattern.offset) & (q >= 0)
+        return ((kv // pattern.block) % pattern.stride == pattern.offset) & (q >= 0)
     if isinstance(pattern, Window):
         out = None
         for (w, s, d, c), L, qi, ki in zip(pattern.dims(spec.ndim), spec.q_shape,

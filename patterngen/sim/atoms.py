@@ -123,6 +123,9 @@ def expand(pattern: Pattern) -> Poly:
     if isinstance(pattern, Routed):
         atoms = {RoutedBlocks(pattern.block)} | ({Causal()} if pattern.causal else set())
         return {frozenset(atoms): 1}
+    if isinstance(pattern, Strided) and pattern.block > 1:  # a disjoint union of per-key congruences
+        return {frozenset({Strided(pattern.period, pattern.offset * pattern.block + t)}): 1
+                for t in range(pattern.block)}
     if isinstance(pattern, (Causal, Band, Window, Strided)):
         return {frozenset({pattern}): 1}
     if isinstance(pattern, Intersection):

@@ -32,6 +32,8 @@ def shrink_pattern(p: Pattern, f: float, spec: Spec, q_shape, kv_shape, nkv: int
     if isinstance(p, (Sink, Global)):
         return type(p)(min(p.n, nkv))
     if isinstance(p, Strided):
+        if p.block > 1:  # S2's block shards: shrink the blocks, keep the stride and offset
+            return Strided(p.stride, p.offset, max(1, round(p.block / f)))
         if p.stride <= 16:
             return p
         stride = max(2, round(p.stride / f))
