@@ -44,7 +44,7 @@ def direct_flat(pattern, nq: int, nkv: int) -> torch.Tensor:
     elif isinstance(pattern, pg.Global):
         fn = lambda i, j: j < pattern.n or i < pattern.n  # noqa: E731
     elif isinstance(pattern, pg.Strided):
-        fn = lambda i, j: j % pattern.stride == pattern.offset  # noqa: E731
+        fn = lambda i, j: (j // pattern.block) % pattern.stride == pattern.offset  # noqa: E731
     else:
         raise AssertionError(pattern)
     return table(fn, nq, nkv)
