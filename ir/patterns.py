@@ -214,6 +214,49 @@ class Window(Pattern):
 
 
 @dataclass(frozen=True, repr=False)
+class Blocks(Pattern):
+    """Attention within blocks of the grid: query and key see each other iff they fall in the
+    same block along every dimension, the block of coordinate x being floor((x - shift) / size).
+
+    `size` and `shift` are each one value for every dimension or a tuple with one entry per
+    dimension, 0 <= shift < size. shift = 0 partitions from coordinate 0 (ViT/Swin windows);
+    shift = size // 2 is Swin's shifted windows with the cyclic-shift mask (the partial blocks
+    at the borders are its masked regions), without rolling the tensor.
+    """
+
+    size: IntOrTuple
+    shift: IntOrTuple = 0
+
+    def __post_init__(self):
+        size = _int_or_tuple("size", self.size, 1, "Blocks")
+        shift = _int_or_tuple("shift", self.shift, 0, "Blocks")
+        if isinstance(size, tuple) and isinstance(shift, tuple) and len(size) != len(shift):
+            raise ValueError(f"Blocks: per-dimension tuples disagree in length: size={size!r}, shift={shift!r}")
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "shift", shift)
+        n = self.ndim or 1
+        for k, (b, s) in enumerate(zip(per_dim(size, n, "size", "Blocks"), per_dim(shift, n, "shift", "Blocks"))):
+            if s >= b:
+                raise ValueError(f"Blocks: shift must be < size in every dimension; dimension {k} has shift {s} "
+                                 f">= size {b} (valid shifts: 0..{b - 1})")
+
+    @property
+    def ndim(self) -> int | None:
+        """Number of dimensions fixed by tuple arguments, or None if both are scalars."""
+        for v in (self.size, self.shift):
+            if isinstance(v, tuple):
+                return len(v)
+        return None
+
+    def dims(self, ndim: int) -> tuple[tuple[int, int], ...]:
+        """(size, shift) for each of `ndim` dimensions."""
+        return tuple(zip(per_dim(self.size, ndim, "size", "Blocks"), per_dim(self.shift, ndim, "shift", "Blocks")))
+
+    def __repr__(self):
+        return f"Blocks({self.size!r}, shift={self.shift!r})" if self.shift != 0 else f"Blocks({self.size!r})"
+
+
+@dataclass(frozen=True, repr=False)
 class Band(Pattern):
     """Flattened band q - left <= kv <= q + right (FlashAttention's window_size)."""
 

@@ -7,7 +7,7 @@ import operator
 import json
 from dataclasses import dataclass, field, fields
 
-from .patterns import (JSON_VERSION, JSON_VERSION_KEY, HeadPatterns, Pattern, Routed, Window, head_patterns,
+from .patterns import (JSON_VERSION, JSON_VERSION_KEY, Blocks, HeadPatterns, Pattern, Routed, Window, head_patterns,
                        json_value)
 
 
@@ -174,7 +174,23 @@ class Spec:
         return self._heads
 
     # -- validation against shapes ---------------------------------------------
+    def _check_blocks(self, node: Blocks) -> None:
+        """1-D: blocks of the flattened tokens, any lengths (queries aligned bottom-right to the
+        keys); on a grid: blocks per dimension, one grid for queries and keys."""
+        ndim = 1 if self.q_shape is None else self.ndim
+        if node.ndim is not None and node.ndim != ndim:
+            raise ValueError(f"Spec: {node!r} has {node.ndim} dimension(s) but the spec has {ndim}"
+                             + ("" if self.q_shape is None else f" (q_shape={self.q_shape})")
+                             + ("; a length-free spec is 1-D: give q_shape for blocks on a grid"
+                                if self.q_shape is None else ""))
+        if ndim > 1 and self.q_shape != self.kv_shape:
+            raise ValueError(f"Spec: Blocks on a grid needs the same grid for queries and keys; got "
+                             f"q_shape={self.q_shape} and kv_shape={self.kv_shape}")
+
     def _check_node(self, node: Pattern) -> None:
+        if isinstance(node, Blocks):
+            self._check_blocks(node)
+            return
         if self.q_shape is None:
             if isinstance(node, Window):
                 raise ValueError(f"Spec: {node!r} needs a grid: a neighbourhood depends on the grid's extents, so "

@@ -1,7 +1,7 @@
 """patterngen: a compiler for sparse attention patterns."""
 from .version import __version__
 
-from .ir import (Band, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
+from .ir import (Band, Blocks, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 from .ir import from_json
 from .core.oracle import dense_mask

@@ -84,6 +84,14 @@ def strideds(draw) -> pg.Strided:
     return pg.Strided(s, draw(st.integers(0, s - 1)), block)
 
 
+@st.composite
+def blockss(draw, shape: tuple[int, ...]) -> pg.Blocks:
+    """Blocks of 1..extent+2 coordinates per dimension (larger than the grid too), any shift."""
+    sizes = [draw(st.integers(1, n + 2)) for n in shape]
+    shifts = [draw(st.integers(0, b - 1)) for b in sizes]
+    return pg.Blocks(_maybe_scalar(draw, tuple(sizes)), _maybe_scalar(draw, tuple(shifts)))
+
+
 @functools.lru_cache(maxsize=None)
 def leaves(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], window: bool = True):
     """Any non-routed primitive valid for these grids (Window only if `window`)."""
@@ -98,6 +106,8 @@ def leaves(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], window: bool = T
     ]
     if window:
         options.append(windows(q_shape))
+    if len(q_shape) == 1 or q_shape == kv_shape:
+        options.append(blockss(q_shape))
     return st.one_of(options)
 
 

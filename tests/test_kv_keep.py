@@ -13,7 +13,9 @@ from tests.strategies import scaled
 LEAVES = st.one_of(st.just(pg.Causal()), st.just(pg.Full()),
                    st.builds(pg.Band, st.integers(0, 6), st.integers(0, 3)),
                    st.builds(pg.Sink, st.integers(1, 4)), st.builds(pg.Global, st.integers(1, 3)),
-                   st.integers(1, 4).flatmap(lambda s: st.builds(pg.Strided, st.just(s), st.integers(0, s - 1))))
+                   st.integers(1, 4).flatmap(lambda s: st.builds(pg.Strided, st.just(s), st.integers(0, s - 1),
+                                                                 st.integers(1, 3))),
+                   st.integers(1, 6).flatmap(lambda b: st.builds(pg.Blocks, st.just(b), st.integers(0, b - 1))))
 PATTERNS = st.recursive(LEAVES, lambda inner: st.one_of(st.builds(lambda a, b: a | b, inner, inner),
                                                         st.builds(lambda a, b: a & b, inner, inner)), max_leaves=4)
 HORIZON = 10

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import operator
 
-from ...ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Strided, Union, Window
+from ...ir import Band, Blocks, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Strided, Union, Window
 from ...core.semantics import window_1d, window_bounds
 
 # Python's (and Triton's) operator precedence, lowest first, and the folding of constants.
@@ -179,6 +179,8 @@ class MaskWriter:
         if isinstance(p, Strided):
             key = "kv" if p.block == 1 else f"(kv // {p.block})"
             return self.tmp(f"{key} % {p.stride} == {p.offset}")
+        if isinstance(p, Blocks):
+            return self.blocks(p)
         if isinstance(p, Window):
             terms = [self.window_dim(k, *dims) for k, dims in enumerate(p.dims(self.spec.ndim))]
             return self.tmp(" & ".join(terms)) if len(terms) > 1 else terms[0]
@@ -189,6 +191,22 @@ class MaskWriter:
             parts = [x for x in parts if x is not None]
             return None if not parts else (parts[0] if len(parts) == 1 else self.tmp(" & ".join(parts)))
         raise NotImplementedError(f"triton backend: no mask lowering for {p!r}")
+
+    def blocks(self, p: Blocks) -> str:
+        """Same block floor((x - shift) / size) along every dimension, with only non-negative
+        operands of `//`: a grid's coordinates plus size - shift; on 1-D, the query position
+        q + off (negative when Nq > Nkv: off is taken on the query side here, since a block
+        boundary does not move with it) plus a multiple of size above 2**30 (positions below
+        2**30 tokens stay in int32)."""
+        if self.spec.ndim == 1:
+            (size, shift), = p.dims(1)
+            base = size * ((1 << 30) // size + 1) - shift
+            return self.tmp(f"((q + off + {base}) // {size}) == ((kv + {base}) // {size})")
+        terms = []
+        for k, (size, shift) in enumerate(p.dims(self.spec.ndim)):
+            qc, kc = self.coord("q", k), self.coord("kv", k)
+            terms.append(self.tmp(f"(({qc} + {size - shift}) // {size}) == (({kc} + {size - shift}) // {size})"))
+        return self.tmp(" & ".join(terms)) if len(terms) > 1 else terms[0]
 
     def window_dim(self, k: int, w: int, s: int, d: int, causal: bool) -> str:
         """NATTEN's rule along dimension k, generated from patterngen.core.semantics.window_1d."""

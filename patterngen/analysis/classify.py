@@ -17,11 +17,12 @@ import torch
 from ..core.semantics import depends_on_kv_only
 from ..core.tile_eval import tile_statuses
 from ..core.tiles import TileGrid
-from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union, Window
+from ..ir import Band, Blocks, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union, Window
 from .flat_index import FlatForm, flat_form
 from .key_only import kv_tile_status
 from ..core.statuses import EMPTY, FULL, PARTIAL, expand_ranges, status_of
-from .windows import window_dim_pairs, window_hull, window_interval_status
+from .blocks import BlocksDim
+from .windows import WindowDim
 
 _CHUNK = 1 << 22  # box pairs x 64 per batch of the window-status evaluation
 
@@ -53,8 +54,8 @@ class TileAnalysis:
         if depends_on_kv_only(node):
             kany, kall = self._kv_scan(node)
             return status_of(kany[kt], kall[kt])
-        if isinstance(node, Window):
-            return self._window_status(node, qt, kt)
+        if isinstance(node, (Window, Blocks)):
+            return self._grid_status(node, qt, kt)
         if isinstance(node, (Band, Causal)):
             return self._band_status(node, qt, kt)
         if isinstance(node, Global):
@@ -89,8 +90,8 @@ class TileAnalysis:
             qt = torch.arange(Tq).repeat_interleave(len(cols))
             kt = cols.repeat(Tq)
             return qt, kt, status_of(kany[kt], kall[kt])
-        if isinstance(node, Window) and self._box_tiles() is not None:
-            return self._window_product(node)
+        if isinstance(node, (Window, Blocks)) and self._box_tiles() is not None:
+            return self._grid_product(node)
         if isinstance(node, Union):
             parts = [self.classify(p) for p in node.parts]
             key = torch.cat([q * Tk + k for q, k, _ in parts])
@@ -148,8 +149,8 @@ class TileAnalysis:
             n_sink = int((self.kg.span[0] < node.n).sum())
             last = torch.where(qmin < node.n, Tk - 1, n_sink - 1)
             return expand_ranges(torch.zeros(Tq, dtype=torch.long), last)
-        if isinstance(node, Window):  # flat tiles on an n-D grid: bounding boxes, then flat ranges
-            return self._window_candidates(node)
+        if isinstance(node, (Window, Blocks)):  # flat tiles on an n-D grid: bounding boxes, then flat ranges
+            return self._grid_candidates(node)
         if isinstance(node, Routed):
             return torch.arange(Tq).repeat_interleave(Tk), torch.arange(Tk).repeat(Tq)
         raise TypeError(f"analysis: unsupported pattern node {node!r}")
@@ -161,7 +162,16 @@ class TileAnalysis:
         last = torch.searchsorted(kmin, hi, right=True) - 1
         return first, torch.where(hi >= lo, last, first - 1)
 
-    # -- Window ------------------------------------------------------------------
+    # -- Window and Blocks: per-dimension rules (`WindowDim`, `BlocksDim`) -----------
+    def _dim_rules(self, node: Window | Blocks) -> list:
+        """One rule per dimension: hull, interval status and per-dimension tile pairs."""
+        spec = self.spec
+        if isinstance(node, Window):
+            return [WindowDim(L, *dims) for dims, L in zip(node.dims(spec.ndim), spec.q_shape)]
+        if spec.ndim == 1:  # flattened tokens, queries aligned bottom-right to the keys
+            return [BlocksDim(spec.nq, spec.nkv, *node.dims(1)[0], off=self.offset)]
+        return [BlocksDim(L, L, size, shift) for (size, shift), L in zip(node.dims(spec.ndim), spec.q_shape)]
+
     def _box_tiles(self):
         """Per-dimension (q tile, kv tile) extents when both tilings are boxes (1-D counts)."""
         qg, kg = self.qg, self.kg
@@ -171,15 +181,15 @@ class TileAnalysis:
             return None
         return qg.tile, kg.tile
 
-    def _window_product(self, node: Window):
+    def _grid_product(self, node: Window | Blocks):
         """Per-dimension tile lists, combined as a Cartesian product (sorted by q, then kv)."""
-        (qtile, ktile), spec = self._box_tiles(), self.spec
+        qtile, ktile = self._box_tiles()
         qcounts, kcounts = self.qg.counts, self.kg.counts
         per_dim = []
-        for (w, s, d, c), L, tq, tk in zip(node.dims(spec.ndim), spec.q_shape, qtile, ktile):
-            rows, kt, any_, all_ = window_dim_pairs(L, w, s, d, c, tq, tk)
+        for rule, tq, tk in zip(self._dim_rules(node), qtile, ktile):
+            rows, kt, any_, all_ = rule.pairs(tq, tk)
             rows, kt, full = rows[any_], kt[any_], all_[any_]
-            nq = -(-L // tq)
+            nq = -(-rule.nq // tq)
             ptr = torch.zeros(nq + 1, dtype=torch.long)
             ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=nq), 0)
             per_dim.append((ptr, kt, full))
@@ -195,12 +205,11 @@ class TileAnalysis:
             cur_k = cur_k[rep] * kcounts[k] + kt[idx]
         return cur_q, cur_k, torch.where(cur_full, FULL, PARTIAL).to(torch.int8)
 
-    def _window_candidates(self, node: Window):
-        spec = self.spec
+    def _grid_candidates(self, node: Window | Blocks):
         qlo, qhi = self.qg.bbox
         region_lo, region_hi = [], []
-        for k, ((w, s, d, c), L) in enumerate(zip(node.dims(spec.ndim), spec.q_shape)):
-            jmin, jmax = window_hull(qlo[:, k], qhi[:, k], L, w, s, d, c)
+        for k, rule in enumerate(self._dim_rules(node)):
+            jmin, jmax = rule.hull(qlo[:, k], qhi[:, k])
             region_lo.append(jmin)
             region_hi.append(jmax)
         rlo, rhi = torch.stack(region_lo, 1), torch.stack(region_hi, 1)
@@ -210,9 +219,8 @@ class TileAnalysis:
         meets = ((klo[kt] <= rhi[qt]) & (khi[kt] >= rlo[qt])).all(1)
         return qt[meets], kt[meets]
 
-    def _window_status(self, node: Window, qt, kt):
+    def _grid_status(self, node: Window | Blocks, qt, kt):
         """Exact status via every (q box, kv box) pair of each tile pair."""
-        spec = self.spec
         qlo, qhi, qv = self.qg.boxes
         klo, khi, kv = self.kg.boxes
         out = torch.empty(qt.shape, dtype=torch.int8)
@@ -220,11 +228,11 @@ class TileAnalysis:
         for i in range(0, len(qt), per):
             q, k = qt[i:i + per], kt[i:i + per]
             any_bb = all_bb = None
-            for dim, ((w, s, d, c), L) in enumerate(zip(node.dims(spec.ndim), spec.q_shape)):
+            for dim, rule in enumerate(self._dim_rules(node)):
                 shape = (len(q), qlo.shape[1], klo.shape[1])
-                a, al = window_interval_status(
+                a, al = rule.status(
                     qlo[q][:, :, None, dim].expand(shape), qhi[q][:, :, None, dim].expand(shape),
-                    klo[k][:, None, :, dim].expand(shape), khi[k][:, None, :, dim].expand(shape), L, w, s, d, c)
+                    klo[k][:, None, :, dim].expand(shape), khi[k][:, None, :, dim].expand(shape))
                 any_bb = a if any_bb is None else any_bb & a
                 all_bb = al if all_bb is None else all_bb & al
             valid = qv[q][:, :, None] & kv[k][:, None, :]
@@ -286,7 +294,7 @@ def has_routed(node: Pattern) -> bool:
 
 def _selectivity_rank(node: Pattern) -> int:
     """Lower is more selective: the child an intersection classifies first."""
-    if isinstance(node, (Window, Band, Routed)):
+    if isinstance(node, (Window, Blocks, Band, Routed)):
         return 0
     if isinstance(node, Sink):
         return 1

@@ -2,7 +2,8 @@
 
 For a query at position p >= q_pos and a cached key j < q_pos, every primitive of a 1-D spec is
 non-increasing in p: Causal (j <= p) and a Band's right edge hold for all such pairs, a Band's
-left edge (j >= p - left) only gets harder, Sink and Strided do not depend on p. Unions and
+left edge (j >= p - left) only gets harder, Sink and Strided do not depend on p, and a Block
+shares none of its keys with queries of later blocks (j < q_pos <= p). Unions and
 intersections keep that, so a key that the query at q_pos cannot see is seen by no later query,
 and the keys to keep are exactly that query's visible ones. `Global`'s `q < n` counts query
 *indices* within a call, and a later call may start at any position: the one-query call at q_pos

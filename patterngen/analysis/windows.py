@@ -89,3 +89,20 @@ def window_dim_pairs(L: int, w: int, s: int, d: int, causal: bool, tq: int, tk: 
             qa[rows], qb[rows], ka, kb, L, w, s, causal)
     any_, all_ = window_interval_status(qa[rows], qb[rows], ka, kb, L, w, s, d, causal)
     return rows, kt, any_, all_
+
+
+class WindowDim:
+    """`Window` along one dimension of extent L, with the interface `BlocksDim` has too
+    (hull, status, pairs), so the tile analysis treats both per dimension alike."""
+
+    def __init__(self, L: int, w: int, s: int, d: int, causal: bool):
+        self.nq, self.args = L, (L, w, s, d, causal)
+
+    def hull(self, qa, qb):
+        return window_hull(qa, qb, *self.args)
+
+    def status(self, qa, qb, ka, kb):
+        return window_interval_status(qa, qb, ka, kb, *self.args)
+
+    def pairs(self, tq: int, tk: int):
+        return window_dim_pairs(*self.args, tq, tk)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import (Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
+from ..ir import (Band, Blocks, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 
 
@@ -95,6 +95,11 @@ def window_1d(i, j, L: int, w: int, s: int, d: int, causal: bool, ops=TORCH):
     return vis if d == 1 else vis & (r == j % d)
 
 
+def block_index(x: torch.Tensor, size: int, shift: int) -> torch.Tensor:
+    """`Blocks`' block of coordinate x: floor((x - shift) / size), for negative x too."""
+    return torch.div(x - shift, size, rounding_mode="floor")
+
+
 def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
             block_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean visibility of flattened key indices `kv` for flattened query indices `q`
@@ -122,6 +127,16 @@ def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
         for (w, s, d, c), L, qi, ki in zip(pattern.dims(spec.ndim), spec.q_shape,
                                            unravel(q, spec.q_shape), unravel(kv, spec.kv_shape)):
             m = window_1d(qi, ki, L, w, s, d, c)
+            out = m if out is None else out & m
+        return out
+    if isinstance(pattern, Blocks):
+        if spec.ndim == 1:  # flattened tokens, queries aligned bottom-right to the keys
+            (size, shift), = pattern.dims(1)
+            return block_index(q + offset, size, shift) == block_index(kv, size, shift)
+        out = None
+        for (size, shift), qi, ki in zip(pattern.dims(spec.ndim), unravel(q, spec.q_shape),
+                                         unravel(kv, spec.kv_shape)):
+            m = block_index(qi, size, shift) == block_index(ki, size, shift)
             out = m if out is None else out & m
         return out
     if isinstance(pattern, Routed):

@@ -14,7 +14,7 @@ from functools import cached_property
 
 import torch
 
-from ..ir import Band, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Strided, Union, Window
+from ..ir import Band, Blocks, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Strided, Union, Window
 
 MAX_TERMS = 4096  # inclusion-exclusion terms of `expand`; beyond, `TooManyTerms` (counting then uses tiles)
 
@@ -126,7 +126,7 @@ def expand(pattern: Pattern) -> Poly:
     if isinstance(pattern, Strided) and pattern.block > 1:  # a disjoint union of per-key congruences
         return {frozenset({Strided(pattern.period, pattern.offset * pattern.block + t)}): 1
                 for t in range(pattern.block)}
-    if isinstance(pattern, (Causal, Band, Window, Strided)):
+    if isinstance(pattern, (Causal, Band, Window, Blocks, Strided)):
         return {frozenset({pattern}): 1}
     if isinstance(pattern, Intersection):
         out = {one: 1}

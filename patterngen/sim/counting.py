@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from ..ir import Band, Causal, Full, Intersection, Pattern, Routed, Sink, Spec, Strided, Window
+from ..ir import Band, Blocks, Causal, Full, Intersection, Pattern, Routed, Sink, Spec, Strided, Window
 from ..analysis.plan import build_plan
 from ..routing.blocks import normalize_block_indices
-from ..core.semantics import group_length, unravel, visible, window_bounds
+from ..core.semantics import block_index, group_length, unravel, visible, window_bounds
 from ..core.statuses import expand_ranges
 from ..core.tile_eval import CHUNK, Tokens, VisibleFn, grid_tokens, pattern_visible, tile_masks
 from ..core.tiles import Tiling
@@ -78,6 +78,7 @@ class _Conj:
         self.dlo, self.dhi = -(spec.nq + spec.nkv), spec.nq + spec.nkv  # bounds on kv - q
         self.strides: list[tuple[int, int]] = []
         self.windows: list[Window] = []
+        self.grid_blocks: list[Blocks] = []
         self.blocks: int | None = None
         for a in atoms:
             if isinstance(a, KvBelow):
@@ -92,6 +93,8 @@ class _Conj:
                 self.strides.append((a.stride, a.offset))
             elif isinstance(a, Window):
                 self.windows.append(a)
+            elif isinstance(a, Blocks):
+                self.grid_blocks.append(a)
             elif isinstance(a, RoutedBlocks):
                 self.blocks = a.block
             else:  # pragma: no cover - atoms come from `expand`
@@ -290,7 +293,7 @@ def _count_tiles_fallback(conj: _Conj, spec: Spec, routes: Routes | None) -> int
                             _conjunction(conj.atoms - {RoutedBlocks(blk)}, spec, None))
     ir_atoms = [a if not isinstance(a, KvBelow) else Sink(a.n) for a in conj.atoms if not isinstance(a, QBelow)]
     pattern = Intersection.of(*ir_atoms) if ir_atoms else Full()
-    tile = _counting_box(spec.q_shape) if conj.windows else 64  # flattened-index atoms: flat tiles
+    tile = _counting_box(spec.q_shape) if conj.windows or conj.grid_blocks else 64  # flattened-index atoms: flat
     sub = Spec(pattern, spec.q_shape, spec.kv_shape)
     plan = build_plan(sub, Tiling(tile, tile))
     qt, kt, full = plan.groups[0].pairs()
@@ -317,12 +320,37 @@ def _counting_box(shape: tuple[int, ...], volume: int = 64) -> tuple[int, ...] |
     return tuple(tile)
 
 
+def _count_blocks(blocks: list[Blocks], spec: Spec) -> int:
+    """Pairs in the same block of every `Blocks`, per dimension the sum over the common
+    blocks of queries times keys (one pass over each extent), multiplied over dimensions."""
+    off, extents = (spec.nkv - spec.nq, [(spec.nq, spec.nkv)]) if spec.ndim == 1 else (0, zip(spec.q_shape,
+                                                                                                spec.kv_shape))
+    total = 1
+    for k, (nq, nkv) in enumerate(extents):
+        same_q = same_k = None
+        for b in blocks:
+            size, shift = b.dims(spec.ndim)[k]
+            bq, bk = block_index(torch.arange(nq) + off, size, shift), block_index(torch.arange(nkv), size, shift)
+            # a pair must share the block of every Blocks: key the coordinates by their tuple of blocks
+            same_q = bq[:, None] if same_q is None else torch.cat([same_q, bq[:, None]], 1)
+            same_k = bk[:, None] if same_k is None else torch.cat([same_k, bk[:, None]], 1)
+        keys, inv = torch.unique(torch.cat([same_q, same_k]), dim=0, return_inverse=True)
+        cq = torch.bincount(inv[:nq], minlength=len(keys))
+        ck = torch.bincount(inv[nq:], minlength=len(keys))
+        total *= int((cq * ck).sum())
+    return total
+
+
 def count_conjunction(atoms: frozenset, spec: Spec, block_mask=None) -> int:
     """Exact number of (q, kv) pairs that satisfy every atom (`block_mask`: see count_pattern)."""
     routes = as_routes(block_mask)
     conj = _Conj(atoms, spec)
     if conj.q_end <= 0 or conj.kv_end <= 0 or conj.dlo > conj.dhi:
         return 0
+    if conj.grid_blocks:
+        if all(isinstance(a, Blocks) for a in atoms):
+            return _count_blocks(conj.grid_blocks, spec)
+        return _count_tiles_fallback(conj, spec, routes)
     if conj.windows and spec.ndim > 1:
         if conj.blocks is None and not conj.strides and conj.q_end == spec.nq and conj.kv_end == spec.nkv \
                 and conj.dlo <= -spec.nq and conj.dhi >= spec.nkv:
@@ -349,7 +377,8 @@ def count_pattern(pattern: Pattern, spec: Spec, block_mask=None) -> int:
 def _count_pattern_tiles(pattern: Pattern, spec: Spec, routes: Routes | None) -> int:
     """Whole-pattern fallback: tile analysis, then element-wise on partial tiles."""
     routed = any(isinstance(n, Routed) for n in pattern.walk())
-    tile = 64 if routed or not any(isinstance(n, Window) for n in pattern.walk()) else _counting_box(spec.q_shape)
+    grid = any(isinstance(n, (Window, Blocks)) for n in pattern.walk())
+    tile = 64 if routed or not grid else _counting_box(spec.q_shape)
     sub = Spec(pattern, spec.q_shape, spec.kv_shape)
     indices = None
     if routed:  # the routes of one (batch, head) as indices of a one-head spec
