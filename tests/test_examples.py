@@ -111,17 +111,24 @@ def test_video_gna_window_and_block_sparsity():
 
 
 def test_s2_heads_together_cover_the_causal_context():
+    """DKernel's rule per head h: a 1024-token band plus every key of the 64-key blocks b with
+    (b + 1 + h) % 8 == 0; the 8 distinct heads' blocks cover every block, so their union is the
+    whole causal context; the strided blocks are whole kv tiles (no mask code past the band)."""
     spec = one("s2_attention.py")
     rows = torch.tensor([5, 2000, 32767])
     union = torch.zeros(len(rows), spec.nkv, dtype=torch.bool)
     for h in range(8):
         vis = visible_keys(spec, h, rows)
-        for i, q in enumerate(rows.tolist()):  # a 1024-token band plus every 8th key, at offset h
-            want = set(range(max(0, q - 1023), q + 1)) | set(range(h, q + 1, 8))
+        for i, q in enumerate(rows.tolist()):
+            want = set(range(max(0, q - 1023), q + 1)) | {j for j in range(q + 1) if (j // 64 + 1 + h) % 8 == 0}
             assert set(torch.nonzero(vis[i]).flatten().tolist()) == want
         union |= vis
     assert torch.equal(union, torch.arange(spec.nkv)[None, :] <= rows[:, None])
     assert len(set(spec.head_patterns)) == 8
+    plan = pg.build_plan(pg.Spec(spec.head_patterns[0], 32768, num_heads=1, head_dim=128), pg.Tiling(64, 64))
+    # partial: the 512 diagonal tiles and the band's left edge of q tiles 16..511, except where a
+    # strided block fills the edge tile (head 0: kv tiles 7, 15, ..., one in 8 of them)
+    assert plan.counts()["partial"] == 512 + 496 - 62
 
 
 def test_duo_attention_retrieval_and_streaming_heads():
