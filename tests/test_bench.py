@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 pytestmark = [pytest.mark.interpreter,
               pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")]
 
-NAMES = ["causal-sliding-window", "sinks-window", "neighborhood-2d", "gna-3d", "gna-3d-strided", "s2-shards",
-         "routed-topk", "dense-causal", "moh-causal-50", "moh-causal-75", "moh-neighborhood-2d-50",
+NAMES = ["causal-sliding-window", "sinks-window", "neighborhood-2d", "swin-shifted", "gna-3d", "gna-3d-strided",
+         "s2-shards", "routed-topk", "dense-causal", "moh-causal-50", "moh-causal-75", "moh-neighborhood-2d-50",
          "moh-neighborhood-2d-75"]
 
 

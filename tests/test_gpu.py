@@ -31,6 +31,9 @@ CASES = {
     "neighborhood_2d": pg.Spec(pg.Window((7, 9)), q_shape=(32, 48), num_heads=2, head_dim=64),
     "strided_3d": pg.Spec(pg.Window((4, 8, 8), stride=(2, 4, 4)), q_shape=(8, 16, 16), num_heads=2, head_dim=64),
     "per_head": pg.Spec(pg.Heads([pg.Causal(), pg.Band(63) & pg.Causal()]), q_shape=777, num_heads=2, head_dim=64),
+    "s2_blocks": pg.Spec(pg.Heads([(pg.Band(255) | pg.Strided(8, 7 - h, block=64)) & pg.Causal() for h in range(2)]),
+                         q_shape=3000, num_heads=2, head_dim=128),
+    "swin_shifted": pg.Spec(pg.Blocks(7, shift=3), q_shape=(56, 56), num_heads=3, head_dim=32),
 }
 FREE = pg.Spec((pg.Sink(4) | pg.Band(255)) & pg.Causal(), num_heads=8, num_kv_heads=2, head_dim=128)
 """A length-free spec: one decode and one prefill kernel for every length below."""

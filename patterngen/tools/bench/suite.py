@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...routing.heads import route_heads
-from ...ir import Band, Causal, Heads, Routed, Sink, Spec, Strided, Window
+from ...ir import Band, Blocks, Causal, Heads, Routed, Sink, Spec, Strided, Window
 
 SCALES = ("full", "quick", "smoke")
 
@@ -33,8 +33,11 @@ def moh_routing(spec: Spec, fraction: float, generator: torch.Generator) -> torc
     return route_heads(scores, max(0, round(fraction * H) - shared), shared=shared)[0]
 
 
-def _s2(heads: int, band: int, stride: int):
-    return Heads([(Band(band - 1) | Strided(stride, offset=h % stride)) & Causal() for h in range(heads)])
+def _s2(heads: int, band: int, stride: int, block: int):
+    """S2-Attention's heads as its kernel library DKernel lays them out: a band plus every
+    `stride`-th block of `block` keys, the blocks shifted by one per head."""
+    return Heads([(Band(band - 1) | Strided(stride, (stride - 1 - h) % stride, block=block)) & Causal()
+                  for h in range(heads)])
 
 
 def suite(scale: str = "full") -> list[Case]:
@@ -46,21 +49,21 @@ def suite(scale: str = "full") -> list[Case]:
     if scale == "full":
         hd, h32, h24 = 128, 32, 24
         n32k, win, sink_win, n8k = 32768, 4096, 1024, 8192
-        grid2, win2 = (128, 128), (31, 31)
+        grid2, win2, swin = (128, 128), (31, 31), 8
         grid3, win3, stride3 = (30, 48, 80), (18, 24, 24), (16, 8, 8)
-        s2_band, s2_stride, route = 1024, 8, (128, 16)
+        s2_band, s2_stride, s2_block, route = 1024, 8, 64, (128, 16)
     elif scale == "quick":
         hd, h32, h24 = 128, 32, 24
         n32k, win, sink_win, n8k = 8192, 1024, 256, 2048
-        grid2, win2 = (64, 64), (15, 15)
+        grid2, win2, swin = (64, 64), (15, 15), 8
         grid3, win3, stride3 = (16, 24, 40), (9, 12, 12), (8, 4, 4)
-        s2_band, s2_stride, route = 256, 8, (128, 4)
+        s2_band, s2_stride, s2_block, route = 256, 8, 64, (128, 4)
     else:
         hd, h32, h24 = 32, 2, 2
         n32k, win, sink_win, n8k = 256, 64, 32, 128
-        grid2, win2 = (16, 16), (5, 5)
+        grid2, win2, swin = (16, 16), (5, 5), 4
         grid3, win3, stride3 = (4, 8, 8), (3, 4, 4), (2, 2, 2)
-        s2_band, s2_stride, route = 32, 4, (32, 2)
+        s2_band, s2_stride, s2_block, route = 32, 4, 16, (32, 2)
     s2_heads = h32 if scale != "smoke" else 4
     moh_heads = h32 if scale != "smoke" else 4
 
@@ -74,13 +77,16 @@ def suite(scale: str = "full") -> list[Case]:
              spec((Sink(4) | Band(sink_win - 1)) & Causal(), n32k, h32), causal=True),
         Case("neighborhood-2d", f"2-D neighborhood {grid2[0]}x{grid2[1]}, window {win2[0]}x{win2[1]}",
              spec(Window(win2), grid2, h24), causal=False),
+        Case("swin-shifted", f"Swin shifted windows {grid2[0]}x{grid2[1]}, window {swin} shifted by {swin // 2}",
+             spec(Blocks(swin, shift=swin // 2), grid2, h24), causal=False),
         Case("gna-3d", f"3-D GNA {'x'.join(map(str, grid3))}, window {'x'.join(map(str, win3))}, stride 1",
              spec(Window(win3), grid3, h24), causal=False),
         Case("gna-3d-strided", f"3-D GNA {'x'.join(map(str, grid3))}, window {'x'.join(map(str, win3))}, "
              f"stride {'x'.join(map(str, stride3))}",
              spec(Window(win3, stride=stride3), grid3, h24), causal=False, block_sparse_target=True),
-        Case("s2-shards", f"S2-style per-head shards, {n32k} tokens: band {s2_band} + stride {s2_stride}, "
-             f"offset per head", spec(_s2(s2_heads, s2_band, s2_stride), n32k, s2_heads), causal=True),
+        Case("s2-shards", f"S2 per-head shards (DKernel), {n32k} tokens: band {s2_band} + every {s2_stride}th "
+             f"block of {s2_block} keys, offset per head", spec(_s2(s2_heads, s2_band, s2_stride, s2_block), n32k,
+                                                                s2_heads), causal=True),
         Case("routed-topk", f"routed top-k, {n32k} tokens, block {route[0]}, top-k {route[1]}",
              spec(Routed(route[0], route[1], causal=True), n32k, h32), causal=True),
         Case("dense-causal", f"dense causal, {n8k} tokens", spec(Causal(), n8k, h32), causal=True),
