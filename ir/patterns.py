@@ -326,6 +326,16 @@ class Strided(Pattern):
 
 
 @dataclass(frozen=True, repr=False)
+class Clustered(Pattern):
+    """Content-clustered attention (Routing Transformer): query i sees key j iff their run-time
+    cluster ids are equal (and not -1, which means in no cluster). The ids come with each call
+    (`pg.attention(..., q_clusters=, kv_clusters=)`; `pg.cluster` computes them by k-means)."""
+
+    def __repr__(self):
+        return "Clustered()"
+
+
+@dataclass(frozen=True, repr=False)
 class Routed(Pattern):
     """Content-selected key blocks: query block qb sees key block kb iff kb is among
     the run-time indices of (batch, head, qb); `causal` adds kv <= q.

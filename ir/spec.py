@@ -7,7 +7,7 @@ import operator
 import json
 from dataclasses import dataclass, field, fields
 
-from .patterns import (JSON_VERSION, JSON_VERSION_KEY, Blocks, HeadPatterns, Pattern, Routed, Window, head_patterns,
+from .patterns import (JSON_VERSION, JSON_VERSION_KEY, Blocks, Clustered, HeadPatterns, Pattern, Routed, Window, head_patterns,
                        json_value)
 
 
@@ -64,6 +64,7 @@ class Spec:
     head_dim: int = 64
     _heads: HeadPatterns = field(default=(), init=False, repr=False, compare=False, hash=False)
     routed: Routed | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    clustered: bool = field(default=False, init=False, repr=False, compare=False, hash=False)
     """The Routed node of this spec (all share block and topk), or None."""
     _nq: int | None = field(default=None, init=False, repr=False, compare=False, hash=False)
     _nkv: int | None = field(default=None, init=False, repr=False, compare=False, hash=False)
@@ -116,8 +117,9 @@ class Spec:
         if len(routed) > 1:
             raise ValueError(f"Spec: all Routed nodes must share (block, topk), since one index tensor "
                              f"serves them all; got {sorted(routed)}")
-        # a plain attribute, not a cached property: torch.compile traces reads of it
+        # plain attributes, not cached properties: torch.compile traces reads of them
         object.__setattr__(self, "routed", first_routed)
+        object.__setattr__(self, "clustered", any(isinstance(n, Clustered) for p in heads.unique for n in p.walk()))
         object.__setattr__(self, "_hash", self._fields_hash())
 
     # -- geometry --------------------------------------------------------------

@@ -1,7 +1,7 @@
 """patterngen: a compiler for sparse attention patterns."""
 from .version import __version__
 
-from .ir import (Band, Blocks, Causal, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
+from .ir import (Band, Blocks, Causal, Clustered, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 from .ir import from_json
 from .core.oracle import dense_mask
@@ -11,6 +11,7 @@ from .routing.blocks import route
 from .routing.heads import gate_heads, route_heads
 from .core.tiles import TileGrid, Tiling
 from .api import attention, compile
+from .clusters import cluster
 from .dispatch import explain
 from .sim import simulate
 from .aot import load

@@ -9,10 +9,13 @@ decides every call, with the reason).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .backends.inputs import (check_head_indices, check_inputs, check_scale, check_score_mods, check_segments,
                               check_sinks)
+from .clusters import clustered_attention
 from .dispatch import compile_options
 from .ir import Spec
 from .op import attention_forward, attention_op, runs_eagerly
@@ -64,7 +67,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
               softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
               kv_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
-              kv_offsets: torch.Tensor | None = None, _options: str = ""):
+              kv_offsets: torch.Tensor | None = None, q_clusters: torch.Tensor | None = None,
+              kv_clusters: torch.Tensor | None = None, _options: str = ""):
     """Sparse attention of `spec`: q [B, Hq, Nq, D], k/v [B, Hkv, Nkv, D] -> out [B, Hq, Nq, D]
     (and the log-sum-exp [B, Hq, Nq], float32 or float64 for float64 inputs, when `return_lse`).
 
@@ -87,6 +91,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     entry b's keys are k[b, :, kv_offsets[b]:][:kv_lens[b]] (left padding, positions counted
     from the first real token). Each piece runs as its own call
     (patterngen/segments.py): no tile spans two pieces, keys past a length are never read.
+    Clustered specs (`pg.Clustered()`, Routing Transformer): `q_clusters` [B, Hq, Nq] and
+    `kv_clusters` [B, Hq or Hkv, Nkv] int cluster ids (-1: in no cluster; see `pg.cluster`);
+    a spec of only Clustered() heads runs sorted by cluster as packed documents, compositions
+    run the exact masked computation per head (`patterngen/clusters.py`).
+
     Differentiable in q, k and v; a row with no visible key gives zeros. Runs
     the `patterngen::attention` op: the reference backend on CPU, the generated Triton
     kernels on CUDA, and `torch.compile` traces it without graph breaks.
@@ -94,6 +103,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     _check_spec(spec)
     check_inputs(q, k, v, spec, paged=block_table is not None)
     scale = check_scale(scale, spec.head_dim)
+    if spec.clustered or q_clusters is not None or kv_clusters is not None:
+        extras = {"block_indices": block_indices, "head_indices": head_indices, "sinks": sinks, "softcap": softcap,
+                  "alibi_slopes": alibi_slopes, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+                  "kv_lens": kv_lens, "block_table": block_table, "kv_offsets": kv_offsets}
+        given = [name for name, value in extras.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not supported with Clustered() specs yet (cluster ids only)")
+        packed = functools.partial(attention, _options=_options)  # the packed path runs through this op
+        out, lse = clustered_attention(q, k, v, spec, q_clusters, kv_clusters, scale, packed)
+        return (out, lse) if return_lse else out
     if block_indices is not None and not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     check_head_indices(head_indices, q)

@@ -25,7 +25,7 @@ EXAMPLES = [
     pg.Band(127), pg.Band(3, 5), pg.Sink(4), pg.Global(2),
     pg.Strided(4), pg.Strided(5, 3), pg.Strided(4, 1, block=64), pg.Strided(2, block=3),
     pg.Blocks(7), pg.Blocks(8, shift=4), pg.Blocks((2, 4), shift=(1, 0)), pg.Blocks(4, shift=(1, 2)),
-    pg.Routed(64, 4), pg.Routed(16, 2, causal=True),
+    pg.Routed(64, 4), pg.Routed(16, 2, causal=True), pg.Clustered(), pg.Clustered() & pg.Causal(),
     A, pg.Causal() | pg.Strided(3, 1) | pg.Sink(1),
     pg.Union((pg.Union((pg.Sink(1), pg.Band(2))), pg.Causal())),  # built directly: nested, not flattened
     pg.Intersection((pg.Causal(), pg.Intersection((pg.Band(3), pg.Strided(2))))),

@@ -88,6 +88,9 @@ def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Te
     """Classify every tile pair of every head and collect the visited ones."""
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a patterngen.Spec, got {type(spec).__name__}")
+    if spec.clustered:
+        raise ValueError(f"spec: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids, so it has no "
+                         f"tile plan ahead of a call; run it with pg.attention(..., q_clusters=, kv_clusters=)")
     tiling = default_tiling(spec) if tiling is None else tiling
     if not isinstance(tiling, Tiling):
         raise TypeError(f"tiling must be a patterngen Tiling, got {type(tiling).__name__}")

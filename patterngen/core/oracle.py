@@ -15,9 +15,10 @@ in temporaries while it is computed). Larger specs are analysed tile by tile (`b
 
 
 def dense_mask(spec: Spec, block_indices: torch.Tensor | None = None, *,
-               max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
+               max_elements: int = MAX_ELEMENTS, clusters: tuple | None = None) -> torch.Tensor:
     """torch.bool [num_heads, Nq, Nkv] (or [B, num_heads, Nq, Nkv] when batched
-    block indices are given): True where query q may attend key kv.
+    block indices are given): True where query q may attend key kv. `clusters` = (q ids
+    [num_heads, Nq], kv ids [num_heads, Nkv]) are a Clustered spec's cluster ids (one batch entry).
 
     Refuses masks of more than `max_elements` entries (default `MAX_ELEMENTS`, 2**30)."""
     if not isinstance(spec, Spec):
@@ -38,6 +39,15 @@ def dense_mask(spec: Spec, block_indices: torch.Tensor | None = None, *,
     if spec.num_heads == 0:
         return torch.zeros((batch, 0, spec.nq, spec.nkv) if block_indices is not None and block_indices.dim() == 4
                            else (0, spec.nq, spec.nkv), dtype=torch.bool)
+    if clusters is not None:
+        if indices is not None:
+            raise ValueError("dense_mask: give block_indices or clusters, not both")
+        cq, ck = clusters
+        if tuple(cq.shape) != (spec.num_heads, spec.nq) or tuple(ck.shape) != (spec.num_heads, spec.nkv):
+            raise ValueError(f"clusters: expected ids [{spec.num_heads}, {spec.nq}] and [{spec.num_heads}, "
+                             f"{spec.nkv}] (one batch entry, per head), got {list(cq.shape)} and {list(ck.shape)}")
+        return torch.stack([visible(p, q, kv, spec, clusters=(cq[h], ck[h])).expand(spec.nq, spec.nkv)
+                            for h, p in enumerate(spec.head_patterns)])
     if indices is None:
         masks = {p: visible(p, q, kv, spec) for p in spec.head_patterns.unique}
         return torch.stack([masks[p] for p in spec.head_patterns])

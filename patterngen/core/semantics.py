@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import (Band, Blocks, Causal, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
+from ..ir import (Band, Blocks, Causal, Clustered, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 
 
@@ -101,12 +101,13 @@ def block_index(x: torch.Tensor, size: int, shift: int) -> torch.Tensor:
 
 
 def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
-            block_mask: torch.Tensor | None = None) -> torch.Tensor:
+            block_mask: torch.Tensor | None = None, clusters: tuple | None = None) -> torch.Tensor:
     """Boolean visibility of flattened key indices `kv` for flattened query indices `q`
     (broadcast together) under a Heads-free `pattern`.
 
     `block_mask` [num_q_blocks, num_kv_blocks] gives the selected blocks of a
-    Routed pattern for one (batch, head).
+    Routed pattern for one (batch, head); `clusters` (q ids [Nq], kv ids [Nkv]) the cluster
+    ids of a Clustered pattern for one (batch, head).
     """
     offset = spec.nkv - spec.nq  # bottom-right alignment of Causal/Band
     if isinstance(pattern, Full):
@@ -139,6 +140,12 @@ def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
             m = block_index(qi, size, shift) == block_index(ki, size, shift)
             out = m if out is None else out & m
         return out
+    if isinstance(pattern, Clustered):
+        if clusters is None:
+            raise ValueError("q_clusters, kv_clusters: the pattern contains Clustered(), so cluster ids are needed "
+                             "(see patterngen.cluster)")
+        cq, ck = clusters
+        return (cq[q] == ck[kv]) & (cq[q] >= 0)
     if isinstance(pattern, Routed):
         if block_mask is None:
             raise ValueError("block_indices: the pattern contains Routed blocks, so block indices are needed "
@@ -146,7 +153,7 @@ def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
         m = block_mask[q // pattern.block, kv // pattern.block]
         return m & (kv <= q + offset) if pattern.causal else m
     if isinstance(pattern, (Union, Intersection)):
-        parts = [visible(p, q, kv, spec, block_mask) for p in pattern.parts]
+        parts = [visible(p, q, kv, spec, block_mask, clusters) for p in pattern.parts]
         out = parts[0]
         for m in parts[1:]:
             out = (out | m) if isinstance(pattern, Union) else (out & m)

@@ -88,6 +88,9 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         path or a LinkModel; default 'nvlink-h100'), in `layout` ('contiguous', 'zigzag'; None
         picks the fastest): per-rank compute, bytes received and predicted time.
     """
+    if isinstance(spec, Spec) and spec.clustered:
+        raise ValueError(f"simulate: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids; the "
+                         f"simulator has no representative clustering yet")
     if world_size is not None:
         if block_indices is not None or active_heads is not None:
             raise ValueError("simulate: world_size takes static specs computing every head (no block_indices or "

@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..api import attention
+from ..clusters import cluster
 from ..ir import Spec
 from ..core.oracle import dense_mask
 from ..analysis.plan import Plan
@@ -92,17 +93,23 @@ def check_attention(small: Spec, seed: int = 0, tol: float = 1e-4) -> tuple[bool
     shape_q = (1, small.num_heads, small.nq, small.head_dim)
     shape_kv = (1, small.num_kv_heads, small.nkv, small.head_dim)
     q, k, v = (torch.randn(s, generator=gen) for s in (shape_q, shape_kv, shape_kv))
-    idx = None
+    idx = clusters = None
     if small.routed is not None:
         r = small.routed
         idx = route(q, k, r.block, r.topk, r.causal)
+    if small.clustered:  # about sqrt(N) / 2 clusters of the random tokens (the Routing Transformer uses ~sqrt(N))
+        clusters = cluster(q, k, max(1, round(small.nkv ** 0.5 / 2)), seed=seed)
     t0 = time.perf_counter()
-    out = attention(q, k, v, small) if idx is None else attention(q, k, v, small, block_indices=idx)
+    if clusters is not None:
+        out = attention(q, k, v, small, q_clusters=clusters[0], kv_clusters=clusters[1])
+    else:
+        out = attention(q, k, v, small) if idx is None else attention(q, k, v, small, block_indices=idx)
     t_ref = time.perf_counter() - t0
-    mask = dense_mask(small, idx)
+    mask = dense_mask(small, idx, clusters=None if clusters is None else (clusters[0][0], clusters[1][0]))
     want = dense_reference(q, k, v, mask)
     err = float((out - want).abs().max()) if out.shape == want.shape else float("inf")
     ok = err <= tol and bool(torch.isfinite(out).all())
-    routed = ", blocks from pg.route on the same q, k" if idx is not None else ""
+    routed = (", blocks from pg.route on the same q, k" if idx is not None else
+              ", clusters from pg.cluster on the same q, k" if clusters is not None else "")
     return ok, (f"pg.attention (reference, {t_ref:.2f} s) vs dense SDPA with the oracle mask, float32{routed}: "
                 f"max |diff| {err:.1e} (tol {tol:.0e}): {'OK' if ok else 'FAILED'}")

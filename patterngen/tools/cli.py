@@ -153,6 +153,15 @@ def cmd_run(args) -> int:
 
 
 def _run_one(spec: Spec, args) -> bool:
+    if spec.clustered:  # the pairs come with each call: no plan at full size
+        print(f"  full size: {spec.nq} x {spec.nkv} tokens, {spec.num_heads} heads, head_dim {spec.head_dim}; "
+              f"Clustered(): the pairs come from each call's cluster ids, so there is no plan to check ahead")
+        small, how = shrink_spec(spec, args.max_tokens)
+        print(f"  attention check on a scaled copy: {how}")
+        print(f"    {small!r}")
+        ok_attn, msg = check_attention(small, args.seed)
+        print(f"    {msg}")
+        return ok_attn
     tiling = choose_tiling(spec, args.tile)
     idx = demo_block_indices(spec, args.seed)
     t0 = time.perf_counter()

@@ -1,0 +1,177 @@
+"""Clustered attention (Routing Transformer): pairs chosen by run-time cluster ids.
+
+`cluster(q, k, num_clusters)` assigns queries and keys to shared centroids by spherical
+k-means, per batch entry and query head, as the Routing Transformer does. `attention` (what
+`pg.attention(..., q_clusters=, kv_clusters=)` runs) computes a spec holding `Clustered()`:
+
+* every head exactly `Clustered()`: the tokens of each (batch, head) are sorted by cluster
+  (stably), so that each cluster is a contiguous run of queries and of keys; every (batch,
+  head, cluster) becomes one packed document with full attention inside, run through the op's
+  packed-documents path (`cu_seqlens`: kernels on CUDA, one launch for the forward), and the
+  sort is undone on the output. Only same-cluster pairs are computed.
+* compositions (`Clustered() & Causal()`, unions, `Heads` mixing it with static patterns):
+  the exact masked computation per (batch, head), chunked over queries, from the element-wise
+  semantics: O(Nq x Nkv) work per head (correct, not fast; kernels that walk sorted tokens at
+  their original positions are not built yet).
+
+Cluster ids are ints >= -1; -1 puts a token in no cluster (its query row is zeros, lse -inf).
+"""
+from __future__ import annotations
+
+import torch
+
+from .backends.inputs import check_scale
+from .backends.reference.attention import masked_attention
+from .core.semantics import visible
+from .ir import Clustered, Full, Spec
+
+MAX_SCORES = 1 << 22
+"""Scores per chunk of the masked path (queries x keys)."""
+
+
+def cluster(q: torch.Tensor, k: torch.Tensor, num_clusters: int, iters: int = 10,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_clusters [B, Hq, Nq], kv_clusters [B, Hq, Nkv]) int64: per batch entry and query head,
+    queries and keys (the head's kv head under GQA) are normalised and clustered together by
+    `iters` rounds of spherical k-means (assign to the closest centroid by cosine, centroid =
+    normalised mean of its members; an emptied centroid stays), from `num_clusters` tokens
+    seeded farthest-first (the first drawn with `seed`). The Routing Transformer shares centroids between queries
+    and keys this way, so a query and the keys near it land in one cluster."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q, k: expected [B, Hq, Nq, D] and [B, Hkv, Nkv, D] with Hkv dividing Hq, got "
+                         f"{list(q.shape)} and {list(k.shape)}")
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"num_clusters: expected an int >= 1, got {num_clusters!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters: expected an int >= 0, got {iters!r}")
+    B, H, nq, _ = q.shape
+    with torch.no_grad():
+        kk = k.repeat_interleave(H // k.shape[1], 1)
+        x = torch.nn.functional.normalize(torch.cat([q, kk], 2).float(), dim=-1)  # [B, H, N, D]
+        n = x.shape[2]
+        if n == 0:
+            empty = torch.zeros(B, H, 0, dtype=torch.long, device=q.device)
+            return empty, torch.zeros(B, H, k.shape[2], dtype=torch.long, device=q.device)
+        # farthest-point seeding: a random token, then each next centroid the token least similar
+        # to those chosen (well-separated groups each get one)
+        g = torch.Generator().manual_seed(seed)
+        first = int(torch.randint(n, (1,), generator=g))
+        c = x[:, :, first:first + 1]  # [B, H, 1, D]
+        for _ in range(min(num_clusters, n) - 1):
+            nearest = (x @ c.transpose(-1, -2)).amax(-1)  # [B, H, N]
+            far = nearest.argmin(-1)  # [B, H]
+            c = torch.cat([c, x.gather(2, far[..., None, None].expand(B, H, 1, x.shape[-1]))], 2)
+        for _ in range(iters):
+            assign = (x @ c.transpose(-1, -2)).argmax(-1)  # [B, H, N]
+            sums = torch.zeros_like(c).scatter_add_(2, assign[..., None].expand_as(x), x)
+            moved = torch.nn.functional.normalize(sums, dim=-1)
+            c = torch.where(sums.norm(dim=-1, keepdim=True) > 0, moved, c)
+        assign = (x @ c.transpose(-1, -2)).argmax(-1)
+    return assign[:, :, :nq], assign[:, :, nq:]
+
+
+def check_clusters(q_clusters, kv_clusters, q: torch.Tensor, k: torch.Tensor, spec: Spec) -> tuple:
+    """The cluster ids as int64 [B, Hq, N] on q's device (kv ids given per kv head are spread to
+    their query heads), or a ValueError naming the argument."""
+    if (q_clusters is None) != (kv_clusters is None):
+        raise ValueError("q_clusters, kv_clusters: give both (cluster ids of the queries and of the keys)")
+    if q_clusters is None:
+        raise ValueError(f"q_clusters, kv_clusters: {spec!r} holds Clustered(), so each call needs the cluster ids "
+                         f"(see pg.cluster)")
+    if not spec.clustered:
+        raise ValueError(f"q_clusters, kv_clusters: {spec!r} holds no Clustered() node to use them")
+    B, H = q.shape[0], spec.num_heads
+    out = []
+    for name, ids, n, heads in (("q_clusters", q_clusters, q.shape[2], (H,)),
+                                ("kv_clusters", kv_clusters, k.shape[2], (H, spec.num_kv_heads))):
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{name}: expected an integer tensor, got "
+                             f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if ids.dim() != 3 or ids.shape[0] != B or ids.shape[1] not in heads or ids.shape[2] != n:
+            want = " or ".join(f"[{B}, {h}, {n}]" for h in heads)
+            raise ValueError(f"{name}: expected shape {want}, got {list(ids.shape)}")
+        if ids.numel() and int(ids.min()) < -1:
+            raise ValueError(f"{name}: ids are >= 0, or -1 for no cluster; got {int(ids.min())}")
+        ids = ids.to(q.device, torch.long)
+        if ids.shape[1] != H:
+            ids = ids.repeat_interleave(H // ids.shape[1], 1)
+        out.append(ids)
+    return tuple(out)
+
+
+def _sorted_documents(cq: torch.Tensor, ck: torch.Tensor):
+    """Per (batch, head) the stable sort of tokens by cluster (-1 last), and the packed
+    documents: one per (batch, head, cluster) with its query and key counts (keys in no
+    cluster dropped, queries in none get a document with no keys)."""
+    B, H, _ = cq.shape
+    big = int(max(cq.max() if cq.numel() else 0, ck.max() if ck.numel() else 0)) + 1  # id of "no cluster"
+    keyq = torch.where(cq < 0, big, cq)
+    keyk = torch.where(ck < 0, big, ck)
+    order_q = torch.sort(keyq, dim=-1, stable=True).indices
+    order_k = torch.sort(keyk, dim=-1, stable=True).indices
+    nq = torch.zeros(B, H, big + 1, dtype=torch.long, device=cq.device).scatter_add_(2, keyq, torch.ones_like(keyq))
+    nk = torch.zeros(B, H, big + 1, dtype=torch.long, device=ck.device).scatter_add_(2, keyk, torch.ones_like(keyk))
+    nk[..., big] = 0  # keys in no cluster: never seen
+    return order_q, order_k, nq.flatten(), nk.flatten()
+
+
+def _packed(cq, ck, q, k, v, spec: Spec, scale: float, attention):
+    """Every head exactly Clustered(): (out, lse) through sorted, packed documents."""
+    B, H, nq, D = q.shape
+    g = H // spec.num_kv_heads
+    order_q, order_k, docs_q, docs_k = _sorted_documents(cq, ck)
+    bh = torch.arange(B * H, device=q.device)
+    b, h = bh // H, bh % H
+    qs = q[b[:, None], h[:, None], order_q.view(B * H, -1)]  # [B*H, Nq, D], each row sorted by cluster
+    ks = k[b[:, None], (h // g)[:, None], order_k.view(B * H, -1)]
+    vs = v[b[:, None], (h // g)[:, None], order_k.view(B * H, -1)]
+    keep_k = torch.where(ck.view(B * H, -1).gather(1, order_k.view(B * H, -1)) >= 0)
+    ks, vs = ks[keep_k], vs[keep_k]  # keys in no cluster dropped: [total_k, D]
+    cu = [torch.cat([torch.zeros(1, dtype=torch.long, device=q.device), d.cumsum(0)]).to(torch.int32)
+          for d in (docs_q, docs_k)]
+    free = Spec(Full(), num_heads=1, head_dim=D)
+    out, lse = attention(qs.reshape(1, 1, -1, D), ks.reshape(1, 1, -1, D), vs.reshape(1, 1, -1, D), free,
+                         scale=scale, return_lse=True, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
+    inverse = torch.argsort(order_q.view(B * H, -1), dim=1)
+    out = out.view(B * H, nq, D).gather(1, inverse[..., None].expand(B * H, nq, D))
+    lse = lse.view(B * H, nq).gather(1, inverse)
+    return out.view(B, H, nq, D), lse.view(B, H, nq)
+
+
+def _masked(cq, ck, q, k, v, spec: Spec, scale: float):
+    """Any spec holding Clustered(): the exact masked computation per (batch, head)."""
+    B, H, nq, D = q.shape
+    nkv, g = k.shape[2], H // spec.num_kv_heads
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if nq == 0 or nkv == 0:  # no pair: zeros, lse -inf
+        return q.new_zeros(q.shape), torch.full((B, H, nq), float("-inf"), dtype=acc, device=q.device)
+    rows = max(1, MAX_SCORES // max(nkv, 1))
+    kj = torch.arange(nkv, device=q.device)[None, :]
+    outs, lses = [], []
+    for b in range(B):
+        for h in range(H):
+            pattern = spec.head_patterns[h]
+            K, V = k[b, h // g].to(acc), v[b, h // g].to(acc)
+            o_parts, l_parts = [], []
+            for r0 in range(0, nq, rows):
+                qi = torch.arange(r0, min(nq, r0 + rows), device=q.device)[:, None]
+                mask = visible(pattern, qi, kj, spec, clusters=(cq[b, h], ck[b, h])).expand(len(qi), nkv)
+                o, l, _ = masked_attention(q[b, h, r0:r0 + rows].to(acc), K, V, mask, scale)
+                o_parts.append(o)
+                l_parts.append(l)
+            outs.append(torch.cat(o_parts) if o_parts else q.new_zeros(0, D, dtype=acc))
+            lses.append(torch.cat(l_parts) if l_parts else q.new_zeros(0, dtype=acc))
+    return torch.stack(outs).view(B, H, nq, D).to(q.dtype), torch.stack(lses).view(B, H, nq)
+
+
+def clustered_attention(q, k, v, spec: Spec, q_clusters, kv_clusters, scale: float | None, attention):
+    """(out, lse) of a spec holding Clustered() (`attention`: pg.attention, for the packed path)."""
+    cq, ck = check_clusters(q_clusters, kv_clusters, q, k, spec)
+    scale = check_scale(scale, spec.head_dim)
+    bound = spec.bind(q.shape[2], k.shape[2]) if spec.length_free else spec
+    if all(p == Clustered() for p in bound.head_patterns.unique):
+        return _packed(cq, ck, q, k, v, bound, scale, attention)
+    return _masked(cq, ck, q, k, v, bound, scale)
+
+
+__all__ = ["cluster", "clustered_attention", "check_clusters"]
