@@ -125,33 +125,45 @@ def _arch(value, origin: str) -> int | None:
 
 def available_devices() -> list[str]:
     """Names of the device models shipped with patterngen."""
-    return sorted(p.stem for p in DEVICE_DIR.glob("*.json"))
+    return shipped(DEVICE_DIR)
+
+
+def shipped(folder: Path) -> list[str]:
+    """Names of the JSON models in a folder of shipped models."""
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def load_model(value, cls, what: str, folder: Path):
+    """A model of type `cls` (a dataclass with `from_dict(data, origin)`) from an instance, a
+    dict, a shipped name (a JSON file of `folder`) or a JSON file's path; `what` names the
+    argument in errors ("device", "link")."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls.from_dict(value)
+    names = ", ".join(shipped(folder))
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a name ({names}), a path to a JSON file or a {cls.__name__}, got {value!r}")
+    text = os.fspath(value)
+    path = Path(text)
+    if not (text.endswith(".json") or path.is_file()):
+        path = folder / f"{text.lower()}.json"
+        if not path.is_file():
+            raise ValueError(f"{what}: unknown {what} {text!r}; shipped models: {names} (or give the path of a JSON "
+                             f"{what} model)")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file {text!r}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {text!r} is not valid JSON: {e}") from None
+    return cls.from_dict(data, origin=path.name)
 
 
 def load_device(device: "str | os.PathLike | DeviceModel | Mapping") -> DeviceModel:
     """A device model from a shipped name ('h100', 'h200', 'b200', 'a100'), a path to a
     JSON file with the same fields (the way to add a GPU), a dict, or a DeviceModel."""
-    if isinstance(device, DeviceModel):
-        return device
-    if isinstance(device, Mapping):
-        return DeviceModel.from_dict(device)
-    if not isinstance(device, (str, os.PathLike)):
-        raise TypeError(f"device must be a name ({', '.join(available_devices())}), a path to a JSON file or a "
-                        f"DeviceModel, got {device!r}")
-    text = os.fspath(device)
-    path = Path(text)
-    if not (text.endswith(".json") or path.is_file()):
-        path = DEVICE_DIR / f"{text.lower()}.json"
-        if not path.is_file():
-            raise ValueError(f"device: unknown device {text!r}; shipped models: {', '.join(available_devices())} "
-                             f"(or give the path of a JSON device model)")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"device: no such file {text!r}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"device: {text!r} is not valid JSON: {e}") from None
-    return DeviceModel.from_dict(data, origin=path.name)
+    return load_model(device, DeviceModel, "device", DEVICE_DIR)
 
 
 __all__ = ["DeviceModel", "load_device", "available_devices", "DEVICE_DIR", "BYTES_PER_ELEMENT", "KERNEL_KEYS",

@@ -18,7 +18,6 @@ comparison: every rank receives the other (world_size - 1) shards, one per step.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from ..analysis.shards import LAYOUTS, DistributedPlan, plan, ring_tokens
 from ..core.tiles import Tiling
 from ..ir import Spec
-from .device import BYTES_PER_ELEMENT, DeviceModel, load_device
+from .device import BYTES_PER_ELEMENT, DeviceModel, load_device, load_model, shipped
 from .time_model import Workload, predict_time
 
 LINK_DIR = Path(__file__).with_name("links")
@@ -71,32 +70,13 @@ class LinkModel:
 
 def available_links() -> list[str]:
     """Names of the link models shipped with patterngen."""
-    return sorted(p.stem for p in LINK_DIR.glob("*.json"))
+    return shipped(LINK_DIR)
 
 
 def load_link(link: "str | os.PathLike | LinkModel | Mapping") -> LinkModel:
     """A link model from a shipped name (`available_links()`), a JSON file's path, a dict or a
     LinkModel."""
-    if isinstance(link, LinkModel):
-        return link
-    if isinstance(link, Mapping):
-        return LinkModel.from_dict(link)
-    if not isinstance(link, (str, os.PathLike)):
-        raise TypeError(f"link must be a name ({', '.join(available_links())}), a path to a JSON file or a "
-                        f"LinkModel, got {link!r}")
-    text = os.fspath(link)
-    path = Path(text)
-    if not (text.endswith(".json") or path.is_file()):
-        path = LINK_DIR / f"{text.lower()}.json"
-        if not path.is_file():
-            raise ValueError(f"link: unknown link {text!r}; shipped models: {', '.join(available_links())} (or give "
-                             f"the path of a JSON link model)")
-    try:
-        return LinkModel.from_dict(json.loads(path.read_text()), origin=path.name)
-    except FileNotFoundError:
-        raise ValueError(f"link: no such file {text!r}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"link: {text!r} is not valid JSON: {e}") from None
+    return load_model(link, LinkModel, "link", LINK_DIR)
 
 
 @dataclass(frozen=True)
