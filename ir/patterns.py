@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 import operator
 import types
@@ -341,23 +342,32 @@ class Routed(Pattern):
     the run-time indices of (batch, head, qb); `causal` adds kv <= q.
 
     Blocks are `block` consecutive tokens of the flattened sequence, for queries
-    and keys alike; `topk` is the number of index slots per query block (-1
-    marks an unused slot).
+    and keys alike, or with a tuple `block` boxes of that shape on an n-D grid, numbered
+    row-major over the grid of boxes (BiFormer's regions); `topk` is the number of index
+    slots per query block (-1 marks an unused slot).
     """
 
-    block: int
+    block: IntOrTuple
     topk: int
     causal: bool = False
 
     def __post_init__(self):
-        _check_int("block", self.block, 1, "Routed")
+        object.__setattr__(self, "block", _int_or_tuple("block", self.block, 1, "Routed"))
         _check_int("topk", self.topk, 1, "Routed")
         if not isinstance(self.causal, bool):
             raise TypeError(f"Routed: causal must be a bool, got {self.causal!r}")
+        if self.causal and isinstance(self.block, tuple):
+            raise ValueError(f"Routed: causal=True orders the flattened tokens, which box blocks {self.block} do not "
+                             f"follow; box blocks are for grids without causality (give an int block for sequences)")
+
+    @property
+    def volume(self) -> int:
+        """Tokens per block."""
+        return self.block if isinstance(self.block, int) else math.prod(self.block)
 
     def __repr__(self):
         extra = ", causal=True" if self.causal else ""
-        return f"Routed({self.block}, {self.topk}{extra})"
+        return f"Routed({self.block!r}, {self.topk}{extra})"
 
 
 class _Composite(Pattern):

@@ -116,7 +116,9 @@ class Spec:
                         first_routed = node
         if len(routed) > 1:
             raise ValueError(f"Spec: all Routed nodes must share (block, topk), since one index tensor "
-                             f"serves them all; got {sorted(routed)}")
+                             f"serves them all; got {sorted(routed, key=repr)}")
+        if first_routed is not None and isinstance(first_routed.block, tuple):
+            self._check_box_routed(first_routed, heads)
         # plain attributes, not cached properties: torch.compile traces reads of them
         object.__setattr__(self, "routed", first_routed)
         object.__setattr__(self, "clustered", any(isinstance(n, Clustered) for p in heads.unique for n in p.walk()))
@@ -176,6 +178,21 @@ class Spec:
         return self._heads
 
     # -- validation against shapes ---------------------------------------------
+    def _check_box_routed(self, node: Routed, heads: HeadPatterns) -> None:
+        """Box blocks (BiFormer's regions): a grid cut into whole boxes, every head that Routed."""
+        if self.q_shape is None or len(node.block) != self.ndim or self.q_shape != self.kv_shape:
+            raise ValueError(f"Spec: {node!r} has box blocks of {len(node.block)} dimension(s): it needs one grid of "
+                             f"as many dimensions for queries and keys, got q_shape={self.q_shape}, "
+                             f"kv_shape={self.kv_shape}")
+        bad = [k for k, (n, b) in enumerate(zip(self.q_shape, node.block)) if n % b]
+        if bad:
+            raise ValueError(f"Spec: {node!r} must cut the grid {self.q_shape} into whole boxes; dimension "
+                             f"{bad[0]} ({self.q_shape[bad[0]]}) is not a multiple of {node.block[bad[0]]} "
+                             f"(pad the grid, as BiFormer pads its feature map)")
+        if any(p != node for p in heads.unique):
+            raise ValueError(f"Spec: {node!r} with box blocks runs as the whole pattern of every head (BiFormer's "
+                             f"region routing); compositions with box-routed blocks are not supported yet")
+
     def _check_blocks(self, node: Blocks) -> None:
         """1-D: blocks of the flattened tokens, any lengths (queries aligned bottom-right to the
         keys); on a grid: blocks per dimension, one grid for queries and keys."""
@@ -219,10 +236,10 @@ class Spec:
                     raise ValueError(f"Spec: {node!r}: size * dilation in dimension {k} is {w} * {d} = {w * d}, "
                                      f"larger than the grid extent {n}")
         elif isinstance(node, Routed):
-            nkb = -(-self.nkv // node.block)
+            nkb = -(-self.nkv // node.volume)
             if node.topk > nkb and self.nkv:  # without keys there is nothing to route
                 raise ValueError(f"Spec: {node!r}: topk {node.topk} exceeds the {nkb} key blocks of "
-                                 f"{node.block} tokens (valid: 1..{nkb})")
+                                 f"{node.volume} tokens (valid: 1..{nkb})")
 
     def __repr__(self):
         args = [repr(self.pattern)] + ([] if self.q_shape is None else [f"q_shape={self.q_shape!r}"])

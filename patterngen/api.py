@@ -22,7 +22,7 @@ from .op import attention_forward, attention_op, runs_eagerly
 from .registry import spec_from_repr, spec_key
 from .analysis.plan import build_plan
 from .analysis.tiling import volume
-from .routing.blocks import block_counts
+from .routing.blocks import block_counts, block_major, box_routed, flat_equivalent
 from .core.tiles import Tiling
 
 BACKENDS = ("auto", "reference", "triton")
@@ -103,6 +103,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     _check_spec(spec)
     check_inputs(q, k, v, spec, paged=block_table is not None)
     scale = check_scale(scale, spec.head_dim)
+    if box_routed(spec):  # BiFormer's regions: flat routing of whole boxes, in block-major token order
+        given = [name for name, value in (("head_indices", head_indices), ("cu_seqlens_q", cu_seqlens_q),
+                                          ("kv_lens", kv_lens), ("block_table", block_table)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not supported with box-routed specs ({spec.routed!r}) yet")
+        order = block_major(spec.q_shape, spec.routed.block).to(q.device)
+        out, lse = attention(q[:, :, order], k[:, :, order], v[:, :, order], flat_equivalent(spec), scale,
+                             block_indices, True, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+                             _options=_options)
+        inverse = torch.argsort(order)
+        out, lse = out[:, :, inverse], lse[:, :, inverse]
+        return (out, lse) if return_lse else out
     if spec.clustered or q_clusters is not None or kv_clusters is not None:
         extras = {"block_indices": block_indices, "head_indices": head_indices, "sinks": sinks, "softcap": softcap,
                   "alibi_slopes": alibi_slopes, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
@@ -133,6 +145,9 @@ class CompiledAttention:
     compiled with, through the same op (so it traces with fullgraph and exports alike)."""
 
     def __init__(self, spec: Spec, backend: str, tiling: Tiling | None):
+        if box_routed(spec) or spec.clustered:
+            raise ValueError(f"pg.compile: {spec!r} runs through pg.attention only for now (box-routed and Clustered "
+                             f"specs are rearranged per call)")
         self.spec, self.backend, self.tiling = spec, backend, tiling
         if backend == "triton":  # what the Triton backend cannot run is said now, not at the first call
             from .backends.triton import check_routed_block

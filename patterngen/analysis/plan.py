@@ -5,6 +5,7 @@ Heads with the same pattern share one `TilePlan`; with Routed patterns every
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from ..core.statuses import FULL
 from .classify import TileAnalysis, has_routed
 from ..ir import Spec
-from ..routing.blocks import block_masks, normalize_block_indices
+from ..routing.blocks import block_masks, box_routed, flat_equivalent, normalize_block_indices
 from ..core.tiles import TileGrid, Tiling
 from .tiling import default_tiling
 
@@ -85,9 +86,15 @@ class Plan:
 
 
 def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Tensor | None = None) -> Plan:
-    """Classify every tile pair of every head and collect the visited ones."""
+    """Classify every tile pair of every head and collect the visited ones. A box-routed spec
+    (Routed with a tuple block) is planned as what it runs as: flat routing in block-major
+    token order (`routing.blocks.flat_equivalent`; box tiles count as their volumes)."""
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a patterngen.Spec, got {type(spec).__name__}")
+    if box_routed(spec):
+        if tiling is not None:
+            tiling = Tiling(*(t if isinstance(t, int) else math.prod(t) for t in (tiling.q_tile, tiling.kv_tile)))
+        return build_plan(flat_equivalent(spec), tiling, block_indices)
     if spec.clustered:
         raise ValueError(f"spec: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids, so it has no "
                          f"tile plan ahead of a call; run it with pg.attention(..., q_clusters=, kv_clusters=)")

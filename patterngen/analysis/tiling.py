@@ -62,8 +62,8 @@ def default_tiling(spec: Spec) -> Tiling:
     tiles on sequences; 64-token boxes on grids (a neighbourhood then meets few tiles, and the
     analysis stays on its per-dimension path), or flat tiles where a grid is too small
     for a kernel-sized box."""
-    if spec.routed is not None and kernel_tile_ok(spec.routed.block):
-        return routed_tiling(spec.routed.block, spec.head_dim)
+    if spec.routed is not None and kernel_tile_ok(spec.routed.volume):  # box blocks: tiles of block-major order
+        return routed_tiling(spec.routed.volume, spec.head_dim)
     if spec.ndim == 1 or spec.routed is not None:
         return Tiling(DEFAULT_VOLUME, DEFAULT_VOLUME)
     q, kv = default_box(spec.q_shape), default_box(spec.kv_shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..routing.blocks import box_of
 from ..ir import (Band, Blocks, Causal, Clustered, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
                  Window)
 
@@ -150,6 +151,8 @@ def visible(pattern: Pattern, q: torch.Tensor, kv: torch.Tensor, spec: Spec,
         if block_mask is None:
             raise ValueError("block_indices: the pattern contains Routed blocks, so block indices are needed "
                              "(see patterngen.route)")
+        if isinstance(pattern.block, tuple):  # boxes of the grid (no causal flag: Routed refuses it)
+            return block_mask[box_of(q, spec.q_shape, pattern.block), box_of(kv, spec.kv_shape, pattern.block)]
         m = block_mask[q // pattern.block, kv // pattern.block]
         return m & (kv <= q + offset) if pattern.causal else m
     if isinstance(pattern, (Union, Intersection)):

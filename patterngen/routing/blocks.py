@@ -1,15 +1,48 @@
 """Run-time block indices of Routed patterns: validation, block masks and MoBA-style routing."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..ir import Spec
+from ..ir import Routed, Spec
 
 
 def block_counts(spec: Spec) -> tuple[int, int]:
     """(query blocks, key blocks) of the spec's Routed pattern."""
-    b = spec.routed.block
+    b = spec.routed.volume  # box blocks cut their grid into whole boxes (Spec checks it)
     return -(-spec.nq // b), -(-spec.nkv // b)
+
+
+def box_routed(spec: Spec) -> bool:
+    """Whether the spec routes box blocks of a grid (BiFormer's regions)."""
+    return spec.routed is not None and isinstance(spec.routed.block, tuple)
+
+
+def block_major(shape: tuple[int, ...], block: tuple[int, ...]) -> torch.Tensor:
+    """long [N]: the grid's flattened tokens in block-major order: the boxes of `block` row-major
+    over the grid of boxes, each box's tokens row-major inside it. In that order box b holds
+    tokens [b * volume, (b + 1) * volume): box routing is flat routing of blocks of `volume`."""
+    boxes = [n // b for n, b in zip(shape, block)]
+    grid = torch.arange(math.prod(shape)).view(*[x for nb, b in zip(boxes, block) for x in (nb, b)])
+    nd = len(shape)
+    return grid.permute(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)).reshape(-1)
+
+
+def flat_equivalent(spec: Spec) -> Spec:
+    """A box-routed spec as the flat-routed spec it is in block-major token order."""
+    r = spec.routed
+    return Spec(Routed(r.volume, r.topk), spec.nq, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                head_dim=spec.head_dim)
+
+
+def box_of(tokens: torch.Tensor, shape: tuple[int, ...], block: tuple[int, ...]) -> torch.Tensor:
+    """The box (row-major over the grid of boxes) holding each flattened token."""
+    out = torch.zeros_like(tokens)
+    for k, (n, b) in enumerate(zip(shape, block)):
+        coord = (tokens // math.prod(shape[k + 1:])) % n
+        out = out * (n // b) + coord // b
+    return out
 
 
 def normalize_block_indices(spec: Spec, block_indices: torch.Tensor | None) -> torch.Tensor | None:
@@ -56,17 +89,34 @@ def block_masks(spec: Spec, indices: torch.Tensor) -> torch.Tensor:
     return hot[..., :nkb]
 
 
-def route(q: torch.Tensor, k: torch.Tensor, block: int, topk: int, causal: bool = False) -> torch.Tensor:
+def route(q: torch.Tensor, k: torch.Tensor, block, topk: int, causal: bool = False) -> torch.Tensor:
     """MoBA-style block selection: score each key block by the dot product of the
     mean query of a query block with the mean key of the key block (summed over
     the query heads of a kv head), keep the top-k, always keep the query's own
     block, and under `causal` never pick a block that lies wholly in the future.
 
     q [B, Hq, Nq, D], k [B, Hkv, Nkv, D] -> int64 [B, Hkv, q_blocks, topk], -1 = unused.
+    With a tuple `block` (BiFormer's region routing), q and k are grid-shaped, [B, H, *grid,
+    D], cut into whole boxes of that shape, numbered row-major over the grid of boxes.
     """
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"route: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(block, (tuple, list)):
+        block = tuple(block)
+        grid = tuple(q.shape[2:-1])
+        if q.dim() != 3 + len(block) or tuple(k.shape[2:-1]) != grid or k.dim() != q.dim():
+            raise ValueError(f"route: box blocks {block} need grid-shaped q and k [B, H, *grid, D] with a grid of "
+                             f"{len(block)} dimension(s), the same for both; got {tuple(q.shape)} and "
+                             f"{tuple(k.shape)}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block) \
+                or any(n % b for n, b in zip(grid, block)):
+            raise ValueError(f"route: block {block} must be positive ints that cut the grid {grid} into whole boxes")
+        if causal:
+            raise ValueError("route: causal=True orders flattened tokens; box blocks take causal=False")
+        order = block_major(grid, block).to(q.device)
+        flat = [t.reshape(*t.shape[:2], -1, t.shape[-1])[:, :, order] for t in (q, k)]
+        return route(flat[0], flat[1], math.prod(block), topk)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"route: q and k must be [B, H, N, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     for name, value in (("block", block), ("topk", topk)):

@@ -11,11 +11,13 @@
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from ..ir import Spec
+from ..routing.blocks import box_routed, flat_equivalent
 from ..analysis.plan import build_plan
 from ..analysis.tiling import kernel_tilings, volume
 from ..core.tiles import TileGrid, Tiling
@@ -88,6 +90,9 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         path or a LinkModel; default 'nvlink-h100'), in `layout` ('contiguous', 'zigzag'; None
         picks the fastest): per-rank compute, bytes received and predicted time.
     """
+    if isinstance(spec, Spec) and box_routed(spec):  # simulated as it runs: flat routing, block-major order
+        spec = flat_equivalent(spec)
+        q_tile, kv_tile = (t if t is None or isinstance(t, int) else math.prod(t) for t in (q_tile, kv_tile))
     if isinstance(spec, Spec) and spec.clustered:
         raise ValueError(f"simulate: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids; the "
                          f"simulator has no representative clustering yet")

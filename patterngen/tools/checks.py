@@ -33,6 +33,15 @@ def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.T
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, spec.num_heads, spec.nq, head_dim, generator=g)
     k = torch.randn(1, spec.num_kv_heads, spec.nkv, head_dim, generator=g)
+    return routed_indices(spec, q, k)
+
+
+def routed_indices(spec: Spec, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`route` on q, k [B, H, N, D] for the spec's Routed node (grid-shaped for box blocks)."""
+    r = spec.routed
+    if isinstance(r.block, tuple):
+        grid = lambda t: t.reshape(*t.shape[:2], *spec.q_shape, t.shape[-1])  # noqa: E731
+        return route(grid(q), grid(k), r.block, r.topk)
     return route(q, k, r.block, r.topk, r.causal)
 
 
@@ -95,8 +104,7 @@ def check_attention(small: Spec, seed: int = 0, tol: float = 1e-4) -> tuple[bool
     q, k, v = (torch.randn(s, generator=gen) for s in (shape_q, shape_kv, shape_kv))
     idx = clusters = None
     if small.routed is not None:
-        r = small.routed
-        idx = route(q, k, r.block, r.topk, r.causal)
+        idx = routed_indices(small, q, k)
     if small.clustered:  # about sqrt(N) / 2 clusters of the random tokens (the Routing Transformer uses ~sqrt(N))
         clusters = cluster(q, k, max(1, round(small.nkv ** 0.5 / 2)), seed=seed)
     t0 = time.perf_counter()

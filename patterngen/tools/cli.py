@@ -172,7 +172,7 @@ def _run_one(spec: Spec, args) -> bool:
     if idx is not None:
         print(f"  block indices: pg.route on random q, k (seed {args.seed}); counts depend on the routing")
     print(f"  plan built in {dt:.2f} s: {plan_summary(plan)}")
-    ok_plan, msg = check_plan_rows(spec, plan, idx, seed=args.seed)
+    ok_plan, msg = check_plan_rows(plan.spec, plan, idx, seed=args.seed)  # box-routed: planned as its flat form
     print(f"  plan check: {msg}")
     small, how = shrink_spec(spec, args.max_tokens)
     print(f"  attention check on a scaled copy: {how}")

@@ -39,6 +39,9 @@ def shrink_pattern(p: Pattern, f: float, spec: Spec, q_shape, kv_shape, nkv: int
         stride = max(2, round(p.stride / f))
         return Strided(stride, min(stride - 1, round(p.offset * stride / p.stride)))
     if isinstance(p, Routed):
+        if isinstance(p.block, tuple):  # boxes that still cut the smaller grid into whole boxes
+            box = tuple(math.gcd(n, max(1, round(b / f))) for n, b in zip(q_shape, p.block))
+            return Routed(box, min(p.topk, nkv // math.prod(box)))
         block = max(1, round(p.block / f))
         return Routed(block, min(p.topk, -(-nkv // block)), p.causal)
     if isinstance(p, Window):
