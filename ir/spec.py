@@ -7,8 +7,8 @@ import operator
 import json
 from dataclasses import dataclass, field, fields
 
-from .patterns import (JSON_VERSION, JSON_VERSION_KEY, Blocks, Clustered, HeadPatterns, Pattern, Routed, Window, head_patterns,
-                       json_value)
+from .patterns import (JSON_VERSION, JSON_VERSION_KEY, Blocks, Clustered, HeadPatterns, Pattern, Routed, Window,
+                       head_patterns, json_value)
 
 
 def _shape(name: str, value) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """patterngen: a compiler for sparse attention patterns."""
 from .version import __version__
 
-from .ir import (Band, Blocks, Causal, Clustered, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
-                 Window)
+from .ir import (Band, Blocks, Causal, Clustered, Full, Global, Heads, Intersection, Pattern, Routed, Sink, Spec,
+                 Strided, Union, Window)
 from .ir import from_json
 from .core.oracle import dense_mask
 from .analysis.plan import Plan, TilePlan, build_plan

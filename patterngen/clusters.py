@@ -83,7 +83,7 @@ def check_clusters(q_clusters, kv_clusters, q: torch.Tensor, k: torch.Tensor, sp
     B, H = q.shape[0], spec.num_heads
     out = []
     for name, ids, n, heads in (("q_clusters", q_clusters, q.shape[2], (H,)),
-                                ("kv_clusters", kv_clusters, k.shape[2], (H, spec.num_kv_heads))):
+                                ("kv_clusters", kv_clusters, k.shape[2], tuple(dict.fromkeys((H, spec.num_kv_heads))))):
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"{name}: expected an integer tensor, got "
                              f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")

@@ -64,7 +64,8 @@ def specs(draw):
         return pg.Window(tuple(size), tuple(stride), tuple(dil), tuple(causal))
 
     leaves = [lambda: pg.Causal(), lambda: pg.Band(draw(st.integers(0, 20)), draw(st.integers(0, 20))),
-              lambda: pg.Sink(draw(st.integers(1, nkv))), lambda: pg.Strided(3, draw(st.integers(0, 2)), draw(st.sampled_from([1, 1, 5, 16]))),
+              lambda: pg.Sink(draw(st.integers(1, nkv))),
+              lambda: pg.Strided(3, draw(st.integers(0, 2)), draw(st.sampled_from([1, 1, 5, 16]))),
               lambda: pg.Global(draw(st.integers(1, nkv))), lambda: pg.Full()]
     if shape == kv_shape:
         leaves += [window, window]

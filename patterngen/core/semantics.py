@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..routing.blocks import box_of
-from ..ir import (Band, Blocks, Causal, Clustered, Full, Global, Intersection, Pattern, Routed, Sink, Spec, Strided, Union,
-                 Window)
+from ..ir import (Band, Blocks, Causal, Clustered, Full, Global, Intersection, Pattern, Routed, Sink, Spec,
+                 Strided, Union, Window)
 
 
 def unravel(index: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:

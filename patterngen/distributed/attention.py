@@ -61,24 +61,23 @@ class _Exchange:
         self.rows = _rows(self.held, dp.spec.nkv)
         self.rounds = [([t for t in rnd if t.src == rank], [t for t in rnd if t.dst == rank]) for rnd in dp.rounds]
         incoming = [t for _, recvs in self.rounds for t in recvs]
-        self.received = _tokens([r for t in incoming for r in t.ranges]) if incoming else torch.zeros(0, dtype=torch.long)
+        self.received = (_tokens([r for t in incoming for r in t.ranges]) if incoming
+                         else torch.zeros(0, dtype=torch.long))
         self.bytes_received = 0
 
     def peer(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
 
-    def _run(self, sends, recvs, rounds_order, tag_of) -> None:
-        """Post each round's operations, wait for them, then the next round."""
+    def _run(self, sends, recvs, rounds_order) -> None:
+        """Post each round's operations (peer, tensor, 0 for keys or 1 for values), wait for
+        them, then the next round."""
         for i in rounds_order:
-            ops = [dist.P2POp(dist.isend, t, self.peer(p), self.group, tag_of(i, j)) for p, t, j in sends[i]]
-            ops += [dist.P2POp(dist.irecv, t, self.peer(p), self.group, tag_of(i, j)) for p, t, j in recvs[i]]
+            ops = [dist.P2POp(dist.isend, t, self.peer(p), self.group, ROUND_TAG * (1 + j) + i) for p, t, j in sends[i]]
+            ops += [dist.P2POp(dist.irecv, t, self.peer(p), self.group, ROUND_TAG * (1 + j) + i)
+                    for p, t, j in recvs[i]]
             if ops:
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
-
-    @staticmethod
-    def _tag(i: int, j: int) -> int:
-        return ROUND_TAG * (1 + j) + i
 
     def start(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Begin the forward transfers on a helper thread."""
@@ -98,20 +97,16 @@ class _Exchange:
             sends.append(s)
             recvs.append(r)
         self.bytes_received = sum(b.numel() * b.element_size() for b in self.k_parts + self.v_parts)
-        self._thread = self._spawn(sends, recvs, range(len(self.rounds)))
-
-    def _spawn(self, sends, recvs, order) -> threading.Thread:
         self._error = None
 
         def run():
             try:
-                self._run(sends, recvs, list(order), self._tag)
+                self._run(sends, recvs, range(len(self.rounds)))
             except BaseException as e:  # noqa: BLE001 - re-raised by finish
                 self._error = e
 
-        thread = threading.Thread(target=run, name="patterngen-exchange", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=run, name="patterngen-exchange", daemon=True)
+        self._thread.start()
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for the forward transfers: the received keys and values [B, Hkv, received, D]."""
@@ -139,10 +134,7 @@ class _Exchange:
                 back.append((t, bk, bv))
             sends.append(s)
             recvs.append(r)
-        thread = self._spawn(sends, recvs, reversed(range(len(self.rounds))))
-        thread.join()
-        if self._error is not None:
-            raise self._error
+        self._run(sends, recvs, reversed(range(len(self.rounds))))
         for t, bk, bv in back:
             idx = self.rows[_tokens(t.ranges)].to(like.device)
             dk.index_add_(2, idx, bk)

@@ -112,7 +112,8 @@ def markdown(doc: dict) -> str:
             continue
         for r in c["ranks"]:
             got = r["received_bytes"]
-            table.append([c["case"], str(c["world"]), str(r["rank"]), f"{got / 1e6:.1f}", f"{r['plan_bytes'] / 1e6:.1f}",
+            table.append([c["case"], str(c["world"]), str(r["rank"]), f"{got / 1e6:.1f}",
+                          f"{r['plan_bytes'] / 1e6:.1f}",
                           f"{c['ring_bytes'] / 1e6:.1f}", f"{c['ring_bytes'] / got:.1f}" if got else "-",
                           f"{r['seconds']:.3f}", f"{r['sim_time_ms']:.3g}", f"{r['sim_transfer_ms']:.3g}"])
     lines += [align_columns(table), ""]
