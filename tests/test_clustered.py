@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import dispatch
-from patterngen.clusters import _sorted_documents
+from patterngen.routing.clusters import sorted_documents
 from patterngen.dispatch import compile_options
 from tests.strategies import scaled
 
@@ -69,7 +69,7 @@ def test_packed_path_computes_only_same_cluster_pairs():
     """The sorted documents' query x key products sum to the same-cluster pairs, not Nq x Nkv."""
     cq = torch.tensor([[[0, 1, 1, -1, 2, 0]]])
     ck = torch.tensor([[[1, 1, 0, 2, -1, 3, 1]]])
-    _, _, docs_q, docs_k = _sorted_documents(cq, ck)
+    _, _, docs_q, docs_k = sorted_documents(cq, ck)
     same = (cq[0, 0, :, None] == ck[0, 0, None, :]) & (cq[0, 0, :, None] >= 0)
     assert int((docs_q * docs_k).sum()) == int(same.sum()) == 2 * 1 + 2 * 3 + 1 * 1
 
@@ -86,7 +86,7 @@ def test_kernels_run_the_packed_documents():
     out = pg.attention(q, k, v, spec, q_clusters=cq, kv_clusters=ck, _options=compile_options("triton", None))
     out.sum().backward()
     ran = {role: dispatch.calls[role, "triton"] - before[role, "triton"] for role in ("forward", "backward")}
-    _, _, docs_q, docs_k = _sorted_documents(cq, ck)
+    _, _, docs_q, docs_k = sorted_documents(cq, ck)
     # one forward launch for all (head, cluster) documents; the backward runs per document
     assert ran == {"forward": 1, "backward": int(((docs_q > 0) & (docs_k > 0)).sum())}
     torch.testing.assert_close(out.double(), oracle(q, k, v, spec.bind(40, 33), cq, ck), atol=1e-4, rtol=0)
@@ -131,3 +131,25 @@ def test_errors():
             call()
     with pytest.raises(ValueError, match="num_clusters: expected an int >= 1"):
         pg.cluster(q, q, 0)
+
+
+def test_simulate_counts_the_work_on_given_ids():
+    """simulate(spec, clusters=...): exact visible pairs (against the oracle), and the tiles the
+    packed documents visit: per (head, cluster), ceil(q / 16) q tiles each over ceil(k / 16) kv
+    tiles, the last partial when the keys do not fill it; a composition visits every tile pair."""
+    cq = torch.tensor([[[0] * 20 + [1] * 12 + [-1] * 8]])  # 40 queries: 20 in cluster 0, 12 in 1
+    ck = torch.tensor([[[1] * 5 + [0] * 33 + [2] * 2]])  # 40 keys: 33 in cluster 0, 5 in 1, 2 in 2
+    spec = pg.Spec(pg.Clustered(), 40, num_heads=1, head_dim=16)
+    r = pg.simulate(spec, 16, 16, clusters=(cq, ck), device="h100")
+    assert r.packed and r.visible_pairs == 20 * 33 + 12 * 5 == int(pg.dense_mask(spec, clusters=(cq[0], ck[0])).sum())
+    assert (r.visited, r.full) == (2 * 3 + 1 * 1, 2 * 2)  # cluster 0: 2 q tiles x 3 kv tiles (2 full)
+    assert r.tile_pairs == 9 and r.predicted_time_s > 0 and "packed documents" in r.summary()
+    both = pg.Spec(pg.Clustered() & pg.Causal(), 40, num_heads=1, head_dim=16)
+    m = pg.simulate(both, 16, 16, clusters=(cq, ck))
+    assert not m.packed and m.visited == 9 and m.visible_pairs == int(pg.dense_mask(both, clusters=(cq[0], ck[0])).sum())
+    with pytest.raises(ValueError, match="give them, simulate\\(spec, clusters="):
+        pg.simulate(spec)
+    with pytest.raises(ValueError, match="clusters: .* holds no Clustered"):
+        pg.simulate(pg.Spec(pg.Causal(), 40), clusters=(cq, ck))
+    with pytest.raises(ValueError, match="q_tile: a Clustered spec runs on flat tiles"):
+        pg.simulate(spec, (4, 4), 16, clusters=(cq, ck))

@@ -90,7 +90,8 @@ class TileAnalysis:
             qt = torch.arange(Tq).repeat_interleave(len(cols))
             kt = cols.repeat(Tq)
             return qt, kt, status_of(kany[kt], kall[kt])
-        if isinstance(node, (Window, Blocks)) and self._box_tiles() is not None:
+        if isinstance(node, (Window, Blocks)) and self._box_tiles() is not None \
+                and not (self._flat_blocks(node) and not self.kg.flat):  # 1-D blocks against key boxes
             return self._grid_product(node)
         if isinstance(node, Union):
             parts = [self.classify(p) for p in node.parts]
@@ -206,6 +207,9 @@ class TileAnalysis:
         return cur_q, cur_k, torch.where(cur_full, FULL, PARTIAL).to(torch.int8)
 
     def _grid_candidates(self, node: Window | Blocks):
+        if self._flat_blocks(node):  # the hull of each q tile's span, as a range of flattened keys
+            qmin, qmax = self.qg.span
+            return expand_ranges(*self._kv_tile_range(*self._dim_rules(node)[0].hull(qmin, qmax)))
         qlo, qhi = self.qg.bbox
         region_lo, region_hi = [], []
         for k, rule in enumerate(self._dim_rules(node)):
@@ -219,8 +223,18 @@ class TileAnalysis:
         meets = ((klo[kt] <= rhi[qt]) & (khi[kt] >= rlo[qt])).all(1)
         return qt[meets], kt[meets]
 
+    def _flat_blocks(self, node) -> bool:
+        """Blocks of a 1-D spec: blocks of the flattened tokens (whatever the key grid's shape)."""
+        return isinstance(node, Blocks) and self.spec.ndim == 1
+
     def _grid_status(self, node: Window | Blocks, qt, kt):
-        """Exact status via every (q box, kv box) pair of each tile pair."""
+        """Exact status via every (q box, kv box) pair of each tile pair (1-D Blocks: via the
+        tiles' flattened spans where tiles are runs of consecutive tokens, else token by token)."""
+        if self._flat_blocks(node):
+            if not (self.qg.contiguous and self.kg.contiguous):
+                return self._refine(node, qt, kt)
+            (qmin, qmax), (kmin, kmax) = self.qg.span, self.kg.span
+            return status_of(*self._dim_rules(node)[0].status(qmin[qt], qmax[qt], kmin[kt], kmax[kt]))
         qlo, qhi, qv = self.qg.boxes
         klo, khi, kv = self.kg.boxes
         out = torch.empty(qt.shape, dtype=torch.int8)

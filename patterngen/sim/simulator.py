@@ -25,6 +25,7 @@ from . import counting, heads_model
 from .device import load_device
 from .report import HeadFigures, SimReport, head_groups
 from .search import Candidate, Search
+from .clusters import simulate_clusters
 from .sharding import simulate_sharding
 from .time_model import Workload, dense_time, predict_time
 
@@ -65,7 +66,7 @@ def _synthetic_indices(spec: Spec, batch: int) -> torch.Tensor:
 
 def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int = 1,
              block_indices: torch.Tensor | None = None, max_plans: int = 4, active_heads=None,
-             world_size: int | None = None, link=None, layout: str | None = None):
+             world_size: int | None = None, link=None, layout: str | None = None, clusters: tuple | None = None):
     """Simulate a block-sparse kernel for `spec` (a SimReport), or with `world_size` its run
     sequence-sharded over that many GPUs (a ShardingReport, `sharding.simulate_sharding`).
 
@@ -89,13 +90,19 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         by `link` (a shipped name such as 'nvlink-h100', 'pcie-gen5', 'infiniband-ndr', a JSON
         path or a LinkModel; default 'nvlink-h100'), in `layout` ('contiguous', 'zigzag'; None
         picks the fastest): per-rank compute, bytes received and predicted time.
+    clusters: (q_clusters, kv_clusters) of a spec holding Clustered() (as pg.attention takes
+        them): a ClusterReport of the work on those ids (`clusters.simulate_clusters`).
     """
     if isinstance(spec, Spec) and box_routed(spec):  # simulated as it runs: flat routing, block-major order
         spec = flat_equivalent(spec)
         q_tile, kv_tile = (t if t is None or isinstance(t, int) else math.prod(t) for t in (q_tile, kv_tile))
     if isinstance(spec, Spec) and spec.clustered:
-        raise ValueError(f"simulate: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids; the "
-                         f"simulator has no representative clustering yet")
+        if clusters is None:
+            raise ValueError(f"simulate: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids: give "
+                             f"them, simulate(spec, clusters=(q_clusters, kv_clusters)) (see pg.cluster)")
+        return simulate_clusters(spec, *clusters, q_tile, kv_tile, device)
+    if clusters is not None:
+        raise ValueError(f"clusters: {spec!r} holds no Clustered() node to use them")
     if world_size is not None:
         if block_indices is not None or active_heads is not None:
             raise ValueError("simulate: world_size takes static specs computing every head (no block_indices or "
