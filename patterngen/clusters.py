@@ -1,8 +1,9 @@
 """Clustered attention (Routing Transformer): pairs chosen by run-time cluster ids.
 
 `cluster(q, k, num_clusters)` assigns queries and keys to shared centroids by spherical
-k-means, per batch entry and query head, as the Routing Transformer does. `attention` (what
-`pg.attention(..., q_clusters=, kv_clusters=)` runs) computes a spec holding `Clustered()`:
+k-means, per batch entry and query head, as the Routing Transformer does.
+`clustered_attention` (what `pg.attention(..., q_clusters=, kv_clusters=)` runs) computes a
+spec holding `Clustered()`:
 
 * every head exactly `Clustered()`: the tokens of each (batch, head) are sorted by cluster
   (stably), so that each cluster is a contiguous run of queries and of keys; every (batch,
@@ -36,8 +37,9 @@ def cluster(q: torch.Tensor, k: torch.Tensor, num_clusters: int, iters: int = 10
     queries and keys (the head's kv head under GQA) are normalised and clustered together by
     `iters` rounds of spherical k-means (assign to the closest centroid by cosine, centroid =
     normalised mean of its members; an emptied centroid stays), from `num_clusters` tokens
-    seeded farthest-first (the first drawn with `seed`). The Routing Transformer shares centroids between queries
-    and keys this way, so a query and the keys near it land in one cluster."""
+    seeded farthest-first (the first drawn with `seed`). The Routing Transformer shares
+    centroids between queries and keys this way, so a query and the keys near it land in one
+    cluster."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q, k: expected [B, Hq, Nq, D] and [B, Hkv, Nkv, D] with Hkv dividing Hq, got "
                          f"{list(q.shape)} and {list(k.shape)}")
