@@ -36,11 +36,17 @@ def fixed_cases(world: int) -> list[tuple[str, pg.Spec, str]]:
         ("heads", pg.Spec(pg.Heads([pg.Causal(), pg.Band(7), pg.Strided(5, 2) | pg.Global(3)]), n, num_heads=3,
                           head_dim=8), "contiguous"),
         ("causal zigzag", pg.Spec(pg.Causal(), n, num_heads=2, num_kv_heads=1, head_dim=8), "zigzag"),
+        ("causal, gqa", pg.Spec(pg.Causal(), n, num_heads=4, num_kv_heads=2, head_dim=8), "contiguous"),
         ("video window", pg.Spec(pg.Window((3, 3, 5), stride=(1, 1, 2)), (2 * world, 4, 6), num_heads=2, head_dim=8),
          "contiguous"),
         ("fewer keys than queries", pg.Spec(pg.Band(10) & pg.Causal(), n, n // 2, num_heads=2, head_dim=8),
          "contiguous"),
     ]
+
+
+PATHS = {"band&causal": "op", "causal, gqa": "op", "sinks|band, gqa": "reference", "heads": "reference",
+         "causal zigzag": "reference", "video window": "reference", "fewer keys than queries": "reference"}
+"""Which computation each fixed case runs on every rank (`stats["path"]`)."""
 
 
 def _shard(x: torch.Tensor, runs) -> torch.Tensor:
@@ -72,6 +78,9 @@ def check_case(name: str, spec: pg.Spec, layout: str, rank: int, world: int, see
     assert stats["received_tokens"] == p.received_tokens[rank], (where, stats, p.received_tokens)
     assert stats["received_bytes"] == 2 * 2 * spec.num_kv_heads * spec.head_dim * 8 * p.received_tokens[rank]
     assert stats["rounds"] == len(p.rounds)
+    # causal windows and causal attention (keys just before a rank's own) run as one op call
+    if name in PATHS:
+        assert stats["path"] == PATHS[name], (where, stats["path"])
 
 
 def check_bad_input(rank: int, world: int) -> None:

@@ -21,8 +21,9 @@ import threading
 import torch
 import torch.distributed as dist
 
+from ..api import attention as _attention
 from ..backends.reference import check_scale, shard_attention
-from ..ir import Spec
+from ..ir import Band, Causal, Full, Intersection, Spec, Union
 from ..registry import spec_key
 from ..analysis.shards import DistributedPlan, plan
 
@@ -227,8 +228,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, gro
     back to their owners). `stats`, if a dict, receives this rank's received tokens and bytes
     and the number of rounds.
 
-    Runs the exact reference computation along the tile plan (torch ops, on any device); the
-    generated kernels do not take shards yet.
+    Where the pattern depends on key - query alone (Causal, Band, Full and their compositions)
+    and a rank receives one run of keys just before its own (causal windows and causal
+    attention, contiguous layout), its attention is one call of `pg.attention` on [received;
+    own] keys (the generated kernels on CUDA), after the transfers. Otherwise it runs the
+    exact reference computation along the tile plan (torch ops, on any device), its own keys
+    while the transfers run.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("pg.distributed.attention: torch.distributed is not initialised "
@@ -249,19 +254,47 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, gro
     dp = _cached_plan(spec, world, layout)
     exchange = _Exchange(dp, rank, group)
     exchange.start(k.detach(), v.detach())
-    q_rows = _rows(dp.held(rank, "q"), spec.nq)
-    tiles = dp.q_tiles(rank)
-    own = shard_attention(q, k, v, spec, dp.tile_plan, tiles, q_rows, exchange.rows, scale)
-    kr, vr = _Received.apply(k, v, exchange)
-    if kr.shape[2]:
-        out, _ = _merge([own, shard_attention(q, kr, vr, spec, dp.tile_plan, tiles, q_rows,
-                                              _rows(exchange.received, spec.nkv), scale)])
-    else:  # nothing received: the exchange's node stays in the graph, for the keys this rank sent
-        out = _Join.apply(own[0], kr, vr)
+    if _left_halo(dp, rank, exchange):
+        # one call of the op on [received keys; own keys]: its bottom-right alignment puts this
+        # rank's first query right after the received keys, where it is in the whole sequence
+        kr, vr = _Received.apply(k, v, exchange)
+        order = torch.argsort(exchange.received).to(k.device)  # the runs arrive in round order
+        kr, vr = kr[:, :, order], vr[:, :, order]
+        free = Spec(spec.pattern, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+        out = _attention(q, torch.cat([kr, k], 2), torch.cat([vr, v], 2), free, scale)
+        path = "op"
+    else:
+        q_rows = _rows(dp.held(rank, "q"), spec.nq)
+        tiles = dp.q_tiles(rank)
+        own = shard_attention(q, k, v, spec, dp.tile_plan, tiles, q_rows, exchange.rows, scale)
+        kr, vr = _Received.apply(k, v, exchange)
+        if kr.shape[2]:
+            out, _ = _merge([own, shard_attention(q, kr, vr, spec, dp.tile_plan, tiles, q_rows,
+                                                  _rows(exchange.received, spec.nkv), scale)])
+        else:  # nothing received: the exchange's node stays in the graph, for the keys this rank sent
+            out = _Join.apply(own[0], kr, vr)
+        path = "reference"
     if stats is not None:
         stats.update(received_tokens=len(exchange.received), received_bytes=exchange.bytes_received,
-                     rounds=len(exchange.rounds))
+                     rounds=len(exchange.rounds), path=path)
     return out
+
+
+SHIFT_INVARIANT = (Causal, Band, Full, Union, Intersection)
+"""Nodes whose visibility depends on key - query alone (with the bottom-right alignment)."""
+
+
+def _left_halo(dp: DistributedPlan, rank: int, exchange: _Exchange) -> bool:
+    """Whether this rank's attention is the op's on [received; own] keys: a 1-D pattern that
+    depends on key - query alone, queries and keys sharded alike, and the received keys one run
+    ending where this rank's own keys begin (causal windows, causal attention)."""
+    spec = dp.spec
+    if dp.layout != "contiguous" or spec.ndim != 1 or spec.nq != spec.nkv:
+        return False
+    if not all(isinstance(n, SHIFT_INVARIANT) for p in spec.head_patterns.unique for n in p.walk()):
+        return False
+    got = exchange.received.sort().values
+    return len(got) == 0 or (int(got[-1]) == dp.kv_shards[rank][0][0] - 1 and bool((got.diff() == 1).all()))
 
 
 __all__ = ["attention"]
