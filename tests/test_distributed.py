@@ -9,14 +9,10 @@ rank, different specs on two ranks) raises the same clear error on every rank, w
 """
 from __future__ import annotations
 
-import tempfile
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -98,38 +94,19 @@ def check_bad_input(rank: int, world: int) -> None:
         pg.distributed.attention(q, k, v, pg.Spec(pg.Causal(), 16 * world + 1, num_heads=1, head_dim=4))
 
 
-def _worker(rank: int, world: int, init: str, cases: list, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        check_bad_input(rank, world)
-        for i, (name, spec, layout) in enumerate(cases):
-            check_case(name, spec, layout, rank, world, seed=i)
-        dist.barrier()
-    except BaseException:
-        with open(f"{out_dir}/rank{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, cases: list) -> None:
+    check_bad_input(rank, world)
+    for i, (name, spec, layout) in enumerate(cases):
+        check_case(name, spec, layout, rank, world, seed=i)
+    dist.barrier()
 
 
 def run_ranks(world: int, cases: list) -> None:
-    """Spawn `world` gloo processes running `cases`; fail with the first rank's traceback."""
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.spawn(_worker, args=(world, f"file://{d}/init", cases, d), nprocs=world, join=False)
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        try:
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world} ranks still running after {JOIN_TIMEOUT_S} s (a hang)")
-        except mp.ProcessRaisedException:
-            import pathlib
-            logs = sorted(pathlib.Path(d).glob("rank*.txt"))
-            pytest.fail("\n".join(f"{p.name}:\n{p.read_text()}" for p in logs) or "a rank failed")
-        finally:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
+    """`world` gloo processes running `cases`; a rank's failure fails the test with its traceback."""
+    try:
+        pg.distributed.run_ranks(_worker, world, (cases,), timeout_s=JOIN_TIMEOUT_S)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @st.composite

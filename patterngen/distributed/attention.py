@@ -179,8 +179,6 @@ class _Join(torch.autograd.Function):
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of partial attentions over disjoint key sets, by log-sum-exp."""
-    if len(parts) == 1:
-        return parts[0]
     lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = sum(o.to(lse.dtype) * torch.exp(l - safe)[..., None] for o, l in parts)
@@ -198,7 +196,7 @@ def _local_error(q, k, v, spec, world: int, layout: str, scale) -> str | None:
         if not isinstance(spec, Spec):
             raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
         check_scale(scale, spec.head_dim)
-        dp = _cached_plan(spec, world, layout)
+        _cached_plan(spec, world, layout)  # raises on what the plan refuses (a grid that does not divide)
         B = q.shape[0] if q.dim() == 4 else None
         for name, t, heads, n in (("q", q, spec.num_heads, spec.nq), ("k", k, spec.num_kv_heads, spec.nkv),
                                   ("v", v, spec.num_kv_heads, spec.nkv)):
@@ -210,7 +208,6 @@ def _local_error(q, k, v, spec, world: int, layout: str, scale) -> str | None:
             raise ValueError(f"q, k, v: expected one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         if not (q.device == k.device == v.device):
             raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-        del dp
         return None
     except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
         return f"{type(e).__name__}: {e}"

@@ -19,7 +19,7 @@ comparison: every rank receives the other (world_size - 1) shards, one per step.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -181,7 +181,8 @@ def _rank_workloads(dp: DistributedPlan, rank: int, batch: int) -> tuple[Workloa
 
 
 def _predict(dp: DistributedPlan, dev: DeviceModel, link: LinkModel, batch: int, one_gpu_s: float,
-             ring_bytes: int, candidates: Mapping[str, float]) -> ShardingReport:
+             ring_bytes: int) -> ShardingReport:
+    """The report of one layout (its `candidates` filled in by `simulate_sharding`)."""
     spec = dp.spec
     per_token = 2 * spec.num_kv_heads * spec.head_dim * BYTES_PER_ELEMENT * batch
     ranks = []
@@ -196,7 +197,7 @@ def _predict(dp: DistributedPlan, dev: DeviceModel, link: LinkModel, batch: int,
                                  tokens, tokens * per_token, transfer_s, max(own_s, transfer_s) + received_s))
     shard_bytes = spec.nkv // dp.world_size * per_token
     return ShardingReport(spec, dp.world_size, dp.layout, dp.tiling, dev, link, batch, tuple(ranks), len(dp.rounds),
-                          one_gpu_s, ring_bytes, (dp.world_size - 1) * link.seconds(shard_bytes), dict(candidates), dp)
+                          one_gpu_s, ring_bytes, (dp.world_size - 1) * link.seconds(shard_bytes), {}, dp)
 
 
 def simulate_sharding(spec: Spec, world_size: int, link="nvlink-h100", device="h100", *, batch: int = 1,
@@ -222,12 +223,9 @@ def simulate_sharding(spec: Spec, world_size: int, link="nvlink-h100", device="h
     full, _, _ = _rank_workloads(plan(spec, 1, any_plan.tiling), 0, batch)
     one_gpu_s = float(predict_time(dev, full))
     ring = ring_tokens(spec, world_size) * 2 * spec.num_kv_heads * spec.head_dim * BYTES_PER_ELEMENT * batch
-    reports = {name: _predict(dp, dev, lk, batch, one_gpu_s, ring, {}) for name, dp in plans.items()}
+    reports = {name: _predict(dp, dev, lk, batch, one_gpu_s, ring) for name, dp in plans.items()}
     times = {name: r.time_s for name, r in reports.items()}
-    best = min(times, key=times.get)
-    r = reports[best]
-    return ShardingReport(r.spec, r.world_size, r.layout, r.tiling, r.device, r.link, r.batch, r.ranks, r.rounds,
-                          r.one_gpu_s, r.ring_bytes, r.ring_transfer_s, times, r.plan)
+    return replace(reports[min(times, key=times.get)], candidates=times)
 
 
 __all__ = ["LinkModel", "RankFigures", "ShardingReport", "available_links", "load_link", "simulate_sharding",

@@ -12,9 +12,7 @@ to single-process results); the CPU timings are of gloo over loopback, not of GP
 """
 from __future__ import annotations
 
-import tempfile
 import time
-import traceback
 
 import torch
 
@@ -42,48 +40,30 @@ def cases(quick: bool) -> list[tuple[str, object, tuple[int, ...]]]:
     return out
 
 
-def _worker(rank: int, world: int, init: str, spec, out: str) -> None:
+def _exchange(rank: int, world: int, spec) -> dict:
+    """One rank: its received bytes and the seconds of its second exchange (the first connects
+    the pairs)."""
     import torch.distributed as dist
     from ...analysis.shards import plan
     from ...distributed.attention import _Exchange
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        dp = plan(spec, world)
-        n = sum(b - a for a, b in dp.kv_shards[rank])
-        g = torch.Generator().manual_seed(rank)
-        k, v = (torch.randn(1, spec.num_kv_heads, n, spec.head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
-        times = []
-        for _ in range(2):  # the first run connects the pairs
-            dist.barrier()
-            ex = _Exchange(dp, rank, None)
-            t0 = time.perf_counter()
-            ex.start(k, v)
-            kr, vr = ex.finish()
-            times.append(time.perf_counter() - t0)
-        got = (kr.numel() + vr.numel()) * kr.element_size()
-        rows = [None] * world
-        dist.all_gather_object(rows, {"rank": rank, "received_bytes": got, "seconds": times[-1]})
-        if rank == 0:
-            torch.save(rows, f"{out}/rows.pt")
-    except BaseException:
-        with open(f"{out}/rank{rank}.txt", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    dp = plan(spec, world)
+    n = sum(b - a for a, b in dp.kv_shards[rank])
+    g = torch.Generator().manual_seed(rank)
+    k, v = (torch.randn(1, spec.num_kv_heads, n, spec.head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    for _ in range(2):
+        dist.barrier()
+        ex = _Exchange(dp, rank, None)
+        t0 = time.perf_counter()
+        ex.start(k, v)
+        kr, vr = ex.finish()
+        seconds = time.perf_counter() - t0
+    return {"rank": rank, "received_bytes": (kr.numel() + vr.numel()) * kr.element_size(), "seconds": seconds}
 
 
 def measure(spec, world: int) -> list[dict]:
     """Per-rank received bytes and exchange seconds of `world` gloo processes."""
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            mp.spawn(_worker, args=(world, f"file://{d}/init", spec, d), nprocs=world, join=True)
-        except mp.ProcessRaisedException:
-            import pathlib
-            raise RuntimeError("; ".join(p.read_text().strip().splitlines()[-1]
-                                         for p in sorted(pathlib.Path(d).glob("rank*.txt")))) from None
-        return torch.load(f"{d}/rows.pt")
+    from ...distributed.spawn import run_ranks
+    return run_ranks(_exchange, world, (spec,))
 
 
 def bench_case(name: str, spec, world: int) -> dict:
