@@ -104,10 +104,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     check_inputs(q, k, v, spec, paged=block_table is not None)
     scale = check_scale(scale, spec.head_dim)
     if box_routed(spec):  # BiFormer's regions: flat routing of whole boxes, in block-major token order
-        given = [name for name, value in (("head_indices", head_indices), ("cu_seqlens_q", cu_seqlens_q),
-                                          ("kv_lens", kv_lens), ("block_table", block_table)) if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: not supported with box-routed specs ({spec.routed!r}) yet")
+        _refuse(f"box-routed specs ({spec.routed!r})", head_indices=head_indices, cu_seqlens_q=cu_seqlens_q,
+                kv_lens=kv_lens, block_table=block_table)
         order = block_major(spec.q_shape, spec.routed.block).to(q.device)
         out, lse = attention(q[:, :, order], k[:, :, order], v[:, :, order], flat_equivalent(spec), scale,
                              block_indices, True, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -116,12 +114,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
         out, lse = out[:, :, inverse], lse[:, :, inverse]
         return (out, lse) if return_lse else out
     if spec.clustered or q_clusters is not None or kv_clusters is not None:
-        extras = {"block_indices": block_indices, "head_indices": head_indices, "sinks": sinks, "softcap": softcap,
-                  "alibi_slopes": alibi_slopes, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
-                  "kv_lens": kv_lens, "block_table": block_table, "kv_offsets": kv_offsets}
-        given = [name for name, value in extras.items() if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: not supported with Clustered() specs yet (cluster ids only)")
+        _refuse("Clustered() specs (cluster ids only)", block_indices=block_indices, head_indices=head_indices,
+                sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens, block_table=block_table, kv_offsets=kv_offsets)
         packed = functools.partial(attention, _options=_options)  # the packed path runs through this op
         out, lse = clustered_attention(q, k, v, spec, q_clusters, kv_clusters, scale, packed)
         return (out, lse) if return_lse else out
@@ -138,6 +133,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
                                            *pieces) else attention_op
     out, lse = op(q, k, v, key, scale, block_indices, head_indices, _options, sinks, softcap, alibi_slopes, *pieces)
     return (out, lse) if return_lse else out
+
+
+def _refuse(what: str, **arguments) -> None:
+    """A ValueError naming the arguments given (not None) that `what` does not take yet."""
+    given = [name for name, value in arguments.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not supported with {what} yet")
 
 
 class CompiledAttention:
