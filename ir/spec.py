@@ -179,7 +179,7 @@ class Spec:
 
     # -- validation against shapes ---------------------------------------------
     def _check_box_routed(self, node: Routed, heads: HeadPatterns) -> None:
-        """Box blocks (BiFormer's regions): a grid cut into whole boxes, every head that Routed."""
+        """Box blocks (BiFormer's regions): one grid for queries and keys, cut into whole boxes."""
         if self.q_shape is None or len(node.block) != self.ndim or self.q_shape != self.kv_shape:
             raise ValueError(f"Spec: {node!r} has box blocks of {len(node.block)} dimension(s): it needs one grid of "
                              f"as many dimensions for queries and keys, got q_shape={self.q_shape}, "
@@ -189,9 +189,6 @@ class Spec:
             raise ValueError(f"Spec: {node!r} must cut the grid {self.q_shape} into whole boxes; dimension "
                              f"{bad[0]} ({self.q_shape[bad[0]]}) is not a multiple of {node.block[bad[0]]} "
                              f"(pad the grid, as BiFormer pads its feature map)")
-        if any(p != node for p in heads.unique):
-            raise ValueError(f"Spec: {node!r} with box blocks runs as the whole pattern of every head (BiFormer's "
-                             f"region routing); compositions with box-routed blocks are not supported yet")
 
     def _check_blocks(self, node: Blocks) -> None:
         """1-D: blocks of the flattened tokens, any lengths (queries aligned bottom-right to the

@@ -15,14 +15,14 @@ import torch
 
 from .backends.inputs import (check_head_indices, check_inputs, check_scale, check_score_mods, check_segments,
                               check_sinks)
-from .clusters import clustered_attention
 from .dispatch import compile_options
 from .ir import Spec
 from .op import attention_forward, attention_op, runs_eagerly
 from .registry import spec_from_repr, spec_key
 from .analysis.plan import build_plan
 from .analysis.tiling import volume
-from .routing.blocks import block_counts, block_major, box_routed, flat_equivalent
+from .routing.blocks import block_counts, box_routed
+from .runtime import runtime_attention
 from .core.tiles import Tiling
 
 BACKENDS = ("auto", "reference", "triton")
@@ -92,9 +92,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     from the first real token). Each piece runs as its own call
     (patterngen/segments.py): no tile spans two pieces, keys past a length are never read.
     Clustered specs (`pg.Clustered()`, Routing Transformer): `q_clusters` [B, Hq, Nq] and
-    `kv_clusters` [B, Hq or Hkv, Nkv] int cluster ids (-1: in no cluster; see `pg.cluster`);
-    a spec of only Clustered() heads runs sorted by cluster as packed documents, compositions
-    run the exact masked computation per head (`patterngen/clusters.py`).
+    `kv_clusters` [B, Hq or Hkv, Nkv] int cluster ids (-1: in no cluster; see `pg.cluster`).
+    Specs holding Clustered() or box-routed blocks (BiFormer) run per head class
+    (`patterngen/runtime.py`): static parts through the op, heads that are exactly the
+    run-time node on its fast path, the rest on the run-time node's own pairs.
 
     Differentiable in q, k and v; a row with no visible key gives zeros. Runs
     the `patterngen::attention` op: the reference backend on CPU, the generated Triton
@@ -103,22 +104,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     _check_spec(spec)
     check_inputs(q, k, v, spec, paged=block_table is not None)
     scale = check_scale(scale, spec.head_dim)
-    if box_routed(spec):  # BiFormer's regions: flat routing of whole boxes, in block-major token order
-        _refuse(f"box-routed specs ({spec.routed!r})", head_indices=head_indices, cu_seqlens_q=cu_seqlens_q,
-                kv_lens=kv_lens, block_table=block_table)
-        order = block_major(spec.q_shape, spec.routed.block).to(q.device)
-        out, lse = attention(q[:, :, order], k[:, :, order], v[:, :, order], flat_equivalent(spec), scale,
-                             block_indices, True, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
-                             _options=_options)
-        inverse = torch.argsort(order)
-        out, lse = out[:, :, inverse], lse[:, :, inverse]
-        return (out, lse) if return_lse else out
-    if spec.clustered or q_clusters is not None or kv_clusters is not None:
-        _refuse("Clustered() specs (cluster ids only)", block_indices=block_indices, head_indices=head_indices,
-                sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens, block_table=block_table, kv_offsets=kv_offsets)
-        packed = functools.partial(attention, _options=_options)  # the packed path runs through this op
-        out, lse = clustered_attention(q, k, v, spec, q_clusters, kv_clusters, scale, packed)
+    if box_routed(spec) or spec.clustered or q_clusters is not None or kv_clusters is not None:
+        _refuse("Clustered() or box-routed specs", head_indices=head_indices, sinks=sinks, softcap=softcap,
+                alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens,
+                block_table=block_table, kv_offsets=kv_offsets)
+        if block_indices is not None and not isinstance(block_indices, torch.Tensor):
+            raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
+        ops = functools.partial(attention, _options=_options)  # the parts the op runs go through this call
+        out, lse = runtime_attention(q, k, v, spec, scale, block_indices, q_clusters, kv_clusters, ops)
         return (out, lse) if return_lse else out
     if block_indices is not None and not isinstance(block_indices, torch.Tensor):
         raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")

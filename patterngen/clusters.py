@@ -2,18 +2,12 @@
 
 `cluster(q, k, num_clusters)` assigns queries and keys to shared centroids by spherical
 k-means, per batch entry and query head, as the Routing Transformer does.
-`clustered_attention` (what `pg.attention(..., q_clusters=, kv_clusters=)` runs) computes a
-spec holding `Clustered()`:
-
-* every head exactly `Clustered()`: the tokens of each (batch, head) are sorted by cluster
-  (stably), so that each cluster is a contiguous run of queries and of keys; every (batch,
-  head, cluster) becomes one packed document with full attention inside, run through the op's
-  packed-documents path (`cu_seqlens`: kernels on CUDA, one launch for the forward), and the
-  sort is undone on the output. Only same-cluster pairs are computed.
-* compositions (`Clustered() & Causal()`, unions, `Heads` mixing it with static patterns):
-  the exact masked computation per (batch, head), chunked over queries, from the element-wise
-  semantics: O(Nq x Nkv) work per head (correct, not fast; kernels that walk sorted tokens at
-  their original positions are not built yet).
+`packed_clusters` runs the heads that are exactly `Clustered()`: the tokens of each (batch,
+head) are sorted by cluster (stably), so that each cluster is a contiguous run of queries and
+of keys; every (batch, head, cluster) becomes one packed document with full attention inside,
+run through the op's packed-documents path (`cu_seqlens`: kernels on CUDA, one launch for the
+forward), and the sort is undone on the output. Only same-cluster pairs are computed.
+Compositions holding `Clustered()` run through `patterngen.runtime`.
 
 Cluster ids are ints >= -1; -1 puts a token in no cluster (its query row is zeros, lse -inf).
 """
@@ -21,14 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends.inputs import check_scale
-from .backends.reference.attention import masked_attention
-from .core.semantics import visible
-from .ir import Clustered, Full, Spec
-from .routing.clusters import check_clusters, sorted_documents
-
-MAX_SCORES = 1 << 22
-"""Scores per chunk of the masked path (queries x keys)."""
+from .ir import Full, Spec
+from .routing.clusters import sorted_documents
 
 
 def cluster(q: torch.Tensor, k: torch.Tensor, num_clusters: int, iters: int = 10,
@@ -73,8 +61,9 @@ def cluster(q: torch.Tensor, k: torch.Tensor, num_clusters: int, iters: int = 10
     return assign[:, :, :nq], assign[:, :, nq:]
 
 
-def _packed(cq, ck, q, k, v, spec: Spec, scale: float, attention):
-    """Every head exactly Clustered(): (out, lse) through sorted, packed documents."""
+def packed_clusters(cq, ck, q, k, v, spec: Spec, scale: float, attention):
+    """(out, lse) of a spec whose every head is exactly Clustered(), through sorted, packed
+    documents (`attention`: pg.attention, whose packed path runs them)."""
     B, H, nq, D = q.shape
     g = H // spec.num_kv_heads
     order_q, order_k, docs_q, docs_k = sorted_documents(cq, ck)
@@ -96,40 +85,4 @@ def _packed(cq, ck, q, k, v, spec: Spec, scale: float, attention):
     return out.view(B, H, nq, D), lse.view(B, H, nq)
 
 
-def _masked(cq, ck, q, k, v, spec: Spec, scale: float):
-    """Any spec holding Clustered(): the exact masked computation per (batch, head)."""
-    B, H, nq, D = q.shape
-    nkv, g = k.shape[2], H // spec.num_kv_heads
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if nq == 0 or nkv == 0:  # no pair: zeros, lse -inf
-        return q.new_zeros(q.shape), torch.full((B, H, nq), float("-inf"), dtype=acc, device=q.device)
-    rows = max(1, MAX_SCORES // max(nkv, 1))
-    kj = torch.arange(nkv, device=q.device)[None, :]
-    outs, lses = [], []
-    for b in range(B):
-        for h in range(H):
-            pattern = spec.head_patterns[h]
-            K, V = k[b, h // g].to(acc), v[b, h // g].to(acc)
-            o_parts, l_parts = [], []
-            for r0 in range(0, nq, rows):
-                qi = torch.arange(r0, min(nq, r0 + rows), device=q.device)[:, None]
-                mask = visible(pattern, qi, kj, spec, clusters=(cq[b, h], ck[b, h])).expand(len(qi), nkv)
-                o, l, _ = masked_attention(q[b, h, r0:r0 + rows].to(acc), K, V, mask, scale)
-                o_parts.append(o)
-                l_parts.append(l)
-            outs.append(torch.cat(o_parts) if o_parts else q.new_zeros(0, D, dtype=acc))
-            lses.append(torch.cat(l_parts) if l_parts else q.new_zeros(0, dtype=acc))
-    return torch.stack(outs).view(B, H, nq, D).to(q.dtype), torch.stack(lses).view(B, H, nq)
-
-
-def clustered_attention(q, k, v, spec: Spec, q_clusters, kv_clusters, scale: float | None, attention):
-    """(out, lse) of a spec holding Clustered() (`attention`: pg.attention, for the packed path)."""
-    cq, ck = check_clusters(q_clusters, kv_clusters, spec, q.shape[0], q.shape[2], k.shape[2], q.device)
-    scale = check_scale(scale, spec.head_dim)
-    bound = spec.bind(q.shape[2], k.shape[2]) if spec.length_free else spec
-    if all(p == Clustered() for p in bound.head_patterns.unique):
-        return _packed(cq, ck, q, k, v, bound, scale, attention)
-    return _masked(cq, ck, q, k, v, bound, scale)
-
-
-__all__ = ["cluster", "clustered_attention"]
+__all__ = ["cluster", "packed_clusters"]

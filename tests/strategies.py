@@ -339,6 +339,33 @@ def spec_routed_missing(pattern, num_heads: int) -> bool:
                    for n in resolve_head(pattern, h, num_heads).walk())
 
 
+@st.composite
+def runtime_specs(draw, box: bool):
+    """(spec, its lengths (nq, nkv)) holding a run-time node: `Clustered()` on a length-free
+    sequence, or box-routed blocks (`box`) on a 2-D or 3-D grid; alone, inside unions and
+    intersections (nested) of any primitive, and on some heads of a Heads: every head class of
+    patterngen.runtime (static, the node alone, mixed)."""
+    num_heads, num_kv_heads = draw(head_counts())
+    if box:
+        dims = draw(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3)), min_size=2, max_size=3))
+        block = tuple(b for b, _ in dims)
+        q_shape = kv_shape = tuple(b * n for b, n in dims)
+        node = pg.Routed(block, draw(st.integers(1, math.prod(n for _, n in dims))))
+    else:
+        q_shape, kv_shape = (draw(st.integers(0, 24)),), (draw(st.integers(0, 24)),)
+        node = pg.Clustered()
+    other = patterns(tuple(max(1, n) for n in q_shape), tuple(max(1, n) for n in kv_shape), window=box, depth=1)
+    part = st.one_of(st.just(node), other)
+    mixed = st.tuples(st.lists(part, min_size=2, max_size=3), st.sampled_from("|&")).map(_combine)
+    nested = st.tuples(st.lists(st.one_of(mixed, part), min_size=2, max_size=2), st.sampled_from("|&")).map(_combine)
+    inner = st.one_of(st.just(node), mixed, nested, other)
+    pattern = draw(st.one_of(inner, heads_patterns(num_heads, inner)))
+    if not any(node in resolve_head(pattern, h, num_heads).walk() for h in range(num_heads)):
+        pattern = pattern | node
+    spec = pg.Spec(pattern, q_shape if box else None, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=8)
+    return spec, (math.prod(q_shape), math.prod(kv_shape))
+
+
 # -- kernels --------------------------------------------------------------------------------
 KERNEL_HEAD_DIMS = (16, 24, 48, 64, 80, 128, 256)
 """Head dims of the kernel tests: powers of two and dims the kernels pad (BLOCK_D > head_dim)."""

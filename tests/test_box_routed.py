@@ -99,8 +99,6 @@ def test_example_and_errors():
     assert report.tile_speedup == pytest.approx(49 / 4)  # tiles of a region (64 tokens in block-major order)
     with pytest.raises(ValueError, match="whole boxes; dimension 1 \\(6\\) is not a multiple of 4"):
         pg.Spec(pg.Routed((2, 4), 1), (8, 6))
-    with pytest.raises(ValueError, match="compositions with box-routed blocks are not supported"):
-        pg.Spec(pg.Routed((2, 2), 1) | pg.Window(3), (8, 8))
     with pytest.raises(ValueError, match="causal=True orders the flattened tokens"):
         pg.Routed((2, 2), 1, causal=True)
     with pytest.raises(ValueError, match="grid-shaped q and k"):

@@ -41,7 +41,7 @@ PATTERNS = [lambda H: pg.Clustered(), lambda H: pg.Clustered() & pg.Causal(), la
 @given(st.integers(1, 2), st.sampled_from([(2, 1), (2, 2), (4, 2)]), st.integers(0, 30), st.integers(0, 30),
        st.integers(1, 6), st.sampled_from(range(len(PATTERNS))), st.booleans(), st.data())
 def test_forward_and_gradients_against_the_mask(B, heads, nq, nkv, clusters, which, kv_per_kv_head, data):
-    """Every call form: pure Clustered (sorted, packed documents) and compositions (masked),
+    """Every call form: pure Clustered (sorted, packed documents) and compositions (patterngen.runtime),
     GQA with kv ids per query head or per kv head, -1 ids, empty sides."""
     H, Hkv = heads
     spec = pg.Spec(PATTERNS[which](H), num_heads=H, num_kv_heads=Hkv, head_dim=8)

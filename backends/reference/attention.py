@@ -109,6 +109,15 @@ def masked_attention(Q, K, V, mask, scale: float, softcap: float | None = None, 
     return torch.matmul(p, V) / l_safe, lse, s
 
 
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of attention over the union of disjoint key sets from each set's (out, lse),
+    by log-sum-exp; a row no part saw stays zeros, lse -inf. Differentiable."""
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = sum(o.to(lse.dtype) * torch.exp(l - safe)[..., None] for o, l in parts)
+    return out.to(parts[0][0].dtype), lse
+
+
 @dataclass(frozen=True)
 class _Rows:
     """Where a call's tokens sit in its tensors: the q tiles it computes (`tiles`), query token

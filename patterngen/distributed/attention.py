@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..api import attention as _attention
-from ..backends.reference import check_scale, shard_attention
+from ..backends.reference import check_scale, merge_partials, shard_attention
 from ..ir import Band, Causal, Full, Intersection, Spec, Union
 from ..registry import spec_key
 from ..analysis.shards import DistributedPlan, plan
@@ -177,14 +177,6 @@ class _Join(torch.autograd.Function):
         return grad, torch.zeros_like(kr), torch.zeros_like(vr)
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of partial attentions over disjoint key sets, by log-sum-exp."""
-    lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = sum(o.to(lse.dtype) * torch.exp(l - safe)[..., None] for o, l in parts)
-    return out.to(parts[0][0].dtype), lse
-
-
 def _describe(q, k, v, spec, scale, layout) -> tuple:
     """What the ranks must agree on (compared), and the spec's repr (for the message)."""
     return (spec_key(spec), tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), scale, layout), repr(spec)
@@ -266,7 +258,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, gro
         own = shard_attention(q, k, v, spec, dp.tile_plan, tiles, q_rows, exchange.rows, scale)
         kr, vr = _Received.apply(k, v, exchange)
         if kr.shape[2]:
-            out, _ = _merge([own, shard_attention(q, kr, vr, spec, dp.tile_plan, tiles, q_rows,
+            out, _ = merge_partials([own, shard_attention(q, kr, vr, spec, dp.tile_plan, tiles, q_rows,
                                                   _rows(exchange.received, spec.nkv), scale)])
         else:  # nothing received: the exchange's node stays in the graph, for the keys this rank sent
             out = _Join.apply(own[0], kr, vr)
