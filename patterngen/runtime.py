@@ -20,15 +20,12 @@ Mixed heads merge their two parts by log-sum-exp (the parts' key sets are disjoi
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .backends.reference import masked_attention, merge_partials
 from .clusters import packed_clusters
-from .core.semantics import visible
 from .ir import Clustered, Pattern, Routed, Spec
-from .analysis.runtime import head_subset, is_runtime, split_heads
+from .analysis.runtime import head_subset, remainder, runtime_groups, split_heads
 from .routing.blocks import block_major, block_masks, flat_equivalent, normalize_block_indices
 from .routing.clusters import check_clusters
 
@@ -41,30 +38,6 @@ def _take(t: torch.Tensor | None, heads: list[int], total: int) -> torch.Tensor 
     if t is None or heads == list(range(total)):
         return t
     return t[:, torch.tensor(heads, device=t.device)]
-
-
-def _padded(groups: torch.Tensor, count: int) -> torch.Tensor:
-    """long [count, widest]: the tokens of each group (ids in [0, count), -1 in none), ascending,
-    padded with -1."""
-    tok = torch.nonzero(groups >= 0).squeeze(1)
-    g = groups[tok]
-    order = torch.sort(g, stable=True).indices
-    tok, g = tok[order], g[order]
-    sizes = torch.bincount(g, minlength=count)
-    width = int(sizes.max()) if len(g) else 0
-    out = torch.full((count, width), -1, dtype=torch.long, device=groups.device)
-    out[g, torch.arange(len(g), device=g.device) - (sizes.cumsum(0) - sizes)[g]] = tok
-    return out
-
-
-def _routed_keys(indices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """long [q boxes, topk * volume]: the key tokens of each query box's routed boxes (indices
-    [q boxes, topk], -1 unused; a box listed twice counts once), -1 elsewhere."""
-    earlier = torch.ones(indices.shape[1], indices.shape[1], dtype=torch.bool, device=indices.device).tril(-1)
-    repeated = ((indices[:, :, None] == indices[:, None, :]) & earlier).any(2)
-    keep = (indices >= 0) & ~repeated
-    keys = boxes[indices.clamp(min=0)]  # [q boxes, topk, volume]
-    return torch.where(keep[..., None], keys, -1).flatten(1)
 
 
 def gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, pattern: Pattern,
@@ -89,9 +62,7 @@ def gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, patt
             qi = q_groups[g0:g0 + groups_per, r0:r0 + step, None]  # [g, r, 1]
             kj = kv_groups[g0:g0 + groups_per, None, :]  # [g, 1, mk]
             qs, ks = qi.clamp(min=0), kj.clamp(min=0)
-            mask = (qi >= 0) & (kj >= 0) & visible(pattern, qs, ks, spec, block_mask, clusters)
-            if static is not None:
-                mask = mask & ~visible(static, qs, ks, spec, block_mask, clusters)
+            mask = (qi >= 0) & (kj >= 0) & remainder(spec, pattern, static, qs, ks, block_mask, clusters)
             o, l, _ = masked_attention(q[qs.squeeze(2)].to(acc), k[ks.squeeze(1)].to(acc), v[ks.squeeze(1)].to(acc),
                                        mask, scale)
             rows_ok = qi.squeeze(2) >= 0
@@ -149,19 +120,10 @@ def runtime_attention(q, k, v, spec: Spec, scale: float, block_indices, q_cluste
             put(heads, *routed_boxes(qs, ks, vs, s, _take(indices, heads, H), scale, attention))
     for h in split.mixed:
         pattern = bound.head_patterns[h]
-        nodes = {type(n) for n in pattern.walk() if is_runtime(n)}
-        if len(nodes) > 1:
-            raise ValueError(f"spec: head {h}'s pattern {pattern!r} mixes Clustered() with box-routed blocks; a "
-                             f"head takes one of them (different heads may each take one)")
         outs, lses = [], []
         for b in range(B):
-            if Clustered in nodes:
-                count = 1 + max((int(t.max()) for t in (cq[b, h], ck[b, h]) if t.numel()), default=-1)
-                qg, kg = _padded(cq[b, h], count), _padded(ck[b, h], count)
-            else:
-                shape, block = bound.q_shape, bound.routed.block
-                boxes = block_major(shape, block).to(q.device).view(-1, math.prod(block))
-                qg, kg = boxes, _routed_keys(indices[b, h], boxes)
+            qg, kg = runtime_groups(bound, pattern, None if cq is None else (cq[b, h], ck[b, h]),
+                                    None if indices is None else indices[b, h])
             o, l = gathered(q[b, h], k[b, h // g], v[b, h // g], bound, pattern, split.parts[h], qg, kg, scale,
                             None if masks is None else masks[b, h], None if cq is None else (cq[b, h], ck[b, h]))
             outs.append(o)

@@ -136,17 +136,19 @@ def test_errors():
 def test_simulate_counts_the_work_on_given_ids():
     """simulate(spec, clusters=...): exact visible pairs (against the oracle), and the tiles the
     packed documents visit: per (head, cluster), ceil(q / 16) q tiles each over ceil(k / 16) kv
-    tiles, the last partial when the keys do not fill it; a composition visits every tile pair."""
+    tiles, the last partial when the keys do not fill it; a composition the same tiles, all masked."""
     cq = torch.tensor([[[0] * 20 + [1] * 12 + [-1] * 8]])  # 40 queries: 20 in cluster 0, 12 in 1
     ck = torch.tensor([[[1] * 5 + [0] * 33 + [2] * 2]])  # 40 keys: 33 in cluster 0, 5 in 1, 2 in 2
     spec = pg.Spec(pg.Clustered(), 40, num_heads=1, head_dim=16)
     r = pg.simulate(spec, 16, 16, clusters=(cq, ck), device="h100")
     assert r.packed and r.visible_pairs == 20 * 33 + 12 * 5 == int(pg.dense_mask(spec, clusters=(cq[0], ck[0])).sum())
     assert (r.visited, r.full) == (2 * 3 + 1 * 1, 2 * 2)  # cluster 0: 2 q tiles x 3 kv tiles (2 full)
-    assert r.tile_pairs == 9 and r.predicted_time_s > 0 and "packed documents" in r.summary()
+    assert r.tile_pairs == 9 and r.predicted_time_s > 0 and "packed cluster documents 7" in r.summary()
     both = pg.Spec(pg.Clustered() & pg.Causal(), 40, num_heads=1, head_dim=16)
     m = pg.simulate(both, 16, 16, clusters=(cq, ck))
-    assert not m.packed and m.visited == 9 and m.visible_pairs == int(pg.dense_mask(both, clusters=(cq[0], ck[0])).sum())
+    # the composition's pairs lie within the clusters: 2 x 3 + 1 x 1 tile pairs, every one masked
+    assert [x.name for x in m.launches] == ["gathered"] and (m.visited, m.full) == (7, 0)
+    assert m.visible_pairs == int(pg.dense_mask(both, clusters=(cq[0], ck[0])).sum())
     with pytest.raises(ValueError, match="give them, simulate\\(spec, clusters="):
         pg.simulate(spec)
     with pytest.raises(ValueError, match="clusters: .* holds no Clustered"):

@@ -150,13 +150,66 @@ def test_kernels_run_the_static_parts():
     torch.testing.assert_close(out.double(), dense_attention(q, k, v, box, idx)[0], atol=1e-4, rtol=0)
 
 
+def test_simulate_and_show_a_box_routed_composition():
+    """Box-routed blocks with a neighbourhood: the static part's plan (the window) and per query
+    box its routed keys' tiles, every one masked; `show` draws the mask from the semantics."""
+    spec = pg.Spec(pg.Routed((4, 4), 2) | pg.Window(3), (16, 16), num_heads=1, head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    idx = _box_indices(g, spec, 1)
+    r = pg.simulate(spec, 16, 16, block_indices=idx, device="h100")
+    assert [x.name for x in r.launches] == ["static", "gathered"] and r.predicted_time_s > 0
+    kept = [len({b for b in row if b >= 0}) for row in idx[0, 0].tolist()]
+    gathered = r.launches[1]
+    assert (gathered.visited, gathered.full) == (sum(-(-16 * n // 16) for n in kept), 0)
+    assert r.visible_pairs == int(pg.dense_mask(spec, idx).sum())
+    with pytest.raises(ValueError, match="no tile plan ahead of a call"):
+        pg.build_plan(spec)
+    with pytest.raises(ValueError, match="world_size: not supported for specs with run-time ids"):
+        pg.simulate(spec, block_indices=idx, world_size=2)
+    from patterngen.tools.draw import draw_mask
+    small = pg.Spec(pg.Routed((4, 4), 2) | pg.Window(3), (8, 8), num_heads=1, head_dim=8)
+    idx = _box_indices(g, small, 1)
+    lines, caption = draw_mask(small, 0, 0, 66, idx)
+    mask = pg.dense_mask(small, idx)[0, 0]
+    assert "one char per (q, kv) pair" in caption and len(lines) == 64 + 2
+    drawn = torch.tensor([[c != " " for c in line[1:-1]] for line in lines[1:-1]])
+    assert torch.equal(drawn, mask)  # one char per pair: exactly the oracle
+
+
 def test_errors():
     spec = pg.Spec(pg.Heads([pg.Clustered() | pg.Routed((2, 2), 1), pg.Full()]), (4, 4), num_heads=2, head_dim=8)
     q = torch.randn(1, 2, 16, 8)
     ids = torch.zeros(1, 2, 16, dtype=torch.long)
-    with pytest.raises(ValueError, match="head 0's pattern .* mixes Clustered\\(\\) with box-routed blocks"):
+    with pytest.raises(ValueError, match="the pattern .* mixes Clustered\\(\\) with box-routed blocks"):
         pg.attention(q, q, q, spec, q_clusters=ids, kv_clusters=ids,
                      block_indices=torch.zeros(1, 2, 4, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="softcap: not supported with Clustered\\(\\) or box-routed"):
         pg.attention(q, q, q, pg.Spec(pg.Routed((2, 2), 1) | pg.Window(3), (4, 4), num_heads=2, head_dim=8),
                      block_indices=torch.zeros(1, 2, 4, 1, dtype=torch.long), softcap=5.0)
+
+
+@settings(max_examples=scaled(30), deadline=None)
+@given(st.one_of(runtime_specs(box=False), runtime_specs(box=True)), st.integers(1, 2), st.data())
+def test_simulate_counts_against_the_oracle(spec_lengths, B, data):
+    """simulate(spec, clusters= / block_indices=): the exact visible pairs of every head class
+    (the static part's closed form plus the gathered remainder) equal the oracle's, and the
+    launches are the head classes present."""
+    spec, (nq, nkv) = spec_lengths
+    spec = spec.bind(nq, nkv) if spec.length_free else spec
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    if spec.clustered:
+        cq, ck = _ids(g, (B, spec.num_heads, nq), 4), _ids(g, (B, spec.num_heads, nkv), 4)
+        report = pg.simulate(spec, 8, 8, clusters=(cq, ck))
+        want = sum(int(pg.dense_mask(spec, clusters=(cq[b], ck[b])).sum()) for b in range(B))
+    else:
+        idx = _box_indices(g, spec, B)
+        report = pg.simulate(spec, 8, 8, block_indices=idx)
+        want = int(pg.dense_mask(spec, idx).sum())
+    assert report.visible_pairs == want
+    split = split_heads(spec)
+    if len(split.pure) == spec.num_heads and not spec.clustered:  # box routing alone: the flat simulation
+        return
+    names = {x.name for x in report.launches}
+    assert ("static" in names) == any(p is not None for p in split.parts)
+    assert ("gathered" in names) == bool(split.mixed)
+    assert report.full <= report.visited

@@ -14,6 +14,7 @@ from ..core.statuses import FULL
 from .classify import TileAnalysis, has_routed
 from ..ir import Spec
 from ..routing.blocks import block_masks, box_routed, flat_equivalent, normalize_block_indices
+from .runtime import runs_split
 from ..core.tiles import TileGrid, Tiling
 from .tiling import default_tiling
 
@@ -87,17 +88,20 @@ class Plan:
 
 def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Tensor | None = None) -> Plan:
     """Classify every tile pair of every head and collect the visited ones. A box-routed spec
-    (Routed with a tuple block) is planned as what it runs as: flat routing in block-major
-    token order (`routing.blocks.flat_equivalent`; box tiles count as their volumes)."""
+    (Routed with a tuple block on every head) is planned as what it runs as: flat routing in
+    block-major token order (`routing.blocks.flat_equivalent`; box tiles count as their
+    volumes). Specs that run split by head class (`analysis.runtime.runs_split`) have no plan."""
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a patterngen.Spec, got {type(spec).__name__}")
+    if runs_split(spec):
+        raise ValueError(f"spec: {spec!r} holds {'Clustered()' if spec.clustered else 'box-routed blocks in compositions'}"
+                         f", whose pairs come from run-time ids, so it has no tile plan ahead of a call; run it with "
+                         f"pg.attention (ids: q_clusters=, kv_clusters= or block_indices=), count its work with "
+                         f"pg.simulate(spec, clusters=..., block_indices=...)")
     if box_routed(spec):
         if tiling is not None:
             tiling = Tiling(*(t if isinstance(t, int) else math.prod(t) for t in (tiling.q_tile, tiling.kv_tile)))
         return build_plan(flat_equivalent(spec), tiling, block_indices)
-    if spec.clustered:
-        raise ValueError(f"spec: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids, so it has no "
-                         f"tile plan ahead of a call; run it with pg.attention(..., q_clusters=, kv_clusters=)")
     tiling = default_tiling(spec) if tiling is None else tiling
     if not isinstance(tiling, Tiling):
         raise TypeError(f"tiling must be a patterngen Tiling, got {type(tiling).__name__}")

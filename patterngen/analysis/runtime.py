@@ -12,9 +12,14 @@ has no static part.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
+
+from ..core.semantics import visible
 from ..ir import Clustered, Heads, Intersection, Pattern, Routed, Spec, Union
+from ..routing.blocks import block_major
 
 
 def is_runtime(node: Pattern) -> bool:
@@ -24,6 +29,16 @@ def is_runtime(node: Pattern) -> bool:
 
 def has_runtime(pattern: Pattern) -> bool:
     return any(is_runtime(n) for n in pattern.walk())
+
+
+def runs_split(spec: Spec) -> bool:
+    """Whether the spec runs split by head class (`patterngen.runtime`), with no tile plan ahead
+    of a call: it holds Clustered(), or box-routed blocks on a head that is not exactly that
+    node (where every head is, it runs and plans as flat routing in block-major order)."""
+    if spec.clustered:
+        return True
+    return spec.routed is not None and isinstance(spec.routed.block, tuple) and \
+        any(p != spec.routed for p in spec.head_patterns.unique)
 
 
 def static_part(pattern: Pattern) -> Pattern | None:
@@ -76,4 +91,49 @@ def head_subset(spec: Spec, heads: tuple[int, ...], patterns: list[Pattern]) -> 
     return sub, kv_heads
 
 
-__all__ = ["is_runtime", "has_runtime", "static_part", "HeadSplit", "split_heads", "head_subset"]
+def remainder(spec: Spec, pattern: Pattern, static: Pattern | None, q: torch.Tensor, kv: torch.Tensor,
+              block_mask: torch.Tensor | None, clusters: tuple | None) -> torch.Tensor:
+    """Bool: the pairs of `pattern` outside its static part (query and key token ids broadcast)."""
+    mask = visible(pattern, q, kv, spec, block_mask, clusters)
+    return mask if static is None else mask & ~visible(static, q, kv, spec, block_mask, clusters)
+
+
+def _padded(groups: torch.Tensor, count: int) -> torch.Tensor:
+    """long [count, widest]: the tokens of each group (ids in [0, count), -1 in none), ascending,
+    padded with -1."""
+    tok = torch.nonzero(groups >= 0).squeeze(1)
+    g = groups[tok]
+    order = torch.sort(g, stable=True).indices
+    tok, g = tok[order], g[order]
+    sizes = torch.bincount(g, minlength=count)
+    width = int(sizes.max()) if len(g) else 0
+    out = torch.full((count, width), -1, dtype=torch.long, device=groups.device)
+    out[g, torch.arange(len(g), device=g.device) - (sizes.cumsum(0) - sizes)[g]] = tok
+    return out
+
+
+def runtime_groups(spec: Spec, pattern: Pattern, clusters: tuple | None,
+                   indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query groups [G, widest], key groups [G, widest']): token ids, -1 padding, of the groups
+    whose pairs hold a mixed head's pairs outside its static part, for one (batch, head): each
+    cluster's queries and keys (`clusters`: ids [Nq], [Nkv]), or each query box and the keys of
+    its routed boxes (`indices` [q boxes, topk], -1 unused; a box listed twice counts once)."""
+    nodes = {type(n) for n in pattern.walk() if is_runtime(n)}
+    if len(nodes) > 1:
+        raise ValueError(f"spec: the pattern {pattern!r} mixes Clustered() with box-routed blocks; a head takes "
+                         f"one of them (different heads may each take one)")
+    if Clustered in nodes:
+        cq, ck = clusters
+        count = 1 + max((int(t.max()) for t in (cq, ck) if t.numel()), default=-1)
+        return _padded(cq, count), _padded(ck, count)
+    block = spec.routed.block
+    boxes = block_major(spec.q_shape, block).to(indices.device).view(-1, math.prod(block))
+    earlier = torch.ones(indices.shape[1], indices.shape[1], dtype=torch.bool, device=indices.device).tril(-1)
+    repeated = ((indices[:, :, None] == indices[:, None, :]) & earlier).any(2)
+    keep = (indices >= 0) & ~repeated
+    keys = torch.where(keep[..., None], boxes[indices.clamp(min=0)], -1)  # [q boxes, topk, volume]
+    return boxes, keys.flatten(1)
+
+
+__all__ = ["is_runtime", "has_runtime", "runs_split", "static_part", "HeadSplit", "split_heads", "head_subset", "remainder",
+           "runtime_groups"]

@@ -15,7 +15,7 @@ best ones. Modules, in the order the simulator uses them:
     search       candidate tilings, their evaluation, branch and bound
     heads_model  token-routed heads (Mixture-of-Head) on a chosen tiling
     report       SimReport, per-head figures, the printed table
-    clusters     a Clustered spec's work on given cluster ids (simulate(clusters=...))
+    runtime      the work of Clustered() and box-routed compositions on given ids
     sharding     a spec sequence-sharded over GPUs: link models (data in links/*.json), per-rank
                  compute, bytes and transfers, the layout chosen (simulate(world_size=...))
     simulator    simulate() and workload(), which tie the above together
@@ -30,7 +30,7 @@ from .plot import plot, tile_map
 from .profiles import closed_form_profile, plan_profiles
 from .report import HeadFigures, SimReport, format_table
 from .search import Candidate
-from .clusters import ClusterReport, simulate_clusters
+from .runtime import Launch, RuntimeReport, simulate_runtime
 from .sharding import LinkModel, ShardingReport, available_links, load_link, simulate_sharding
 from .simulator import ranked_kernel_tilings, simulate, workload
 from .tile_shapes import box_shapes, flat_as_box
@@ -40,4 +40,4 @@ __all__ = ["simulate", "ranked_kernel_tilings", "SimReport", "HeadFigures", "Can
            "available_devices", "predict_time", "dense_time", "dense_params", "dense_workload", "wave_time",
            "workload", "box_shapes", "flat_as_box", "closed_form_profile", "plan_profiles", "visible_pairs",
            "advise_strides", "StrideAdvice", "format_table", "plot", "tile_map", "LinkModel", "ShardingReport",
-           "available_links", "load_link", "simulate_sharding", "ClusterReport", "simulate_clusters"]
+           "available_links", "load_link", "simulate_sharding", "Launch", "RuntimeReport", "simulate_runtime"]

@@ -19,13 +19,14 @@ import torch
 from ..ir import Spec
 from ..routing.blocks import box_routed, flat_equivalent
 from ..analysis.plan import build_plan
+from ..analysis.runtime import runs_split
 from ..analysis.tiling import kernel_tilings, volume
 from ..core.tiles import TileGrid, Tiling
 from . import counting, heads_model
 from .device import load_device
 from .report import HeadFigures, SimReport, head_groups
 from .search import Candidate, Search
-from .clusters import simulate_clusters
+from .runtime import simulate_runtime
 from .sharding import simulate_sharding
 from .time_model import Workload, dense_time, predict_time
 
@@ -91,16 +92,18 @@ def simulate(spec: Spec, q_tile=None, kv_tile=None, device=None, *, batch: int =
         path or a LinkModel; default 'nvlink-h100'), in `layout` ('contiguous', 'zigzag'; None
         picks the fastest): per-rank compute, bytes received and predicted time.
     clusters: (q_clusters, kv_clusters) of a spec holding Clustered() (as pg.attention takes
-        them): a ClusterReport of the work on those ids (`clusters.simulate_clusters`).
+        them): a RuntimeReport of the work on those ids (`runtime.simulate_runtime`), as for
+        box-routed blocks inside compositions (on `block_indices`).
     """
+    if isinstance(spec, Spec) and runs_split(spec):  # per head class, on the call's ids
+        given = [n for n, v in (("world_size", world_size), ("link", link), ("layout", layout),
+                                ("active_heads", active_heads)) if v is not None]
+        if given:
+            raise ValueError(f"simulate: {', '.join(given)}: not supported for specs with run-time ids ({spec!r})")
+        return simulate_runtime(spec, q_tile, kv_tile, device, clusters, block_indices)
     if isinstance(spec, Spec) and box_routed(spec):  # simulated as it runs: flat routing, block-major order
         spec = flat_equivalent(spec)
         q_tile, kv_tile = (t if t is None or isinstance(t, int) else math.prod(t) for t in (q_tile, kv_tile))
-    if isinstance(spec, Spec) and spec.clustered:
-        if clusters is None:
-            raise ValueError(f"simulate: {spec!r} holds Clustered(), whose pairs come from run-time cluster ids: give "
-                             f"them, simulate(spec, clusters=(q_clusters, kv_clusters)) (see pg.cluster)")
-        return simulate_clusters(spec, *clusters, q_tile, kv_tile, device)
     if clusters is not None:
         raise ValueError(f"clusters: {spec!r} holds no Clustered() node to use them")
     if world_size is not None:

@@ -36,6 +36,23 @@ def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.T
     return routed_indices(spec, q, k)
 
 
+def demo_clusters(spec: Spec, seed: int = 0, head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cluster ids for a Clustered spec, from `patterngen.cluster` on random queries and keys
+    (`demo_cluster_count` clusters); None for other specs. Like `demo_block_indices`, a
+    representative count, not the model's."""
+    if not spec.clustered:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, spec.num_heads, spec.nq, head_dim, generator=g)
+    k = torch.randn(1, spec.num_kv_heads, spec.nkv, head_dim, generator=g)
+    return cluster(q, k, demo_cluster_count(spec.nkv), seed=seed)
+
+
+def demo_cluster_count(nkv: int) -> int:
+    """About sqrt(N) / 2 clusters of N random keys (the Routing Transformer uses ~sqrt(N))."""
+    return max(1, round(nkv ** 0.5 / 2))
+
+
 def routed_indices(spec: Spec, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """`route` on q, k [B, H, N, D] for the spec's Routed node (grid-shaped for box blocks)."""
     r = spec.routed
@@ -105,8 +122,8 @@ def check_attention(small: Spec, seed: int = 0, tol: float = 1e-4) -> tuple[bool
     idx = clusters = None
     if small.routed is not None:
         idx = routed_indices(small, q, k)
-    if small.clustered:  # about sqrt(N) / 2 clusters of the random tokens (the Routing Transformer uses ~sqrt(N))
-        clusters = cluster(q, k, max(1, round(small.nkv ** 0.5 / 2)), seed=seed)
+    if small.clustered:
+        clusters = cluster(q, k, demo_cluster_count(small.nkv), seed=seed)
     t0 = time.perf_counter()
     if clusters is not None:
         out = attention(q, k, v, small, q_clusters=clusters[0], kv_clusters=clusters[1])

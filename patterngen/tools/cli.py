@@ -19,12 +19,14 @@ from pathlib import Path
 from .. import aot
 from ..ir import Spec
 from ..analysis.plan import Plan, build_plan
+from ..analysis.runtime import runs_split
 from ..analysis.tiling import default_tiling
 from ..sim import command as sim_command
+from ..sim import simulate
 from ..core.tiles import Tiling
 from . import audit as audit_command
 from .bench import command as bench_command
-from .checks import check_attention, check_plan_rows, demo_block_indices
+from .checks import check_attention, check_plan_rows, demo_block_indices, demo_clusters
 from .draw import LEGEND, draw_mask, draw_tile_map
 from .shrink import shrink_spec
 from .specfiles import SpecFileError, load_specs, select_specs, spec_files
@@ -78,6 +80,9 @@ def cmd_show(args) -> int:
             raise ValueError(f"--head must be in 0..{spec.num_heads - 1} for {name}, got {args.head}")
         tiling = choose_tiling(spec, args.tile)
         idx = demo_block_indices(spec, args.seed)
+        if runs_split(spec):
+            _show_runtime(name, spec, tiling, idx, args, width)
+            continue
         t0 = time.perf_counter()
         plan = build_plan(spec, tiling, idx)  # first, so that a bad --tile fails before any output
         dt = time.perf_counter() - t0
@@ -101,6 +106,28 @@ def cmd_show(args) -> int:
         print("\n".join(lines))
         print(f"legend: {LEGEND}")
     return 0
+
+
+def _show_runtime(name: str, spec: Spec, tiling: Tiling, idx, args, width: int) -> None:
+    """`show` for a spec with run-time ids: no plan ahead of a call, so the work on demo ids
+    (`simulate`) and the mask picture from the semantics on them."""
+    clusters = demo_clusters(spec, args.seed)
+    t0 = time.perf_counter()
+    report = simulate(spec, tiling.q_tile, tiling.kv_tile, clusters=clusters, block_indices=idx)
+    dt = time.perf_counter() - t0
+    print(f"{args.spec}: {name}")
+    print(f"  {spec!r}")
+    print(f"  {spec.nq} queries x {spec.nkv} keys, {spec.num_heads} head(s) ({spec.num_kv_heads} kv), "
+          f"head_dim {spec.head_dim}")
+    ids = [what for what, given in (("clusters from pg.cluster", clusters), ("block indices from pg.route", idx))
+           if given is not None]
+    print(f"  ids: {' and '.join(ids)} on random q, k (seed {args.seed}); a model's own ids give other counts")
+    print(f"  work on these ids ({dt:.3f} s): {report.summary()}")
+    lines, caption = draw_mask(spec, args.head, 0, width, idx, clusters)
+    print(caption)
+    print("\n".join(lines))
+    print("  no tile map: the pairs come with each call's ids (the launches counted above)")
+    print(f"legend: {LEGEND}")
 
 
 RUN_INTRO = """\
@@ -153,9 +180,9 @@ def cmd_run(args) -> int:
 
 
 def _run_one(spec: Spec, args) -> bool:
-    if spec.clustered:  # the pairs come with each call: no plan at full size
+    if runs_split(spec):  # the pairs come with each call: no plan at full size
         print(f"  full size: {spec.nq} x {spec.nkv} tokens, {spec.num_heads} heads, head_dim {spec.head_dim}; "
-              f"Clustered(): the pairs come from each call's cluster ids, so there is no plan to check ahead")
+              f"the pairs come from each call's ids, so there is no plan to check ahead")
         small, how = shrink_spec(spec, args.max_tokens)
         print(f"  attention check on a scaled copy: {how}")
         print(f"    {small!r}")

@@ -2,7 +2,8 @@
 
 Nothing here materialises the Nq x Nkv mask. The mask picture is itself a
 plan: one flat tile per character cell, so every cell is classified exactly
-(no visible pair, some, all) by the tile analysis. The tile map downsamples a
+(no visible pair, some, all) by the tile analysis; heads with run-time nodes
+(no plan) are counted from the semantics on given ids, a row of cells at a time. The tile map downsamples a
 plan's CSR rows with prefix counts, so it stays cheap for millions of tiles.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 
 from ..ir import Spec
 from ..analysis.plan import Plan, TilePlan, build_plan
-from ..routing.blocks import normalize_block_indices
+from ..analysis.runtime import has_runtime
+from ..core.semantics import visible
+from ..routing.blocks import block_masks, normalize_block_indices
 from ..core.tiles import Tiling
 
 EMPTY_CH, PARTIAL_CH, FULL_CH, MIXED_CH = " ", "░", "█", "▒"
@@ -89,24 +92,49 @@ def draw_tile_map(plan: Plan, head: int = 0, batch: int = 0, width: int = 80) ->
 
 
 def draw_mask(spec: Spec, head: int = 0, batch: int = 0, width: int = 80,
-              block_indices: torch.Tensor | None = None) -> tuple[list[str], str]:
+              block_indices: torch.Tensor | None = None, clusters: tuple | None = None) -> tuple[list[str], str]:
     """Lines of the mask of one head on the flattened token indices, and a caption.
 
     Each character is one flat tile of a plan built for the picture, so its
-    status is exact: no visible pair, some, or all.
+    status is exact: no visible pair, some, or all. A head holding a run-time node
+    (Clustered(), box-routed blocks) has no plan: its cells count the element-wise
+    semantics on the call's ids (`clusters` = (q ids [B, H, Nq], kv ids [B, H, Nkv])),
+    a row of cells at a time, at the tokens' true positions.
     """
     if not 0 <= head < spec.num_heads:
         raise ValueError(f"head must be in 0..{spec.num_heads - 1}, got {head}")
-    one = Spec(spec.head_patterns[head], spec.q_shape, spec.kv_shape, head_dim=spec.head_dim)
+    pattern = spec.head_patterns[head]
+    one = Spec(pattern, spec.q_shape, spec.kv_shape, head_dim=spec.head_dim)
     idx = normalize_block_indices(spec, block_indices)
-    if idx is not None:  # only this (batch, head)'s blocks: the picture plans one head
-        if not 0 <= batch < idx.shape[0]:
-            raise ValueError(f"batch must be in 0..{idx.shape[0] - 1}, got {batch}")
-        idx = idx[batch, head][None, None] if one.routed is not None else None
+    if idx is not None and not 0 <= batch < idx.shape[0]:
+        raise ValueError(f"batch must be in 0..{idx.shape[0] - 1}, got {batch}")
     rows, cols = picture_size(spec.nq, spec.nkv, width)
     tq, tk = -(-spec.nq // rows), -(-spec.nkv // cols)
+    scale = "one char per (q, kv) pair" if tq == tk == 1 else f"each char {tq} q x {tk} kv tokens"
+    caption = f"mask, head {head}: {spec.nq} x {spec.nkv} (flattened tokens), {scale}"
+    if has_runtime(pattern):
+        ids = None if clusters is None else (clusters[0][batch, head], clusters[1][batch, head])
+        masks = None if idx is None else block_masks(spec, idx[batch:batch + 1, head:head + 1])[0, 0]
+        visited, full, total = _semantic_cells(one, pattern, tq, tk, masks, ids)
+        return _render(cell_chars(visited, full, total, mixed=False), *visited.shape), caption + ", on these ids"
+    if idx is not None:  # only this (batch, head)'s blocks: the picture plans one head
+        idx = idx[batch, head][None, None] if one.routed is not None else None
     plan = build_plan(one, Tiling(tq, tk), idx)
     visited, full, total = grid_counts(plan.head_plan(0), plan.kv_grid.count, 1, 1)
-    lines = _render(cell_chars(visited, full, total, mixed=False), *visited.shape)
-    scale = "one char per (q, kv) pair" if tq == tk == 1 else f"each char {tq} q x {tk} kv tokens"
-    return lines, f"mask, head {head}: {spec.nq} x {spec.nkv} (flattened tokens), {scale}"
+    return _render(cell_chars(visited, full, total, mixed=False), *visited.shape), caption
+
+
+def _semantic_cells(spec: Spec, pattern, tq: int, tk: int, block_mask, clusters) -> tuple[torch.Tensor, ...]:
+    """(visible pairs > 0, all visible, 1) per cell of tq x tk tokens, from the semantics."""
+    cols = -(-spec.nkv // tk)
+    kj = torch.arange(spec.nkv)[None, :]
+    sizes_k = torch.clamp(spec.nkv - torch.arange(cols) * tk, max=tk)
+    visited, full = [], []
+    for q0 in range(0, spec.nq, tq):
+        qi = torch.arange(q0, min(spec.nq, q0 + tq))[:, None]
+        m = visible(pattern, qi, kj, spec, block_mask, clusters).expand(len(qi), spec.nkv)
+        count = torch.nn.functional.pad(m.sum(0), (0, cols * tk - spec.nkv)).view(cols, tk).sum(1)
+        visited.append(count > 0)
+        full.append(count == sizes_k * len(qi))
+    visited_t, full_t = torch.stack(visited).long(), torch.stack(full).long()
+    return visited_t, full_t, torch.ones_like(visited_t)
