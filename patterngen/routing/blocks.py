@@ -30,8 +30,13 @@ def block_major(shape: tuple[int, ...], block: tuple[int, ...]) -> torch.Tensor:
 
 
 def flat_equivalent(spec: Spec) -> Spec:
-    """A box-routed spec as the flat-routed spec it is in block-major token order."""
+    """A box-routed spec, the node on every head, as the flat-routed spec it is in block-major
+    token order (a composition is not: it runs split, `patterngen.runtime`)."""
     r = spec.routed
+    if any(p != r for p in spec.head_patterns.unique):
+        raise ValueError(f"flat_equivalent: {spec!r} composes its box-routed blocks with other patterns, which "
+                         f"block-major order would move; only a spec that is the box-routed node on every head has "
+                         f"a flat equivalent")
     return Spec(Routed(r.volume, r.topk), spec.nq, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
                 head_dim=spec.head_dim)
 
