@@ -5,8 +5,8 @@ One query per entry, 8 entries, 32 q / 8 kv heads, head dim 128, bf16, a causal 
 spec, the cache lengths of `bench --serving` (18646-27719 of 32768). Ways, each timed with CUDA
 events (median, L2 flushed) and by the wall clock of a synchronised call (host work included):
 
-1. `pg.attention(..., kv_lens=L)`: the ragged call (pieces: lengths read on the host, piece
-   table, one VARLEN launch, split-KV and merge);
+1. `pg.attention(..., kv_lens=L)`: the ragged call (its piece table built on the device since
+   2026-11-30, no host read; one VARLEN launch, split-KV and merge);
 2. `pg.attention` on caches of one length (every entry the longest): no pieces;
 3. the forward kernel object alone (`TritonForward`) on (2)'s tensors: no op, no checks;
 4. FlexAttention (compiled, block mask built once) on (1)'s problem.

@@ -159,9 +159,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
     if cu_seqlens_q is not None or kv_lens is not None:
         if block_table is not None:
             k, v = (segments.gather_pages(t, block_table, kv_lens) for t in (k, v))
-        pieces = segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets)
         kernel = _one_launch(spec, q, k, v, options, head_indices)
-        if kernel is not None:  # every piece in one launch of a closed-form kernel
+        if kernel is not None and cu_seqlens_q is None:  # key lengths: every entry in one launch, no host read
+            out, lse = kernel(q, k, v, scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
+                              pieces=(segments.length_segments(q, k, kv_lens, kv_offsets), q.shape[2]))
+            return out.contiguous(), lse.contiguous()
+        pieces = segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets)
+        if kernel is not None:  # every document in one launch of a closed-form kernel
             segs = torch.tensor([[s.b, s.q0, s.q1, s.k0, s.k1] for s in pieces], dtype=torch.int32, device=q.device)
             out, lse = kernel(q, k, v, scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
                               pieces=(segs, max(s.q1 - s.q0 for s in pieces)))

@@ -8,7 +8,8 @@ start, queries aligned bottom-right to its keys. The op runs every piece on the 
 recompiled) and writes the results in place: no tile spans two documents, and no key past an
 entry's length is read. A closed-form forward takes all pieces in one launch (the op's
 `_one_launch`, the kernel's VARLEN); other walks and the backward run a launch per piece, which
-gives every walk exactly. Either way the lengths are read on the host (one sync a call).
+gives every walk exactly. The lengths are read on the host (one sync a call), except by the
+one-launch forward of `kv_lens` on contiguous keys (`length_segments`: decoding steps).
 
 A paged cache is gathered into contiguous [B, Hkv, pages * page_size, D] keys and values first
 (`gather_pages`); its gradient goes back to the pages (`scatter_pages`).
@@ -73,6 +74,24 @@ def segments(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor | None
         raise ValueError(f"{what}: values must be <= the {k.shape[2]} keys of k, got "
                          f"{[s + n for s, n in zip(starts, lens)]}")
     return [Segment(b, 0, q.shape[2], s, s + n) for b, (s, n) in enumerate(zip(starts, lens))]
+
+
+def length_segments(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor,
+                    kv_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """SEGS int32 [B, 5] (batch entry, q0, q1, k0, k1) of a `kv_lens` call for the one-launch
+    kernel, built where the lengths live, with no read on the host: a decoding step stays
+    asynchronous (and capturable in a CUDA graph). The values are still checked: on the host
+    where they live there (the same errors as `segments`), else by a device-side assertion,
+    which fails the stream (torch._assert_async) rather than let a kernel read past the keys."""
+    if kv_lens.device.type == "cpu":
+        segments(q, k, None, None, kv_lens, kv_offsets)  # free on the host: its clear errors
+    lens = kv_lens.long()
+    starts = torch.zeros_like(lens) if kv_offsets is None else kv_offsets.long()
+    if kv_lens.device.type != "cpu":
+        torch._assert_async(((lens >= 0) & (starts >= 0) & (starts + lens <= k.shape[2])).all(),
+                            "kv_lens, kv_offsets: values must be >= 0 with kv_offsets + kv_lens <= the keys of k")
+    b = torch.arange(len(lens), device=lens.device)
+    return torch.stack([b, torch.zeros_like(b), torch.full_like(b, q.shape[2]), starts, starts + lens], 1).to(torch.int32)
 
 
 def _used_pages(block_table: torch.Tensor, kv_lens: torch.Tensor, page: int) -> torch.Tensor:

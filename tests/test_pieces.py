@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen import dispatch
+from patterngen import dispatch, segments
 from tests.helpers import oracle_attention
 from tests.strategies import scaled
 
@@ -250,3 +250,17 @@ def test_bad_specs_and_pages():
     with pytest.raises(ValueError, match=r"block_table: entry \[0, 1\] = 3 points outside the cache's 3 pages"):
         pg.attention(q[:, :, :1], cache, cache, FREE, kv_lens=torch.tensor([6], dtype=I32),
                      block_table=torch.tensor([[0, 3, 7]], dtype=I32))
+
+
+def test_key_lengths_are_not_read_on_the_host():
+    """The one-launch forward's pieces of a kv_lens call are built where the lengths live: on meta
+    tensors (which no host read survives) as on the CPU, equal to `segments`' pieces there."""
+    q, k = torch.empty(3, 4, 5, 16, device="meta"), torch.empty(3, 2, 48, 16, device="meta")
+    lens = torch.empty(3, dtype=torch.int32, device="meta")
+    assert segments.length_segments(q, k, lens, lens).shape == (3, 5)
+    q, k = torch.zeros(3, 4, 5, 16), torch.zeros(3, 2, 48, 16)
+    lens, starts = torch.tensor([48, 0, 31], dtype=I32), torch.tensor([0, 7, 17], dtype=I32)
+    want = [[s.b, s.q0, s.q1, s.k0, s.k1] for s in segments.segments(q, k, None, None, lens, starts)]
+    assert segments.length_segments(q, k, lens, starts).tolist() == want
+    with pytest.raises(ValueError, match="kv_offsets \\+ kv_lens: values must be <= the 48 keys"):
+        segments.length_segments(q, k, lens, starts + 1)
