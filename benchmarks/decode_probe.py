@@ -8,7 +8,8 @@ events (median, L2 flushed) and by the wall clock of a synchronised call (host w
 1. `pg.attention(..., kv_lens=L)`: the ragged call (its piece table built on the device since
    2026-11-30, no host read; one VARLEN launch, split-KV and merge);
 2. `pg.attention` on caches of one length (every entry the longest): no pieces;
-3. the forward kernel object alone (`TritonForward`) on (2)'s tensors: no op, no checks;
+3. the forward kernel object alone (`TritonForward`) on (2)'s tensors: no op, no checks; GQA
+   packed (four query heads a program, the default) and unpacked (one, as before 2026-11-30);
 4. FlexAttention (compiled, block mask built once) on (1)'s problem.
 
 Then the CUDA kernels of one call of (1) and (2) by the profiler, and of one forward + backward
@@ -64,7 +65,9 @@ def main() -> int:
     k1, v1 = k[:, :, :longest].contiguous(), v[:, :, :longest].contiguous()
     lens_d = lens.to(dev)
     spec = pg.Spec(pg.Causal(), num_heads=hq, num_kv_heads=hkv, head_dim=d)
-    fwd = TritonForward(spec)
+    fwd = TritonForward(spec, pg.Tiling(16, 64))  # the decode variant's tiles
+    unpacked = TritonForward(spec, pg.Tiling(16, 64))
+    unpacked.gqa_pack = lambda nq: 1  # one query head a program, as before GQA packing
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx <= lens_d[b] - 1 + q_idx
@@ -74,6 +77,7 @@ def main() -> int:
     ways = {"pg ragged (kv_lens)": lambda: pg.attention(q, k, v, spec, kv_lens=lens_d),
             "pg one length": lambda: pg.attention(q, k1, v1, spec),
             "kernel alone, one length": lambda: fwd(q, k1, v1),
+            "kernel alone, unpacked": lambda: unpacked(q, k1, v1),
             "flex ragged": lambda: flex(q, k, v, block_mask=block, enable_gqa=True)}
     timer = CudaTimer(dev)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lengths {lens.tolist()}")

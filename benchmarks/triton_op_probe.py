@@ -53,7 +53,7 @@ def main() -> int:
         wrap_triton(kern.module.attention_fwd)[(nq_t * H, B)](
             q, k, v, out, lse, lse, lse, lse, 1.0 / 128 ** 0.5, 0.0, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *out.stride()[:3], H, nq_t, nq, nkv, 1, B, **kern.constexprs(q.dtype), HAS_SINKS=False,
-            SPLIT_KV=False, VARLEN=False, **NO_SCORE_MODS,
+            SPLIT_KV=False, VARLEN=False, PACK=1, **NO_SCORE_MODS,
             num_warps=kern.config.num_warps, num_stages=kern.config.num_stages)
         return out
 

@@ -109,13 +109,15 @@ if pytest is not None:
 def check_serving(dtype: torch.dtype) -> float:
     """Issue 14's call forms on the kernels, each against the float64 reference: softcap, ALiBi
     and learned sinks in a prefill and in a split-KV decode (one query, 8 heads x 2 entries
-    leave most SMs idle), and packed documents."""
+    leave most SMs idle; GQA-packed, four heads a program), a ragged decode (kv_lens, its piece
+    table built on the device), and packed documents."""
     worst = 0.0
     slopes = torch.linspace(0.01, 0.2, FREE.num_heads, device="cuda")
     sinks = torch.linspace(-1.0, 1.0, FREE.num_heads, device="cuda")
     docs = torch.tensor([0, 700, 701, 2000], dtype=torch.int32, device="cuda")
     calls = [((600, 1500), dict(softcap=30.0, alibi_slopes=slopes, sinks=sinks)),
              ((1, 5000), dict(softcap=30.0, alibi_slopes=slopes, sinks=sinks)),
+             ((3, 5000), dict(kv_lens=torch.tensor([5000, 1234], dtype=torch.int32, device="cuda"), sinks=sinks)),
              ((2000, 2000), dict(cu_seqlens_q=docs, cu_seqlens_k=docs))]
     for lengths, kwargs in calls:
         q, k, v = _inputs(FREE, dtype, lengths=lengths)

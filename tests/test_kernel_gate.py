@@ -3,7 +3,7 @@ case, at head dims 64 and 128, bf16, compiled for sm_90 and sm_80 on this CPU an
 SASS: warpgroup MMA on sm_90 and mma.sync on sm_80 for every matmul, every kv-tile step loop
 pipelined, no spills, shared memory that fits, and a full-tile step within 5% of the reference
 FlashAttention-2's instructions per tile area (patterngen.tools.audit.gate_failures; one
-allowance below)."""
+allowance below). Beside the suite, the GQA-packed decode forward (GQA_DECODE)."""
 import json
 import os
 import subprocess
@@ -24,16 +24,25 @@ HEAD_DIMS = (64, 128)
 ARCHS = (90, 80)
 
 
+GQA_DECODE = "gqa-decode"
+"""A job beside the suite's: the GQA-packed decode forward (Llama 3's 32 q / 8 kv heads, causal,
+length-free), whose 16-row q tiles pack four heads into 64 rows (`TritonForward.gqa_pack`)."""
+
+
 def suite_rows(jobs: list[tuple[str, int]]) -> list[dict]:
-    """The audit rows of bench cases (name, head dim), bf16, on ARCHS."""
+    """The audit rows of bench cases (name, head dim), bf16, on ARCHS (GQA_DECODE: its packed forward)."""
     import torch
 
-    from patterngen.ir import Spec
+    from patterngen.ir import Causal, Spec
     from patterngen.tools.audit import audit
     from patterngen.tools.bench.suite import suite
     cases = {c.name: c.spec for c in suite("full")}
     rows = []
     for name, hd in jobs:
+        if name == GQA_DECODE:
+            spec = Spec(Causal(), num_heads=32, num_kv_heads=8, head_dim=hd)
+            rows += audit(spec, ARCHS, torch.bfloat16, f"{name} hd{hd}", roles=("forward decode packed",))
+            continue
         s = cases[name]
         spec = Spec(s.pattern, s.q_shape, s.kv_shape, s.num_heads, s.num_kv_heads, hd)
         rows += audit(spec, ARCHS, torch.bfloat16, f"{name} hd{hd}")
@@ -45,7 +54,7 @@ def rows() -> list[dict]:
     """Every case audited once per run, in clean processes (TRITON_INTERPRET off: under the
     interpreter each compilation would start a process of its own), one per CPU."""
     from patterngen.tools.bench.suite import suite
-    jobs = [(c.name, hd) for hd in HEAD_DIMS for c in suite("full")]
+    jobs = [(c.name, hd) for hd in HEAD_DIMS for c in suite("full")] + [(GQA_DECODE, hd) for hd in HEAD_DIMS]
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     code = ("import json, sys; from tests.test_kernel_gate import suite_rows; "
             "json.dump(suite_rows(json.loads(sys.argv[1])), sys.stdout)")
@@ -65,12 +74,16 @@ def rows() -> list[dict]:
 def test_every_main_kernel_of_the_suite_is_audited_beside_its_reference(rows):
     from patterngen.tools.bench.suite import suite
     kernels = [r for r in rows if not r["reference"]]
-    seen = {(r["spec"], r["arch"], r["name"]) for r in kernels}
+    seen = {(r["spec"], r["arch"], r["name"]) for r in kernels if not r["spec"].startswith(GQA_DECODE)}
     assert seen == {(f"{c.name} hd{hd}", arch, k) for c in suite("full") for hd in HEAD_DIMS for arch in ARCHS
                     for k in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")}
     for r in kernels:
         assert r["full_tile"] and r["ref_full_tile"] and r["full_ratio"] is not None, r  # every step loop found
     assert len(rows) == 2 * len(kernels)  # each kernel followed by its reference
+    packed = {(r["spec"], r["arch"], r["tiling"]) for r in kernels if r["role"] == "forward decode packed"}
+    assert packed == {(f"{GQA_DECODE} hd{hd}", arch, tiling) for hd, tiling in ((64, "Tiling(64, 128)"),
+                                                                               (128, "Tiling(64, 64)"))
+                      for arch in ARCHS}  # four heads of 16-row decode tiles
 
 
 # One kernel may spill (2026-11-30, triton 3.9): s2-shards' dK/dV at head dim 64 on sm_80 (255

@@ -112,3 +112,30 @@ def test_pieces_in_one_launch(kernels, nq, entries, splits, sinks, seed):
                                                   sinks=None if s is None else s.double())
         torch.testing.assert_close(out[b:b + 1].double(), want_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse[b:b + 1].double(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("heads, pack", [((8, 2), 4), ((8, 1), 4), ((6, 2), 1), ((4, 4), 1)])
+def test_gqa_packed_decoding(heads, pack):
+    """Decoding (one q tile holds every query): PACK query heads of a kv head share a program, so
+    each kv tile is read once for them (8 q / 2 kv heads: 4 a program; 8 / 1: 4, two programs a kv
+    head; a group of 3 or MHA: none), equal to the float64 reference with key lengths (one VARLEN
+    launch), splits, sinks and ALiBi; a prefill (more queries than a q tile) is not packed."""
+    pytest.importorskip("triton")
+    from patterngen.backends.triton import TritonForward
+    from patterngen.segments import length_segments
+    H, Hkv = heads
+    spec = pg.Spec((pg.Sink(3) | pg.Band(40)) & pg.Causal(), num_heads=H, num_kv_heads=Hkv, head_dim=16)
+    kernel = TritonForward(spec, pg.Tiling(16, 16))
+    assert kernel.walk_name == "closed_form" and kernel.gqa_pack(16) == pack and kernel.gqa_pack(17) == 1
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([150, 0, 37], dtype=torch.int32)
+    for nq, splits in ((1, 1), (3, 4), (16, 2)):
+        q = torch.randn(3, H, nq, 16, generator=g)
+        k, v = (torch.randn(3, Hkv, 150, 16, generator=g) for _ in range(2))
+        s, slopes = torch.randn(H, generator=g), torch.rand(H, generator=g) * 0.2
+        out, lse = kernel(q, k, v, num_splits=splits, sinks=s, alibi_slopes=slopes,
+                          pieces=(length_segments(q, k, lens), nq))
+        want, want_lse = pg.attention(q.double(), k.double(), v.double(), spec, return_lse=True, kv_lens=lens,
+                                      sinks=s.double(), alibi_slopes=slopes.double())
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)

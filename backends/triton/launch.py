@@ -77,6 +77,9 @@ def score_mods(softcap: float | None, alibi_slopes: torch.Tensor | None, placeho
 MAX_SPLITS = 16
 """The most kv splits a split-KV forward launch takes (its partials cost splits x out in scratch)."""
 MERGE_ROWS = 16
+PACK_ROWS = 64
+"""The most rows (query heads x q tile tokens) a GQA-packed forward program takes (`gqa_pack`):
+a decode kernel's 16-row q tiles pack four heads."""
 
 
 def sm_count(device: torch.device) -> int:
@@ -151,10 +154,11 @@ class TritonForward:
     def config(self, config: KernelConfig | None) -> None:
         self._config = config
 
-    def config_for(self, arch: int | None, elem_bytes: int) -> KernelConfig:
-        """The launch parameters on sm_<arch> (None: no GPU) for inputs of `elem_bytes` bytes."""
+    def config_for(self, arch: int | None, elem_bytes: int, pack: int = 1) -> KernelConfig:
+        """The launch parameters on sm_<arch> (None: no GPU) for inputs of `elem_bytes` bytes, with
+        `pack` heads' rows per q tile (`gqa_pack`)."""
         box = not (isinstance(self.tiling.q_tile, int) and isinstance(self.tiling.kv_tile, int))
-        return self._config or default_config(arch, self.block_m, self.block_n, self.block_d, elem_bytes, box)
+        return self._config or default_config(arch, self.block_m * pack, self.block_n, self.block_d, elem_bytes, box)
 
     def _hold_tables(self, saved: dict | None = None) -> None:
         """Head groups on the devices (`device_tables`), and the length tables: one set for a
@@ -274,6 +278,18 @@ class TritonForward:
                        Q_SUB=block // self.block_m, KV_SUB=block // self.block_n)
         return out
 
+    def gqa_pack(self, nq: int) -> int:
+        """Query heads per program (the forward's PACK): on the closed-form walk, when one q tile
+        holds every query (decoding), the most query heads of a kv head (a power of two dividing
+        the GQA group) whose rows fit PACK_ROWS, which then read each kv tile once; else 1."""
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        if self.walk_name != "closed_form" or nq > self.block_m:
+            return 1
+        pack = 1
+        while group % (2 * pack) == 0 and 2 * pack * self.block_m <= PACK_ROWS:
+            pack *= 2
+        return pack
+
     def __call__(self, q, k, v, scale: float | None = None, block_indices: torch.Tensor | None = None,
                  sinks: torch.Tensor | None = None, softcap: float | None = None,
                  alibi_slopes: torch.Tensor | None = None, num_splits: int | None = None,
@@ -310,12 +326,13 @@ class TritonForward:
         if self.spec.routed is not None:
             idx = self.routed_indices(block_indices, B, q.device, nq, nkv)
             routed = [idx, self.visit_rows(idx, nq_t)]
+        pack = self.gqa_pack(nq if pieces is None else pieces[1])
         if self.walk_name == "closed_form":  # work order and kv tiles from the program id: no tables
-            tables, grid = (), (nq_t * H, B if pieces is None else segs.shape[0])
+            tables, grid = (), (nq_t * H // pack, B if pieces is None else segs.shape[0])
         else:
             rows, cols, work = lt.device.on(q.device, "rows", "cols", "work")
             tables, grid = (rows, cols, work, self.head_groups(B, q.device)), (work.shape[0], B)
-        config = self.config_for(cuda_arch(q.device), q.element_size())
+        config = self.config_for(cuda_arch(q.device), q.element_size(), pack)
         slopes, cap, mods = score_mods(softcap, alibi_slopes, lse)
         sink_arg = lse if sinks is None else sinks.float().contiguous()
         splits = 1
@@ -333,7 +350,8 @@ class TritonForward:
             q, k, v, o, l, sink_arg, slopes, segs, *tables, *routed, scale, cap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             *(routed[0].stride()[:2] if routed else ()), H, nq_t, nq, nkv, splits, B,
-            **self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
+            **{**self.constexprs(q.dtype, routed[0].shape[-1] if routed else None, int64_offsets(q, k, v, out)),
+               "BLOCK_M": self.block_m * pack}, PACK=pack,
             HAS_SINKS=sinks is not None and splits == 1, SPLIT_KV=splits > 1, VARLEN=pieces is not None, **mods,
             num_warps=config.num_warps, num_stages=config.num_stages)
         if splits > 1:
@@ -350,9 +368,10 @@ class TritonForward:
         and shared memory (the lengths are plain int arguments, so one compilation serves every
         length). `mods`: constexprs set per call to compile other than off (SOFTCAP, ALIBI,
         SPLIT_KV, HAS_SINKS)."""
-        config = self.config_for(arch, dtype.itemsize)
-        consts = {**self.constexprs(dtype), "HAS_SINKS": False, "SPLIT_KV": False, "VARLEN": False, **NO_SCORE_MODS,
-                  **(mods or {})}
+        consts = {**self.constexprs(dtype), "HAS_SINKS": False, "SPLIT_KV": False, "VARLEN": False, "PACK": 1,
+                  **NO_SCORE_MODS, **(mods or {})}
+        consts["BLOCK_M"] *= consts["PACK"]  # PACK heads' rows per q tile
+        config = self.config_for(arch, dtype.itemsize, consts["PACK"])
         return compile_generated(self.source, "attention_fwd", self.module.attention_fwd.arg_names, consts, dtype,
                                  arch, config, self.spec.head_dim)
 

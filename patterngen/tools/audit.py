@@ -32,39 +32,52 @@ MATMUL = {90: "wgmma", 80: "mma.sync"}
 _COMPILED: dict[tuple, list] = {}  # what determines the cubins -> their KernelReports, once per process
 
 
-def _reports(kernel, arch: int, dtype: torch.dtype) -> list:
+def _reports(kernel, arch: int, dtype: torch.dtype, mods: dict) -> list:
     """The SASS reports of a TritonForward's or TritonBackward's kernels for sm_<arch>, compiled
-    once per process for each (source, launch constants, launch config, arch, dtype)."""
+    once per process for each (source, launch constants, launch config, arch, dtype); `mods`: a
+    forward's constants set per call (PACK)."""
     from ..backends.triton import TritonForward
     from ..backends.triton.sass import read
     fwd = kernel if isinstance(kernel, TritonForward) else kernel.fwd
-    key = (kernel.source, tuple(sorted(fwd.constexprs(dtype).items())), launch_config(kernel, arch, dtype),
-           fwd.spec.head_dim, arch, dtype)
+    key = (kernel.source, tuple(sorted({**fwd.constexprs(dtype), **mods}.items())),
+           launch_config(kernel, arch, dtype, mods), fwd.spec.head_dim, arch, dtype)
     if key not in _COMPILED:
-        compiled = kernel.cross_compile(arch, dtype)
+        compiled = kernel.cross_compile(arch, dtype, mods) if mods else kernel.cross_compile(arch, dtype)
         _COMPILED[key] = [read(c) for c in (compiled if isinstance(compiled, list) else [compiled])]
     return _COMPILED[key]
 
 
-def launch_config(kernel, arch: int, dtype: torch.dtype):
-    """The warps and stages `kernel` compiles with for sm_<arch> (a forward's depend on the arch)."""
-    return kernel.config_for(arch, dtype.itemsize) if hasattr(kernel, "config_for") else kernel.config
+def launch_config(kernel, arch: int, dtype: torch.dtype, mods: dict | None = None):
+    """The warps and stages `kernel` compiles with for sm_<arch> (a forward's depend on the arch
+    and on its GQA packing, `mods`' PACK)."""
+    if not hasattr(kernel, "config_for"):
+        return kernel.config
+    return kernel.config_for(arch, dtype.itemsize, (mods or {}).get("PACK", 1))
 
 
 def _kernels(spec: Spec):
-    """(role, TritonForward or TritonBackward) of every kernel the op runs for `spec`."""
+    """(role, TritonForward or TritonBackward, per-call constants) of every kernel the op runs
+    for `spec`: a length-free spec's decode forward also GQA-packed where it packs (`gqa_pack`)."""
     from ..backends.triton import TritonBackward, TritonForward, backward_tiling
     for var in (("decode", "prefill") if spec.length_free else ("",)):
         tiling = dispatch.policy_tiling(spec, var)
-        yield f"forward{' ' + var if var else ''}", TritonForward(spec, tiling)
+        forward = TritonForward(spec, tiling)
+        yield f"forward{' ' + var if var else ''}", forward, {}
+        pack = forward.gqa_pack(forward.block_m) if var == "decode" else 1
+        if pack > 1:
+            yield "forward decode packed", forward, {"PACK": pack}
         yield f"backward{' ' + var if var else ''}", TritonBackward(TritonForward(spec, backward_tiling(
-            tiling, spec.head_dim, spec)))
+            tiling, spec.head_dim, spec))), {}
 
 
-def kernel_tiling(kernel, name: str) -> Tiling:
+def kernel_tiling(kernel, name: str, mods: dict | None = None) -> Tiling:
     """The tiles kernel `name` runs: the backward's dK/dV and dQ kernels each have their own
-    (dQ the transpose of dK/dV's), a forward its own."""
-    return kernel.dq.tiling if name.endswith("_dq") else getattr(kernel, "dkdv", kernel).tiling
+    (dQ the transpose of dK/dV's), a forward its own (a GQA-packed one's q rows PACK heads' worth)."""
+    if name.endswith("_dq"):
+        return kernel.dq.tiling
+    tiling = getattr(kernel, "dkdv", kernel).tiling
+    pack = (mods or {}).get("PACK", 1)
+    return tiling if pack == 1 else Tiling(volume(tiling.q_tile) * pack, tiling.kv_tile)
 
 
 def reference_kernel(name: str) -> str:
@@ -104,12 +117,14 @@ def _compared(row: dict, report, tiling: Tiling, reference, ref_tiling: Tiling) 
             {**_row("FA2 reference", ref_tiling, reference), "spec": row["spec"], "reference": True})
 
 
-def audit(spec: Spec, archs=(90, 80), dtype: torch.dtype = torch.bfloat16, name: str | None = None) -> list[dict]:
+def audit(spec: Spec, archs=(90, 80), dtype: torch.dtype = torch.bfloat16, name: str | None = None,
+          roles: tuple[str, ...] | None = None) -> list[dict]:
     """One row per compiled kernel and arch (role, tiling, the SASS report's figures, `spec`:
     `name` or the spec's repr), each followed by its reference's row (`reference` True), the
     reference compiled at the kernel's `reference_tiling`, head block, warps, stages and arch. A
     kernel's row holds the reference's step counts and `full_ratio`: its full-tile step over the
-    reference's, per tile area (q rows x kv rows)."""
+    reference's, per tile area (q rows x kv rows). `roles` (e.g. "forward decode packed"): only
+    those kernels."""
     from ..backends.triton.config import head_block
     if not isinstance(spec, Spec):
         raise TypeError(f"spec: expected a patterngen.Spec, got {type(spec).__name__}")
@@ -117,11 +132,13 @@ def audit(spec: Spec, archs=(90, 80), dtype: torch.dtype = torch.bfloat16, name:
         raise TypeError(f"dtype: expected one of torch.bfloat16, torch.float16, torch.float32, got {dtype}")
     label = repr(spec) if name is None else name
     rows = []
-    for role, kernel in _kernels(spec):
+    for role, kernel, mods in _kernels(spec):
+        if roles is not None and role not in roles:
+            continue
         for arch in archs:
-            config = launch_config(kernel, arch, dtype)
-            for report in _reports(kernel, arch, dtype):
-                tiling = kernel_tiling(kernel, report.name)
+            config = launch_config(kernel, arch, dtype, mods)
+            for report in _reports(kernel, arch, dtype, mods):
+                tiling = kernel_tiling(kernel, report.name, mods)
                 ref_tiling = reference_tiling(tiling)
                 reference = reference_report(reference_kernel(report.name), arch, dtype, head_block(spec.head_dim),
                                              ref_tiling.q_tile, ref_tiling.kv_tile, config.num_warps,
@@ -192,7 +209,7 @@ def tile_cost_entry(arch: int, head_dim: int, q_tile: int, kv_tile: int, dtype: 
     `calibration_spec(head_dim)` at q_tile x kv_tile, compiled for sm_<arch>."""
     from ..backends.triton import TritonForward
     fwd = TritonForward(calibration_spec(head_dim), Tiling(q_tile, kv_tile))
-    (report,) = _reports(fwd, arch, dtype)
+    (report,) = _reports(fwd, arch, dtype, {})
     if not report.full_tile:
         raise RuntimeError(f"sm_{arch} forward of {fwd.spec!r}: no kv-tile loop found in its SASS to calibrate from")
     return {"arch": arch, "dtype": next(k for k, v in DTYPES.items() if v == dtype), "head_dim": head_dim,

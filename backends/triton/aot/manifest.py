@@ -16,8 +16,9 @@ from .. import KernelConfig
 from ..config import tiling_from_json
 
 FORMAT = "patterngen-aot"
-FORMAT_VERSION = 4  # 2: lengths are kernel arguments, length-free specs (no tables saved); 3: cols_t holds
-# first tokens, the forward takes SINKS; 4: the forward and backward take SLOPES and softcap (score modifications)
+FORMAT_VERSION = 5  # 2: lengths are kernel arguments, length-free specs (no tables saved); 3: cols_t holds
+# first tokens, the forward takes SINKS; 4: the forward and backward take SLOPES and softcap (score modifications);
+# 5: the forward takes PACK (GQA-packed decoding)
 MANIFEST = "manifest.json"
 ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
