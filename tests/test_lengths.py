@@ -230,3 +230,39 @@ def test_head_routed_any_length(nq, nkv, seed):
 @functools.cache
 def _heads(spec):
     return TritonHeads(spec, pg.Tiling(16, 16))
+
+
+@settings(max_examples=scaled(25), deadline=None)
+@given(st.data(), st.sampled_from([(16, 16), (32, 128), (128, 32), (16, 64)]))
+def test_closed_form_tables_agree_with_the_analysis(data, tiles):
+    """From its second length on, a length-free spec's tables come from the closed-form segments
+    (torch arithmetic, no tile analysis): the same visited tile pairs per group, forward and
+    transposed, at any lengths, a tile full only where the analysis finds it full."""
+    from patterngen.backends.triton.ranges import closed_form
+    from patterngen.backends.triton.tables import LengthTables
+    from tests.strategies import patterns
+    assert closed_form(pg.Causal(), *tiles) is not None  # so that the draws below are not all skipped
+    pattern = data.draw(patterns((300,), (300,), window=False, depth=1))
+    code = closed_form(pattern, *tiles)
+    if code is None:  # no closed form (a stride): the analysis plans every length
+        return
+    free = pg.Spec(pattern, head_dim=16)
+    for _ in range(3):
+        nq, nkv = data.draw(st.integers(1, 700)), data.draw(st.integers(1, 700))
+        args = (free.bind(nq, nkv), pg.Tiling(*tiles), [pattern], torch.zeros(1, 1, dtype=torch.long),
+                torch.zeros(1, dtype=torch.bool))
+        exact, fast = LengthTables(*args), LengthTables(*args, segments=[code])
+        (a,), (b,) = exact.groups, fast.groups
+        assert torch.equal(a.q_ptr, b.q_ptr) and torch.equal(a.kv_tiles, b.kv_tiles)
+        assert not (b.full & ~a.full).any()
+        if torch.equal(a.full, b.full):
+            for x, y in zip(exact.transposed, fast.transposed):
+                assert torch.equal(x, y)
+
+
+def test_lengths_after_the_first_plan_from_segments():
+    """The launcher takes the segments from a spec's second length on (one length: no sympy)."""
+    spec, tiling = CASES["sinks+band (decode tiles)"]
+    fwd = TritonForward(spec, tiling)
+    assert fwd.lengths(40, 300).segments is None
+    assert fwd.lengths(41, 300).segments is not None and fwd.lengths(41, 300).segments == fwd._segments

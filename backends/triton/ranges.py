@@ -23,10 +23,9 @@ import sympy as sp
 import torch
 
 from ...ir import Band, Causal, Full, Global, Intersection, Pattern, Sink, Spec, Union
-from ...core.statuses import expand_ranges
 from ...core.tiles import TileGrid
 from ...analysis.plan import TilePlan
-from .tables import group_plans
+from .tables import group_plans, segment_pairs
 
 qt, j = sp.symbols("qt j", integer=True)
 nq, nkv = sp.symbols("nq nkv", integer=True, positive=True)
@@ -137,13 +136,6 @@ def to_code(expr: sp.Expr) -> str:
     return _Printer().doprint(expr)
 
 
-def _evaluate(code: str, tiles: torch.Tensor, nq_: int, nkv_: int) -> torch.Tensor:
-    ns = {"qt": tiles, "nq": nq_, "nkv": nkv_, "floordiv": lambda a, b: torch.as_tensor(a) // b,
-          "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)),
-          "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b))}
-    return torch.as_tensor(eval(code, ns)).expand(tiles.shape)  # noqa: S307 - our own printed expression
-
-
 @functools.lru_cache(maxsize=256)
 def _segment_code(pattern: Pattern, bm: int, bn: int) -> tuple[dict, ...] | None:
     """The printed segments, derived once per (pattern, tiles) for every length: sympy is the
@@ -157,19 +149,10 @@ def agrees(code: tuple[dict, ...], plan: TilePlan, nq_: int, nkv_: int, bn: int)
     """Whether the segments visit exactly the plan's tiles at these lengths, each once, and
     call a tile full only where the plan does. (A full tile may come out partial where a
     sink prefix overlaps a window: correct, merely masked.)"""
-    tiles = torch.arange(plan.num_q_tiles)
-    rows, cols, full = [], [], []
-    for c in code:
-        lo, hi, flo, fhi = (_evaluate(c[k], tiles, nq_, nkv_) for k in ("lo", "hi", "flo", "fhi"))
-        r, k = expand_ranges(lo, hi)
-        rows.append(r)
-        cols.append(k)
-        full.append((k >= torch.maximum(flo, lo)[r]) & (k <= torch.minimum(fhi, hi)[r]))
-    rows, cols, full = torch.cat(rows), torch.cat(cols), torch.cat(full)
-    order = torch.argsort(rows * (-(-nkv_ // bn) + 1) + cols)
+    rows, cols, full = segment_pairs(code, plan.num_q_tiles, nq_, nkv_, bn)
     q, k, f = plan.pairs()
-    same = len(order) == len(k) and torch.equal(rows[order], q) and torch.equal(cols[order], k)
-    return same and not bool((full[order] & ~f).any())
+    same = len(rows) == len(k) and torch.equal(rows, q) and torch.equal(cols, k)
+    return same and not bool((full & ~f).any())
 
 
 def _constants(pattern: Pattern) -> set[int]:

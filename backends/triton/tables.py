@@ -12,6 +12,7 @@ on first use), a length-free spec one per call's (nq, nkv), kept in a `LengthCac
 """
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from functools import cached_property
@@ -21,6 +22,7 @@ import torch
 
 from ...analysis.classify import TileAnalysis, has_routed
 from ...analysis.plan import TilePlan
+from ...core.statuses import FULL, PARTIAL, expand_ranges
 from ...core.tiles import TileGrid, Tiling
 from ...ir import Pattern, Routed, Spec, Union
 
@@ -113,6 +115,36 @@ def group_plans(spec: Spec, statics: list[Pattern | None], q_grid: TileGrid, kv_
                                 torch.zeros(0, dtype=torch.int8))
     return [empty if p is None else kernel_plan(TilePlan.from_pairs(q_grid.count, *ctx.classify(p)), kv_grid)
             for p in statics]
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(code: str):
+    return compile(code, "<segment>", "eval")
+
+
+def _evaluate(code: str, tiles: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    ns = {"qt": tiles, "nq": nq, "nkv": nkv, "floordiv": lambda a, b: torch.as_tensor(a) // b,
+          "minimum": lambda a, b: torch.minimum(torch.as_tensor(a), torch.as_tensor(b)),
+          "maximum": lambda a, b: torch.maximum(torch.as_tensor(a), torch.as_tensor(b))}
+    return torch.as_tensor(eval(_compiled(code), ns)).expand(tiles.shape)  # noqa: S307 - our own printed expression
+
+
+def segment_pairs(code: tuple[dict, ...], num_q_tiles: int, nq: int, nkv: int,
+                  kv_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q tile, kv tile, full) of the pairs closed-form segments (`ranges.closed_form`'s code)
+    visit at these lengths, in CSR order (q tile, then kv tile): vectorised torch arithmetic
+    on the printed expressions, no tile analysis."""
+    tiles = torch.arange(num_q_tiles)
+    rows, cols, full = [], [], []
+    for c in code:
+        lo, hi, flo, fhi = (_evaluate(c[k], tiles, nq, nkv) for k in ("lo", "hi", "flo", "fhi"))
+        r, k = expand_ranges(lo, hi)
+        rows.append(r)
+        cols.append(k)
+        full.append((k >= torch.maximum(flo, lo)[r]) & (k <= torch.minimum(fhi, hi)[r]))
+    rows, cols, full = torch.cat(rows), torch.cat(cols), torch.cat(full)
+    order = torch.argsort(rows * (-(-nkv // kv_tile) + 1) + cols)
+    return rows[order], cols[order], full[order]
 
 
 def forward_tables(spec: Spec, groups: list[TilePlan], head_group: torch.Tensor, routed_heads: torch.Tensor,
@@ -225,8 +257,8 @@ class LengthTables:
     the analysis."""
 
     def __init__(self, spec: Spec, tiling: Tiling, statics: list[Pattern | None], head_group: torch.Tensor,
-                 routed_heads: torch.Tensor, saved: dict | None = None):
-        self.spec, self.statics = spec, statics
+                 routed_heads: torch.Tensor, saved: dict | None = None, segments: list | None = None):
+        self.spec, self.statics, self.segments = spec, statics, segments
         self.head_group, self.routed_heads = head_group, routed_heads
         self.q_grid = TileGrid(spec.q_shape, tiling.q_tile, "q_tile")
         self.kv_grid = TileGrid(spec.kv_shape, tiling.kv_tile, "kv_tile")
@@ -237,7 +269,14 @@ class LengthTables:
 
     @cached_property
     def groups(self) -> list[TilePlan]:
-        return group_plans(self.spec, self.statics, self.q_grid, self.kv_grid)
+        """The groups' kernel plans: from closed-form `segments` (per group, None: none) where
+        given, in torch arithmetic on the tile indices, else from the tile analysis. Both are
+        exact; the segments may leave a full tile partial (masked, still exact)."""
+        if self.segments is None or any(c is None for c in self.segments):
+            return group_plans(self.spec, self.statics, self.q_grid, self.kv_grid)
+        return [TilePlan.from_pairs(self.q_grid.count, q, k, torch.where(full, FULL, PARTIAL))
+                for q, k, full in (segment_pairs(c, self.q_grid.count, self.spec.nq, self.spec.nkv,
+                                                 self.kv_grid.tile) for c in self.segments)]
 
     @cached_property
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
