@@ -89,8 +89,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     of them; with `block_table` [B, max_pages] too, k and v are paged caches [pages, Hkv,
     page_size, D] (entry b's i-th page is block_table[b, i]); with `kv_offsets` [B] instead,
     entry b's keys are k[b, :, kv_offsets[b]:][:kv_lens[b]] (left padding, positions counted
-    from the first real token). Each piece runs as its own call
-    (patterngen/segments.py): no tile spans two pieces, keys past a length are never read.
+    from the first real token). Pieces run as one launch of each kernel where the walks are
+    in closed form, else each as its own call (patterngen/segments.py): no tile spans two
+    pieces, keys past a length are never read.
     Clustered specs (`pg.Clustered()`, Routing Transformer): `q_clusters` [B, Hq, Nq] and
     `kv_clusters` [B, Hq or Hkv, Nkv] int cluster ids (-1: in no cluster; see `pg.cluster`).
     Specs holding Clustered() or box-routed blocks (BiFormer) run per head class

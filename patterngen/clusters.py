@@ -5,8 +5,8 @@ k-means, per batch entry and query head, as the Routing Transformer does.
 `packed_clusters` runs the heads that are exactly `Clustered()`: the tokens of each (batch,
 head) are sorted by cluster (stably), so that each cluster is a contiguous run of queries and
 of keys; every (batch, head, cluster) becomes one packed document with full attention inside,
-run through the op's packed-documents path (`cu_seqlens`: kernels on CUDA, one launch for the
-forward), and the sort is undone on the output. Only same-cluster pairs are computed.
+run through the op's packed-documents path (`cu_seqlens`: kernels on CUDA, one launch of each
+kernel), and the sort is undone on the output. Only same-cluster pairs are computed.
 Compositions holding `Clustered()` run through `patterngen.runtime`.
 
 Cluster ids are ints >= -1; -1 puts a token in no cluster (its query row is zeros, lse -inf).

@@ -212,6 +212,19 @@ def _one_launch(spec: str, q, k, v, options: str, head_indices):
     return choice.kernel
 
 
+def _one_launch_backward(spec: str, q, k, dlse, options: str, head_indices):
+    """The backward kernels that run every piece of a call in one launch each (`TritonBackward`'s
+    `pieces`), or None: each piece is then a call. Not with a gradient into the lse, which only
+    the reference takes (as for a whole call)."""
+    if head_indices is not None or dlse is not None or dispatch.is_empty(q, k) or not lookup_spec(spec).length_free:
+        return None
+    choice = dispatch.choose(spec, q, k, role="backward", options=options)
+    if choice.backend != "triton" or not getattr(choice.kernel, "takes_pieces", False):
+        return None
+    dispatch.calls[choice.role, choice.kind] += 1
+    return choice.kernel
+
+
 attention_op = torch.library.custom_op("patterngen::attention", mutates_args=())(attention_forward)
 
 
@@ -283,14 +296,22 @@ def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torc
     kept for the kernels that use them (rowsum(dO * O), softmax from lse). With sinks they are
     the sink-including ones, from which the kernels' gradients are already exact (the sink
     column has no value); the reference recomputes them with the sinks. Pieces (packed
-    documents, kv_lens, paged caches) run one by one, as in the forward."""
+    documents, kv_lens, paged caches) run in one launch of each kernel where the kernels take
+    them (`_one_launch_backward`), else one by one."""
     if cu_seqlens_q is not None or kv_lens is not None:
         caches = (k, v)
         if block_table is not None:
             k, v = (segments.gather_pages(t, block_table, kv_lens) for t in caches)
+        pieces = [s for s in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets) if not s.empty]
+        kernel = _one_launch_backward(spec, q, k, dlse, options, head_indices)
+        if kernel is not None:  # every piece in one launch of each backward kernel
+            grads = list(kernel(q, k, v, out, lse, dout, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                pieces=[(s.b, s.q0, s.q1, s.k0, s.k1) for s in pieces]))
+            if block_table is not None:
+                grads[1:] = [segments.scatter_pages(g, t, block_table, kv_lens) for g, t in zip(grads[1:], caches)]
+            return tuple(grads)
         grads = [torch.zeros_like(t) for t in (q, k, v)]
-        for seg in (s for s in segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets)
-                    if not s.empty):
+        for seg in pieces:
             g = attention_backward(seg.queries(dout), None if dlse is None else seg.queries(dlse), seg.queries(q),
                                    seg.keys(k), seg.keys(v), seg.queries(out), seg.queries(lse), spec, scale, None,
                                    seg.heads(head_indices), options, sinks, softcap, alibi_slopes)

@@ -7,8 +7,9 @@ start, queries aligned bottom-right to its keys. The op runs every piece on the 
 `dispatch` picks for it (a length-free spec's kernels take any lengths, so nothing is
 recompiled) and writes the results in place: no tile spans two documents, and no key past an
 entry's length is read. A closed-form forward takes all pieces in one launch (the op's
-`_one_launch`, the kernel's VARLEN); other walks and the backward run a launch per piece, which
-gives every walk exactly. The lengths are read on the host (one sync a call), except by the
+`_one_launch`, the kernel's VARLEN), and so do the backward kernels where the dQ walk is in
+closed form (`_one_launch_backward`); other walks run a launch per piece, which gives every
+walk exactly. The lengths are read on the host (one sync a call), except by the
 one-launch forward of `kv_lens` on contiguous keys (`length_segments`: decoding steps).
 
 A paged cache is gathered into contiguous [B, Hkv, pages * page_size, D] keys and values first

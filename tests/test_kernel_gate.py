@@ -25,8 +25,9 @@ ARCHS = (90, 80)
 
 
 GQA_DECODE = "gqa-decode"
-"""A job beside the suite's: the GQA-packed decode forward (Llama 3's 32 q / 8 kv heads, causal,
-length-free), whose 16-row q tiles pack four heads into 64 rows (`TritonForward.gqa_pack`)."""
+"""A job beside the suite's, on a length-free causal spec with Llama 3's 32 q / 8 kv heads: the
+GQA-packed decode forward, whose 16-row q tiles pack four heads into 64 rows
+(`TritonForward.gqa_pack`), and the backward over packed documents in one launch (`VARLEN`)."""
 
 
 def suite_rows(jobs: list[tuple[str, int]]) -> list[dict]:
@@ -41,7 +42,8 @@ def suite_rows(jobs: list[tuple[str, int]]) -> list[dict]:
     for name, hd in jobs:
         if name == GQA_DECODE:
             spec = Spec(Causal(), num_heads=32, num_kv_heads=8, head_dim=hd)
-            rows += audit(spec, ARCHS, torch.bfloat16, f"{name} hd{hd}", roles=("forward decode packed",))
+            rows += audit(spec, ARCHS, torch.bfloat16, f"{name} hd{hd}",
+                          roles=("forward decode packed", "backward prefill varlen"))
             continue
         s = cases[name]
         spec = Spec(s.pattern, s.q_shape, s.kv_shape, s.num_heads, s.num_kv_heads, hd)
@@ -84,6 +86,9 @@ def test_every_main_kernel_of_the_suite_is_audited_beside_its_reference(rows):
     assert packed == {(f"{GQA_DECODE} hd{hd}", arch, tiling) for hd, tiling in ((64, "Tiling(64, 128)"),
                                                                                (128, "Tiling(64, 64)"))
                       for arch in ARCHS}  # four heads of 16-row decode tiles
+    varlen = {(r["spec"], r["arch"], r["name"]) for r in kernels if r["role"] == "backward prefill varlen"}
+    assert varlen == {(f"{GQA_DECODE} hd{hd}", arch, name) for hd in HEAD_DIMS for arch in ARCHS
+                      for name in ("attention_bwd_dkdv", "attention_bwd_dq")}
 
 
 # One kernel may spill (2026-11-30, triton 3.9): s2-shards' dK/dV at head dim 64 on sm_80 (255

@@ -147,8 +147,8 @@ def test_paged_cache(batch, page, nq, seed):
 @pytest.mark.parametrize("what", ["packed", "kv_lens", "paged"])
 def test_triton_kernels(what, walk):
     """The generated kernels run every piece (interpreter, float32), forward and backward: a
-    closed-form forward all pieces in one launch (`VARLEN`), a table walk one launch per piece;
-    the backward one per piece."""
+    closed-form walk all pieces in one launch (`VARLEN`) of the forward and of each backward
+    kernel, a table walk one launch per piece."""
     pytest.importorskip("triton")
     pattern = (pg.Sink(3) | pg.Band(20)) & pg.Causal() if walk == "closed_form" else \
         pg.Strided(5, 2) | (pg.Band(9) & pg.Causal())
@@ -189,8 +189,8 @@ def test_triton_kernels(what, walk):
                 compare(lambda q, k, v, s: fn(q, k, v, return_lse=True, **kw), q, k, v, spec, pieces, 3e-4)
         ran = dispatch.calls - before
         nonempty = sum(1 for _, q0, q1, k0, k1 in pieces if q1 > q0 and k1 > k0)
-        launches = 1 if walk == "closed_form" else nonempty
-        assert ran[("forward", "triton")] == launches and ran[("backward", "triton")] == nonempty, ran
+        launches = 1 if walk == "closed_form" else nonempty  # closed form: every piece in one launch each way
+        assert ran[("forward", "triton")] == launches and ran[("backward", "triton")] == launches, ran
     finally:
         D = saved
 
@@ -264,3 +264,37 @@ def test_key_lengths_are_not_read_on_the_host():
     assert segments.length_segments(q, k, lens, starts).tolist() == want
     with pytest.raises(ValueError, match="kv_offsets \\+ kv_lens: values must be <= the 48 keys"):
         segments.length_segments(q, k, lens, starts + 1)
+
+
+@pytest.fixture(scope="module")
+def one_launch():
+    """A closed-form spec's kernels (GQA, sinks in a band, causal), built once for the draws below."""
+    pytest.importorskip("triton")
+    spec = pg.Spec((pg.Sink(3) | pg.Band(20)) & pg.Causal(), num_heads=4, num_kv_heads=2, head_dim=16)
+    return spec, pg.compile(spec, backend="triton", tiling=pg.Tiling(16, 32))
+
+
+@pytest.mark.interpreter
+@settings(max_examples=scaled(8), deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), min_size=1, max_size=5), st.booleans(),
+       st.integers(0, 2**16))
+def test_one_launch_backward_of_random_documents(one_launch, lengths, sinks, seed):
+    """Packed documents of random lengths (empty ones, more queries than keys and fewer): the
+    forward and each backward kernel run once for all of them, equal to the oracle per piece,
+    gradients included (keys and rows outside every piece get zeros)."""
+    spec, fn = one_launch
+    global D
+    D, saved = 16, D
+    try:
+        cq, ck = cumulative([a for a, _ in lengths]), cumulative([b for _, b in lengths])
+        q, k, v = tensors(1, 4, 2, int(cq[-1]), int(ck[-1]), torch.float32, seed)
+        pieces = [(0, int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])) for i in range(len(lengths))]
+        before = dispatch.calls.copy()
+        with dispatch.kernels_on_cpu():
+            compare(lambda q, k, v, s: fn(q, k, v, return_lse=True, sinks=s, cu_seqlens_q=cq, cu_seqlens_k=ck),
+                    q, k, v, spec, pieces, 3e-4, sinks=sinks, seed=seed)
+        ran = dispatch.calls - before
+        if q.shape[2] and k.shape[2]:
+            assert ran[("forward", "triton")] == 1 and ran[("backward", "triton")] == 1, ran
+    finally:
+        D = saved

@@ -468,8 +468,8 @@ class TritonBackward:
         """The dK/dV and dQ kernels compiled for sm_<arch>, and with `preprocess` the trivial
         rowsum(dO * O) kernel too (with the launch options its JIT launch uses); `mods` as the forward's."""
         out = [compile_generated(self.source, name, getattr(self.module, name).arg_names,
-                                 {**kern.constexprs(dtype), **NO_SCORE_MODS, **(mods or {})}, dtype, arch, self.config,
-                                 self.fwd.spec.head_dim)
+                                 {**kern.constexprs(dtype), **NO_SCORE_MODS, "VARLEN": False, **(mods or {})}, dtype,
+                                 arch, self.config, self.fwd.spec.head_dim)
                for name, kern in (("attention_bwd_dkdv", self.dkdv), ("attention_bwd_dq", self.dq))]
         if preprocess:
             out.append(compile_generated(self.source, "bwd_preprocess", self.module.bwd_preprocess.arg_names,
@@ -477,26 +477,64 @@ class TritonBackward:
                                          self.fwd.spec.head_dim))
         return out
 
+    @property
+    def takes_pieces(self) -> bool:
+        """Whether one launch of each kernel runs many pieces (`__call__`'s `pieces`): a
+        length-free spec on flat tiles whose dQ kernel walks in closed form (dK/dV reads each
+        piece's transposed tables, concatenated)."""
+        return self.fwd.spec.length_free and not self.dq_tables and self.fwd.spec.routed is None
+
+    def _piece_tables(self, pieces: list[tuple[int, int, int, int, int]], device) -> tuple:
+        """(SEGS [pieces, 5], TBASE [pieces], ROWS_T, COLS_T, longest kv tiles, longest dQ q
+        tiles) of pieces (b, q0, q1, k0, k1), each piece's transposed tables (`lengths`, cached
+        per length) concatenated: its ROWS_T entries shifted past the earlier pieces' COLS_T."""
+        rows, cols, bases, base, cols_base = [], [], [], 0, 0
+        for _, q0, q1, k0, k1 in pieces:
+            rows_t, cols_t = self.dkdv.lengths(q1 - q0, k1 - k0).transposed
+            rows.append(rows_t.reshape(-1, 3) + cols_base)
+            cols.append(cols_t)
+            bases.append(base)
+            base += rows_t.shape[0] * rows_t.shape[1]
+            cols_base += len(cols_t)
+        segs = torch.tensor(pieces, dtype=torch.int32)
+        host = (segs, torch.tensor(bases, dtype=torch.int32), torch.cat(rows).to(torch.int32),
+                torch.cat(cols).to(torch.int32))
+        nkt = max(-(-(k1 - k0) // self.dkdv.block_n) for *_, k0, k1 in pieces)
+        nqt = max(-(-(q1 - q0) // self.dq.block_m) for _, q0, q1, *_ in pieces)
+        return (*(t.to(device, non_blocking=True) for t in host), nkt, nqt)
+
     def __call__(self, q, k, v, out, lse, dout, scale: float | None = None,
                  block_indices: torch.Tensor | None = None, softcap: float | None = None,
-                 alibi_slopes: torch.Tensor | None = None):
+                 alibi_slopes: torch.Tensor | None = None, pieces: list | None = None):
         """(dq, dk, dv) for the forward's (out, lse) (and a Routed spec's block indices, and the
-        forward's score modifications)."""
+        forward's score modifications). `pieces` ([(b, q0, q1, k0, k1)], non-empty ones, where
+        `takes_pieces`): every piece in one launch of each kernel (`VARLEN`), rows and keys
+        outside every piece get zero gradients."""
         check_launch_dtype(q)
         spec, fwd = self.fwd.spec, self.fwd
         B, nq, nkv = q.shape[0], q.shape[2], k.shape[2]
-        if no_pairs(q, k):
+        if no_pairs(q, k) or pieces == []:
             check_lengths(spec, nq, nkv)
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        lt, lt_dq = self.dkdv.lengths(nq, nkv), self.dq.lengths(nq, nkv)
         scale = softmax_scale(spec.head_dim, scale)
         q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
-        rows_t, cols_t = lt.device.on(q.device, "rows_t", "cols_t")
-        dq_rows = lt_dq.device.on(q.device, "rows", "cols") if self.dq_tables else ()
+        if pieces is None:
+            lt, lt_dq = self.dkdv.lengths(nq, nkv), self.dq.lengths(nq, nkv)
+            rows_t, cols_t = lt.device.on(q.device, "rows_t", "cols_t")
+            dq_rows = lt_dq.device.on(q.device, "rows", "cols") if self.dq_tables else ()
+            segs = tbase = lse  # not read
+            nkt, nqt, nqt_dq, units = lt.kv_grid.count, lt.q_grid.count, lt_dq.q_grid.count, B
+        else:
+            if not self.takes_pieces:
+                raise ValueError(f"pieces: one launch for many pieces needs a length-free spec whose dQ kernel walks "
+                                 f"in closed form, not {spec!r}")
+            segs, tbase, rows_t, cols_t, nkt, nqt_dq = self._piece_tables(pieces, q.device)
+            dq_rows, nqt, units = (), 0, len(pieces)
         head_group = fwd.head_groups(B, q.device)
         lse2 = log2_lse(lse)
         delta = preprocess(self.module, fwd, out, dout)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        make = torch.empty_like if pieces is None else torch.zeros_like
+        dq, dk, dv = make(q), make(k), make(v)
         wide = int64_offsets(q, k)  # contiguous: dO, dQ as Q, V, dK, dV as K
         consts, dq_consts = self.dkdv.constexprs(q.dtype, None, wide), self.dq.constexprs(q.dtype, None, wide)
         slopes, cap, mods = score_mods(softcap, alibi_slopes, delta)
@@ -510,13 +548,14 @@ class TritonBackward:
             consts, dq_consts = self.dkdv.constexprs(q.dtype, topk, wide), self.dq.constexprs(q.dtype, topk, wide)
             kv_blocks = -(-nkv // spec.routed.block)
             dkdv_routed = routed_transpose(idx, kv_blocks)
-            dq_routed, idx_strides = (idx, self.dq.visit_rows(idx, lt_dq.q_grid.count)), idx.stride()[:2]
-        self.module.attention_bwd_dkdv[(lt.kv_grid.count, spec.num_kv_heads, B)](
-            q, k, v, dout, lse2, delta, dk, dv, slopes, rows_t, cols_t, head_group, *dkdv_routed, scale, cap, *strides,
-            spec.num_heads, lt.kv_grid.count, lt.q_grid.count, nq, nkv, **consts, **common)
-        self.module.attention_bwd_dq[(lt_dq.q_grid.count, spec.num_heads, B)](
-            q, k, v, dout, lse2, delta, dq, slopes, *dq_rows, head_group, *dq_routed, scale, cap, *strides, *idx_strides,
-            spec.num_heads, lt_dq.q_grid.count, nq, nkv, **dq_consts, **common)
+            dq_routed, idx_strides = (idx, self.dq.visit_rows(idx, nqt_dq)), idx.stride()[:2]
+        varlen = pieces is not None
+        self.module.attention_bwd_dkdv[(nkt, spec.num_kv_heads, units)](
+            q, k, v, dout, lse2, delta, dk, dv, slopes, rows_t, cols_t, head_group, segs, tbase, *dkdv_routed, scale,
+            cap, *strides, spec.num_heads, nkt, nqt, nq, nkv, **consts, VARLEN=varlen, **common)
+        self.module.attention_bwd_dq[(nqt_dq, spec.num_heads, units)](
+            q, k, v, dout, lse2, delta, dq, slopes, *dq_rows, head_group, segs, *dq_routed, scale, cap, *strides,
+            *idx_strides, spec.num_heads, nqt_dq, nq, nkv, **dq_consts, VARLEN=varlen, **common)
         return dq, dk, dv
 
 

@@ -42,7 +42,7 @@ def _reports(kernel, arch: int, dtype: torch.dtype, mods: dict) -> list:
     key = (kernel.source, tuple(sorted({**fwd.constexprs(dtype), **mods}.items())),
            launch_config(kernel, arch, dtype, mods), fwd.spec.head_dim, arch, dtype)
     if key not in _COMPILED:
-        compiled = kernel.cross_compile(arch, dtype, mods) if mods else kernel.cross_compile(arch, dtype)
+        compiled = kernel.cross_compile(arch, dtype, mods=mods) if mods else kernel.cross_compile(arch, dtype)
         _COMPILED[key] = [read(c) for c in (compiled if isinstance(compiled, list) else [compiled])]
     return _COMPILED[key]
 
@@ -57,7 +57,8 @@ def launch_config(kernel, arch: int, dtype: torch.dtype, mods: dict | None = Non
 
 def _kernels(spec: Spec):
     """(role, TritonForward or TritonBackward, per-call constants) of every kernel the op runs
-    for `spec`: a length-free spec's decode forward also GQA-packed where it packs (`gqa_pack`)."""
+    for `spec`: a length-free spec's decode forward also GQA-packed where it packs (`gqa_pack`),
+    its prefill backward also over pieces in one launch where it takes them (`takes_pieces`)."""
     from ..backends.triton import TritonBackward, TritonForward, backward_tiling
     for var in (("decode", "prefill") if spec.length_free else ("",)):
         tiling = dispatch.policy_tiling(spec, var)
@@ -66,8 +67,10 @@ def _kernels(spec: Spec):
         pack = forward.gqa_pack(forward.block_m) if var == "decode" else 1
         if pack > 1:
             yield "forward decode packed", forward, {"PACK": pack}
-        yield f"backward{' ' + var if var else ''}", TritonBackward(TritonForward(spec, backward_tiling(
-            tiling, spec.head_dim, spec))), {}
+        backward = TritonBackward(TritonForward(spec, backward_tiling(tiling, spec.head_dim, spec)))
+        yield f"backward{' ' + var if var else ''}", backward, {}
+        if var == "prefill" and backward.takes_pieces:
+            yield "backward prefill varlen", backward, {"VARLEN": True}
 
 
 def kernel_tiling(kernel, name: str, mods: dict | None = None) -> Tiling:

@@ -18,7 +18,7 @@ from ..config import tiling_from_json
 FORMAT = "patterngen-aot"
 FORMAT_VERSION = 5  # 2: lengths are kernel arguments, length-free specs (no tables saved); 3: cols_t holds
 # first tokens, the forward takes SINKS; 4: the forward and backward take SLOPES and softcap (score modifications);
-# 5: the forward takes PACK (GQA-packed decoding)
+# 5: the forward takes PACK (GQA-packed decoding), the backward SEGS, TBASE and VARLEN (pieces in one launch)
 MANIFEST = "manifest.json"
 ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
