@@ -56,7 +56,10 @@ def gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, patt
     if G == 0 or mq == 0 or mk == 0:
         return out.to(q.dtype), lse
     per_group = mq * mk  # chunks of whole groups, or of one group's rows when a group is larger
-    groups_per, step = (max(1, MAX_SCORES // per_group), mq) if per_group <= MAX_SCORES else (1, max(1, MAX_SCORES // mk))
+    if per_group <= MAX_SCORES:
+        groups_per, step = MAX_SCORES // per_group, mq
+    else:
+        groups_per, step = 1, max(1, MAX_SCORES // mk)
     for g0 in range(0, G, groups_per):
         for r0 in range(0, mq, step):
             qi = q_groups[g0:g0 + groups_per, r0:r0 + step, None]  # [g, r, 1]

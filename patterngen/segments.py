@@ -92,7 +92,8 @@ def length_segments(q: torch.Tensor, k: torch.Tensor, kv_lens: torch.Tensor,
         torch._assert_async(((lens >= 0) & (starts >= 0) & (starts + lens <= k.shape[2])).all(),
                             "kv_lens, kv_offsets: values must be >= 0 with kv_offsets + kv_lens <= the keys of k")
     b = torch.arange(len(lens), device=lens.device)
-    return torch.stack([b, torch.zeros_like(b), torch.full_like(b, q.shape[2]), starts, starts + lens], 1).to(torch.int32)
+    segs = torch.stack([b, torch.zeros_like(b), torch.full_like(b, q.shape[2]), starts, starts + lens], 1)
+    return segs.to(torch.int32)
 
 
 def _used_pages(block_table: torch.Tensor, kv_lens: torch.Tensor, page: int) -> torch.Tensor:

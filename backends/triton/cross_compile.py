@@ -66,8 +66,8 @@ def compile_kernel(**job) -> CompiledKernel:
 
 # integer tables of the templates' kernel signatures; other upper-case pointers are q, k, v,
 # the output and their gradients, in the launch dtype
-_INT_TABLES = ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX", "VISIT", "ROWS_T", "COLS_T", "HIDX", "SLOTS", "PREF", "KV_LO",
-               "KV_HI", "RUN_PTR", "RUNS", "RT_PTR", "RT_Q", "SEGS", "TBASE")
+_INT_TABLES = ("ROWS", "COLS", "WORK", "HEAD_GROUP", "IDX", "VISIT", "ROWS_T", "COLS_T", "HIDX", "SLOTS", "PREF",
+               "KV_LO", "KV_HI", "RUN_PTR", "RUNS", "RT_PTR", "RT_Q", "SEGS", "TBASE")
 
 
 def compile_generated(source: str, kernel: str, arg_names: list[str], consts: dict, dtype: torch.dtype, arch: int,

@@ -94,8 +94,9 @@ def build_plan(spec: Spec, tiling: Tiling | None = None, block_indices: torch.Te
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a patterngen.Spec, got {type(spec).__name__}")
     if runs_split(spec):
-        raise ValueError(f"spec: {spec!r} holds {'Clustered()' if spec.clustered else 'box-routed blocks in compositions'}"
-                         f", whose pairs come from run-time ids, so it has no tile plan ahead of a call; run it with "
+        what = "Clustered()" if spec.clustered else "box-routed blocks in compositions"
+        raise ValueError(f"spec: {spec!r} holds {what}, whose pairs come from run-time ids, so it has no tile "
+                         f"plan ahead of a call; run it with "
                          f"pg.attention (ids: q_clusters=, kv_clusters= or block_indices=), count its work with "
                          f"pg.simulate(spec, clusters=..., block_indices=...)")
     if box_routed(spec):

@@ -135,5 +135,5 @@ def runtime_groups(spec: Spec, pattern: Pattern, clusters: tuple | None,
     return boxes, keys.flatten(1)
 
 
-__all__ = ["is_runtime", "has_runtime", "runs_split", "static_part", "HeadSplit", "split_heads", "head_subset", "remainder",
-           "runtime_groups"]
+__all__ = ["is_runtime", "has_runtime", "runs_split", "static_part", "HeadSplit", "split_heads", "head_subset",
+           "remainder", "runtime_groups"]
