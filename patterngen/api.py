@@ -105,17 +105,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, sca
     _check_spec(spec)
     check_inputs(q, k, v, spec, paged=block_table is not None)
     scale = check_scale(scale, spec.head_dim)
+    if block_indices is not None and not isinstance(block_indices, torch.Tensor):
+        raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     if box_routed(spec) or spec.clustered or q_clusters is not None or kv_clusters is not None:
         _refuse("Clustered() or box-routed specs", head_indices=head_indices, sinks=sinks, softcap=softcap,
                 alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, kv_lens=kv_lens,
                 block_table=block_table, kv_offsets=kv_offsets)
-        if block_indices is not None and not isinstance(block_indices, torch.Tensor):
-            raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
         ops = functools.partial(attention, _options=_options)  # the parts the op runs go through this call
         out, lse = runtime_attention(q, k, v, spec, scale, block_indices, q_clusters, kv_clusters, ops)
         return (out, lse) if return_lse else out
-    if block_indices is not None and not isinstance(block_indices, torch.Tensor):
-        raise TypeError(f"block_indices: expected a torch.Tensor or None, got {type(block_indices).__name__}")
     check_head_indices(head_indices, q)
     check_sinks(sinks, q, spec.num_heads, head_indices)
     softcap = check_score_mods(softcap, alibi_slopes, q, spec, head_indices)

@@ -166,7 +166,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: s
             return out.contiguous(), lse.contiguous()
         pieces = segments.segments(q, k, cu_seqlens_q, cu_seqlens_k, kv_lens, kv_offsets)
         if kernel is not None:  # every document in one launch of a closed-form kernel
-            segs = torch.tensor([[s.b, s.q0, s.q1, s.k0, s.k1] for s in pieces], dtype=torch.int32, device=q.device)
+            segs = torch.tensor([s.row for s in pieces], dtype=torch.int32, device=q.device)
             out, lse = kernel(q, k, v, scale=scale, sinks=sinks, softcap=softcap, alibi_slopes=alibi_slopes,
                               pieces=(segs, max(s.q1 - s.q0 for s in pieces)))
             return out.contiguous(), lse.contiguous()
@@ -306,7 +306,7 @@ def attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torc
         kernel = _one_launch_backward(spec, q, k, dlse, options, head_indices)
         if kernel is not None:  # every piece in one launch of each backward kernel
             grads = list(kernel(q, k, v, out, lse, dout, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                pieces=[(s.b, s.q0, s.q1, s.k0, s.k1) for s in pieces]))
+                                pieces=[s.row for s in pieces]))
             if block_table is not None:
                 grads[1:] = [segments.scatter_pages(g, t, block_table, kv_lens) for g, t in zip(grads[1:], caches)]
             return tuple(grads)

@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from .backends.reference import masked_attention, merge_partials
+from .backends.reference import DEFAULT_MAX_SCORES, masked_attention, merge_partials
 from .clusters import packed_clusters
 from .ir import Clustered, Pattern, Routed, Spec
 from .analysis.runtime import head_subset, remainder, runtime_groups, split_heads
 from .routing.blocks import block_major, block_masks, flat_equivalent, normalize_block_indices
 from .routing.clusters import check_clusters
-
-MAX_SCORES = 1 << 22
-"""Scores per chunk of the gathered computation (groups x queries x keys)."""
-
 
 def _take(t: torch.Tensor | None, heads: list[int], total: int) -> torch.Tensor | None:
     """Heads `heads` of t along dim 1 (t itself when they are all of them, in order)."""
@@ -55,11 +51,12 @@ def gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Spec, patt
     mk = kv_groups.shape[1]
     if G == 0 or mq == 0 or mk == 0:
         return out.to(q.dtype), lse
-    per_group = mq * mk  # chunks of whole groups, or of one group's rows when a group is larger
-    if per_group <= MAX_SCORES:
-        groups_per, step = MAX_SCORES // per_group, mq
+    per_group = mq * mk  # chunks of whole groups, or of one group's rows when a group is larger (the
+    # reference backend's bound on a chunk's scores)
+    if per_group <= DEFAULT_MAX_SCORES:
+        groups_per, step = DEFAULT_MAX_SCORES // per_group, mq
     else:
-        groups_per, step = 1, max(1, MAX_SCORES // mk)
+        groups_per, step = 1, max(1, DEFAULT_MAX_SCORES // mk)
     for g0 in range(0, G, groups_per):
         for r0 in range(0, mq, step):
             qi = q_groups[g0:g0 + groups_per, r0:r0 + step, None]  # [g, r, 1]

@@ -33,6 +33,11 @@ class Segment:
     k1: int
 
     @property
+    def row(self) -> tuple[int, int, int, int, int]:
+        """(b, q0, q1, k0, k1): the piece's row of the kernels' SEGS table."""
+        return self.b, self.q0, self.q1, self.k0, self.k1
+
+    @property
     def empty(self) -> bool:
         """No (query, key) pair: zeros, lse -inf (or the sink), no gradient."""
         return self.q1 == self.q0 or self.k1 == self.k0

@@ -26,6 +26,28 @@ def oracle(q, k, v, spec: pg.Spec, cq, ck):
     return torch.stack(outs)
 
 
+def check_gradients(out, want, inputs, g):
+    """The gradients of a random float64 loss of `out` equal those through `want` (an input
+    that `want` does not depend on gets none or zeros)."""
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, inputs, dout, allow_unused=True)
+    ref = torch.autograd.grad(want, inputs, dout, allow_unused=True)
+    for a, b in zip(got, ref):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, atol=1e-10, rtol=0)
+
+
+def run_on_kernels(spec: pg.Spec, q, k, v, cq, ck):
+    """(out, {role: launches}) of pg.attention on the Triton backend (the interpreter here),
+    forward and backward of out.sum()."""
+    before = dispatch.calls.copy()
+    out = pg.attention(q, k, v, spec, q_clusters=cq, kv_clusters=ck, _options=compile_options("triton", None))
+    out.sum().backward()
+    return out, {role: dispatch.calls[role, "triton"] - before[role, "triton"] for role in ("forward", "backward")}
+
+
 def draw_ids(draw, shape, clusters: int) -> torch.Tensor:
     seed = draw(st.integers(0, 2**16))
     ids = torch.randint(-1, clusters, shape, generator=torch.Generator().manual_seed(seed))
@@ -58,11 +80,7 @@ def test_forward_and_gradients_against_the_mask(B, heads, nq, nkv, clusters, whi
     if not out.requires_grad:  # no pair at all: nothing flows back
         assert nq * nkv == 0 or not want.any()
         return
-    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad(out, (q, k, v), dout, allow_unused=True)
-    ref = torch.autograd.grad(want, (q, k, v), dout, allow_unused=True)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, atol=1e-10, rtol=0)
+    check_gradients(out, want, (q, k, v), g)
 
 
 def test_packed_path_computes_only_same_cluster_pairs():
@@ -82,10 +100,7 @@ def test_kernels_run_the_packed_documents():
     q = torch.randn(1, 2, 40, 16, generator=g, requires_grad=True)
     k, v = (torch.randn(1, 2, 33, 16, generator=g, requires_grad=True) for _ in range(2))
     cq, ck = pg.cluster(q, k, 4)
-    before = dispatch.calls.copy()
-    out = pg.attention(q, k, v, spec, q_clusters=cq, kv_clusters=ck, _options=compile_options("triton", None))
-    out.sum().backward()
-    ran = {role: dispatch.calls[role, "triton"] - before[role, "triton"] for role in ("forward", "backward")}
+    out, ran = run_on_kernels(spec, q, k, v, cq, ck)
     # one launch for all (head, cluster) documents, forward and backward
     assert ran == {"forward": 1, "backward": 1}
     torch.testing.assert_close(out.double(), oracle(q, k, v, spec.bind(40, 33), cq, ck), atol=1e-4, rtol=0)

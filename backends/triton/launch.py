@@ -166,14 +166,16 @@ class TritonForward:
         """Head groups on the devices (`device_tables`), and the length tables: one set for a
         fixed spec (`saved`: a build's), an LRU of them for a length-free one."""
         self.device_tables = DeviceTables(head_group=self.head_group, routed_heads=self.routed_heads)
+        self._fixed = self._cache = None
         if self.spec.length_free:
-            self._fixed, self._cache = None, LengthCache(self._make_tables)
+            self._cache = LengthCache(self._make_tables)
         else:
-            self._fixed, self._cache = self._make_tables(self.spec.nq, self.spec.nkv, saved), None
+            self._fixed = self._make_tables(self.spec.nq, self.spec.nkv, saved)
 
     def _make_tables(self, nq: int, nkv: int, saved: dict | None = None) -> LengthTables:
+        """A length's tables; a length-free spec's from its second length on from `_segments`."""
         return LengthTables(self.spec.bind(nq, nkv), self.tiling, self.statics, self.head_group, self.routed_heads,
-                            saved, self._segments if getattr(self, "_cache", None) else None)
+                            saved, self._segments if self._cache else None)
 
     @cached_property
     def _segments(self) -> list | None:

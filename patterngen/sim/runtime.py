@@ -137,8 +137,10 @@ def simulate_runtime(spec: Spec, q_tile=None, kv_tile=None, device=None, cluster
         for name, t in (("q_tile", q_tile), ("kv_tile", kv_tile)):
             if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
                 raise ValueError(f"{name}: a Clustered spec runs on flat tiles; expected an int >= 1, got {t!r}")
-    tiling = Tiling(q_tile or 64, kv_tile or 64) if q_tile or kv_tile or spec.ndim == 1 else None
-    tiling = default_tiling(spec) if tiling is None else tiling
+    if q_tile is None and kv_tile is None and spec.ndim > 1:
+        tiling = default_tiling(spec)
+    else:
+        tiling = Tiling(q_tile or 64, kv_tile or 64)
     tq, tk = volume(tiling.q_tile), volume(tiling.kv_tile)
     batch = 1
     cq = ck = indices = masks = None

@@ -27,13 +27,9 @@ def demo_block_indices(spec: Spec, seed: int = 0, head_dim: int = 16) -> torch.T
     Real routing depends on the model's activations; random ones give a
     representative count of tiles, not the model's. Small head dims keep this cheap.
     """
-    r = spec.routed
-    if r is None:
+    if spec.routed is None:
         return None
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, spec.num_heads, spec.nq, head_dim, generator=g)
-    k = torch.randn(1, spec.num_kv_heads, spec.nkv, head_dim, generator=g)
-    return routed_indices(spec, q, k)
+    return routed_indices(spec, *_demo_qk(spec, seed, head_dim))
 
 
 def demo_clusters(spec: Spec, seed: int = 0, head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -42,10 +38,14 @@ def demo_clusters(spec: Spec, seed: int = 0, head_dim: int = 16) -> tuple[torch.
     representative count, not the model's."""
     if not spec.clustered:
         return None
+    return cluster(*_demo_qk(spec, seed, head_dim), demo_cluster_count(spec.nkv), seed=seed)
+
+
+def _demo_qk(spec: Spec, seed: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random q [1, Hq, Nq, head_dim] and k [1, Hkv, Nkv, head_dim] drawn with `seed`."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, spec.num_heads, spec.nq, head_dim, generator=g)
-    k = torch.randn(1, spec.num_kv_heads, spec.nkv, head_dim, generator=g)
-    return cluster(q, k, demo_cluster_count(spec.nkv), seed=seed)
+    return q, torch.randn(1, spec.num_kv_heads, spec.nkv, head_dim, generator=g)
 
 
 def demo_cluster_count(nkv: int) -> int:

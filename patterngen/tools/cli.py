@@ -86,10 +86,7 @@ def cmd_show(args) -> int:
         t0 = time.perf_counter()
         plan = build_plan(spec, tiling, idx)  # first, so that a bad --tile fails before any output
         dt = time.perf_counter() - t0
-        print(f"{args.spec}: {name}")
-        print(f"  {spec!r}")
-        print(f"  {spec.nq} queries x {spec.nkv} keys, {spec.num_heads} head(s) ({spec.num_kv_heads} kv), "
-              f"head_dim {spec.head_dim}")
+        _show_header(args, name, spec)
         if idx is not None:
             print(f"  block indices: pg.route on random q, k (seed {args.seed}); real routing depends on the model")
         print(f"  tiling: {describe_tiling(tiling)}")
@@ -108,6 +105,13 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _show_header(args, name: str, spec: Spec) -> None:
+    print(f"{args.spec}: {name}")
+    print(f"  {spec!r}")
+    print(f"  {spec.nq} queries x {spec.nkv} keys, {spec.num_heads} head(s) ({spec.num_kv_heads} kv), "
+          f"head_dim {spec.head_dim}")
+
+
 def _show_runtime(name: str, spec: Spec, tiling: Tiling, idx, args, width: int) -> None:
     """`show` for a spec with run-time ids: no plan ahead of a call, so the work on demo ids
     (`simulate`) and the mask picture from the semantics on them."""
@@ -115,10 +119,7 @@ def _show_runtime(name: str, spec: Spec, tiling: Tiling, idx, args, width: int) 
     t0 = time.perf_counter()
     report = simulate(spec, tiling.q_tile, tiling.kv_tile, clusters=clusters, block_indices=idx)
     dt = time.perf_counter() - t0
-    print(f"{args.spec}: {name}")
-    print(f"  {spec!r}")
-    print(f"  {spec.nq} queries x {spec.nkv} keys, {spec.num_heads} head(s) ({spec.num_kv_heads} kv), "
-          f"head_dim {spec.head_dim}")
+    _show_header(args, name, spec)
     ids = [what for what, given in (("clusters from pg.cluster", clusters), ("block indices from pg.route", idx))
            if given is not None]
     print(f"  ids: {' and '.join(ids)} on random q, k (seed {args.seed}); a model's own ids give other counts")
